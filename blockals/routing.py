@@ -1,0 +1,183 @@
+"""In-blocks and out-blocks: which factor rows travel where in an ALS half-step.
+
+A half-step that solves the users of user block ``b`` needs, for every rating of those
+users, the factor row of the rated item. Item factors live in item blocks; shipping whole
+item blocks to every user block would move ``n_item_blocks x n_user_blocks`` times the item
+factor matrix. Instead, as in Spark MLlib's ALS, each item block ``j`` sends user block ``b``
+only the rows ``b`` rates: the *out-block* ``out(j -> b)``, a sorted list of ``j``-local
+row indices. User block ``b`` receives one message per item block,
+``Y_j[out(j -> b)]``, and its *in-block* says, for every rating, which message and which
+position in that message holds the factor row to use.
+
+Storage
+-------
+An out-block is decided by the destination's ratings, so it is stored with the
+destination block as ``need_ptr`` / ``need_rows``: ``need_rows[need_ptr[j]:need_ptr[j+1]]``
+is ``out(j -> b)``. The route task for ``(j -> b)`` reads that slice and ships
+``Y_j[slice]``; nothing else crosses the network.
+
+The in-block of ``b`` is CSR by local row: ``indptr`` (``n_rows + 1``), and per rating
+``src_block`` (``j``), ``src_index`` (position inside message ``j``) and ``rating``.
+Inside a row, ratings are sorted by the source row's global index, so the sums that build
+a row's normal equations run in the same order however the data was partitioned.
+
+Worked example
+--------------
+Four users, three items, two blocks on each side::
+
+            i0  i1  i2
+        u0   5   .   1
+        u1   .   3   .
+        u2   4   .   .
+        u3   .   2   5
+
+Dealing by rating count (:func:`blockals.partition.assign_blocks`) gives user blocks
+``U0 = {u0, u2}``, ``U1 = {u1, u3}`` and item blocks ``I0 = {i0}``, ``I1 = {i1, i2}``;
+local indices follow global order (``u2`` is local row 1 of ``U0``, ``i2`` local row 1 of
+``I1``).
+
+In-block of ``U0`` (solving users u0, u2 from item factors)::
+
+    need_ptr  = [0, 1, 2]    out(I0 -> U0) = [0] (i0),  out(I1 -> U0) = [1] (i2)
+    need_rows = [0, 1]
+    indptr    = [0, 2, 3]    u0 has 2 ratings, u2 has 1
+    src_block = [0, 1, 0]    u0: i0 from I0, i2 from I1;  u2: i0 from I0
+    src_index = [0, 0, 0]    each is the first row of its message
+    rating    = [5, 1, 4]
+
+In-block of ``U1``: ``I0`` sends nothing (``need_ptr = [0, 0, 2]``), ``I1`` sends
+``[0, 1]`` (i1, i2); ``indptr = [0, 1, 3]``, ``src_block = [1, 1, 1]``,
+``src_index = [0, 0, 1]``, ``rating = [3, 2, 5]``.
+
+In-block of ``I1`` (solving items i1, i2 from user factors): ``U0`` sends ``[0]`` (u0),
+``U1`` sends ``[0, 1]`` (u1, u3), so ``need_ptr = [0, 1, 3]``, ``need_rows = [0, 0, 1]``;
+``indptr = [0, 2, 4]``, ``src_block = [1, 1, 0, 1]``, ``src_index = [0, 1, 0, 1]``,
+``rating = [3, 2, 1, 5]``.
+
+Inside a solve task the messages are concatenated in source-block order, so a rating's
+row in the concatenation is ``need_ptr[src_block] + src_index`` (:attr:`InBlock.col`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["InBlock", "build_inblock", "index_dtype"]
+
+
+def index_dtype(n: int) -> np.dtype:
+    """Smallest unsigned dtype that holds indices below ``n``."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if n <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.int64)
+
+
+@dataclass(frozen=True)
+class InBlock:
+    """The ratings of one destination block, with their routing.
+
+    Attributes
+    ----------
+    indptr : ndarray of int64, shape (n_rows + 1,)
+        CSR row pointer over the block's local rows.
+    src_block : ndarray, shape (nnz,)
+        Source block of each rating's other side.
+    src_index : ndarray of uint32, shape (nnz,)
+        Position of that row inside the message from ``src_block``.
+    rating : ndarray of float32, shape (nnz,)
+        Rating values.
+    need_ptr : ndarray of int64, shape (n_src_blocks + 1,)
+        Offsets of each source block's out-block inside ``need_rows``.
+    need_rows : ndarray of uint32
+        Concatenated out-blocks: source-local rows each source block ships here.
+    """
+
+    indptr: np.ndarray
+    src_block: np.ndarray
+    src_index: np.ndarray
+    rating: np.ndarray
+    need_ptr: np.ndarray
+    need_rows: np.ndarray
+
+    @property
+    def n_rows(self) -> int:
+        return self.indptr.shape[0] - 1
+
+    @property
+    def nnz(self) -> int:
+        return self.rating.shape[0]
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Ratings per local row."""
+        return np.diff(self.indptr)
+
+    @property
+    def col(self) -> np.ndarray:
+        """Row of each rating inside the concatenation of incoming messages."""
+        return self.need_ptr[self.src_block.astype(np.int64)] + self.src_index
+
+    @property
+    def row(self) -> np.ndarray:
+        """Local row of each rating (the CSR row expanded)."""
+        return np.repeat(np.arange(self.n_rows, dtype=np.int64), self.counts)
+
+    def out_block(self, src: int) -> np.ndarray:
+        """``out(src -> this block)``: source-local rows source block ``src`` ships here."""
+        return self.need_rows[self.need_ptr[src] : self.need_ptr[src + 1]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, f).nbytes for f in self.__dataclass_fields__)
+
+
+def build_inblock(
+    dst_local: np.ndarray,
+    src_block: np.ndarray,
+    src_local: np.ndarray,
+    src_global: np.ndarray,
+    rating: np.ndarray,
+    n_rows: int,
+    n_src_blocks: int,
+) -> InBlock:
+    """Build the in-block and out-blocks of one destination block from its ratings.
+
+    Parameters
+    ----------
+    dst_local : ndarray, shape (nnz,)
+        Local row of each rating in the destination block.
+    src_block, src_local, src_global : ndarray, shape (nnz,)
+        Block, local index and global index of each rating's other side.
+    rating : ndarray, shape (nnz,)
+        Values; (destination, source) pairs must be unique.
+    n_rows : int
+        Rows of the destination block (rows without ratings are allowed).
+    n_src_blocks : int
+        Blocks on the source side.
+    """
+    order = np.lexsort((src_global, dst_local))
+    dst_local = dst_local[order]
+    src_block = np.asarray(src_block, dtype=np.int64)[order]
+    src_local = np.asarray(src_local, dtype=np.int64)[order]
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(dst_local, minlength=n_rows), out=indptr[1:])
+
+    # One key per (source block, source row): sorted unique keys are the out-blocks
+    # laid end to end in source-block order, and a rating's position among them is its
+    # row in the concatenated messages.
+    stride = int(src_local.max()) + 1 if src_local.size else 1
+    key = src_block * stride + src_local
+    needed, col = np.unique(key, return_inverse=True)
+    need_block, need_rows = np.divmod(needed, stride)
+    need_ptr = np.searchsorted(need_block, np.arange(n_src_blocks + 1)).astype(np.int64)
+    return InBlock(
+        indptr=indptr,
+        src_block=src_block.astype(index_dtype(n_src_blocks)),
+        src_index=(col - need_ptr[src_block]).astype(np.uint32),
+        rating=np.asarray(rating, dtype=np.float32)[order],
+        need_ptr=need_ptr,
+        need_rows=need_rows.astype(np.uint32),
+    )

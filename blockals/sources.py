@@ -1,0 +1,258 @@
+"""Reading rating sources into a Dask DataFrame, and checking their values.
+
+Every source becomes a Dask DataFrame with columns ``user``, ``item``, ``rating`` so the
+ingest reads it partition by partition and never whole. Checks report the first bad row
+by its position among the source's data rows, counted from 0 (a CSV file's header line is
+not counted).
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+
+from blockals.errors import InputError
+
+__all__ = ["Source", "read_source", "check_partition", "convert_ids", "normalize_ratings", "PartitionCheck"]
+
+COLUMNS = ("user", "item", "rating")
+PARTITION_ROWS = 2_000_000
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+MOVIELENS_COLUMNS = ["user", "item", "rating", "timestamp"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A source opened for reading: its partitions and a description for the store."""
+
+    frame: dd.DataFrame
+    description: str
+
+
+def _from_pandas(df: pd.DataFrame, description: str) -> Source:
+    nparts = max(1, math.ceil(len(df) / PARTITION_ROWS))
+    return Source(dd.from_pandas(df, npartitions=nparts, sort=False), description)
+
+
+def _read_path(path: str) -> tuple[dd.DataFrame, dict[str, str] | None]:
+    """Open a file, directory or glob; returns the frame and, for MovieLens, a column map."""
+    files = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+    if not files or not all(os.path.exists(f) for f in files):
+        raise InputError(f"source {path!r} does not exist.")
+    first = files[0]
+    name = os.path.basename(first).lower()
+    if os.path.isdir(first) or name.endswith((".parquet", ".pq")):
+        return dd.read_parquet(files if len(files) > 1 else first), None
+    if name == "u.data":
+        return dd.read_csv(files, sep="\t", header=None, names=MOVIELENS_COLUMNS, dtype=str), {}
+    if name.endswith((".dat", ".txt")):
+        with open(first, encoding="utf-8", errors="replace") as fh:
+            head = fh.readline()
+        if "::" in head:
+            # MovieLens 1M/10M and Spark's sample data: user::item::rating[::timestamp].
+            names = MOVIELENS_COLUMNS[: head.count("::") + 1]
+            frame = dd.read_csv(files, sep="::", engine="python", header=None, names=names, dtype=str)
+            return frame, {}
+    if name == "ratings.csv":
+        return dd.read_csv(files, dtype=str), {"userId": "user", "movieId": "item"}
+    # Text first: a bad value deep in a file then names its row instead of failing dtype inference.
+    return dd.read_csv(files, dtype=str), None
+
+
+def read_source(
+    source: Any, user_col: str = "user", item_col: str = "item", rating_col: str = "rating"
+) -> Source:
+    """Open ``source`` as a Dask DataFrame with columns ``user``, ``item``, ``rating``.
+
+    Parameters
+    ----------
+    source : pandas or Dask DataFrame, str or path, or (users, items, ratings)
+        A path may be a CSV or Parquet file, a directory of Parquet files, a glob, or a
+        MovieLens file (``u.data``, ``ratings.dat``, ``ratings.csv``), recognised by name.
+    user_col, item_col, rating_col : str
+        Column names in the source (MovieLens files have theirs set automatically).
+    """
+    cols = {"user": user_col, "item": item_col, "rating": rating_col}
+    if isinstance(source, pd.DataFrame):
+        src = _from_pandas(source, "pandas DataFrame")
+    elif isinstance(source, dd.DataFrame):
+        src = Source(source, "Dask DataFrame")
+    elif isinstance(source, (str, os.PathLike)):
+        frame, movielens = _read_path(os.fspath(source))
+        if movielens is not None:
+            frame = frame.rename(columns=movielens)
+            cols = {c: c for c in COLUMNS}
+        src = Source(frame, os.fspath(source))
+    elif isinstance(source, Sequence) and len(source) == 3:
+        arrays = [np.asarray(a) for a in source]
+        lengths = {a.shape for a in arrays}
+        if len(lengths) != 1 or arrays[0].ndim != 1:
+            raise InputError(
+                f"(users, items, ratings) must be three 1-D arrays of one length, got shapes "
+                f"{[a.shape for a in arrays]}."
+            )
+        src = _from_pandas(pd.DataFrame(dict(zip(COLUMNS, arrays))), "arrays")
+        cols = {c: c for c in COLUMNS}
+    else:
+        raise InputError(
+            f"source must be a DataFrame, a path or (users, items, ratings) arrays, "
+            f"got {type(source).__name__}."
+        )
+    present = list(src.frame.columns)
+    for role, col in cols.items():
+        if col not in present:
+            raise InputError(
+                f"{role} column {col!r} is not in the source; its columns are "
+                f"{', '.join(map(repr, map(str, present)))} (pass {role}_col=...)."
+            )
+    frame = src.frame[[cols[c] for c in COLUMNS]]
+    frame.columns = list(COLUMNS)
+    return Source(frame, src.description)
+
+
+def _describe(value: Any) -> str:
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+_INT_TEXT = re.compile(r"\s*[-+]?\d+\s*")
+_INT64_MIN, _INT64_END = -(2**63), 2**63
+
+
+def _numeric_id_problem(v: np.ndarray, role: str) -> tuple[int, str] | None:
+    if v.dtype.kind == "i":
+        return None
+    if v.dtype.kind == "u":
+        big = v > np.iinfo(np.int64).max
+        return (_first(big), f"{role} id in row {{row}} is larger than int64 allows.") if big.any() else None
+    v = v.astype(np.float64)
+    big = np.abs(v) >= 2.0**63
+    if big.any():
+        return _first(big), f"{role} id in row {{row}} is larger than int64 allows."
+    fraction = v != np.floor(v)
+    if fraction.any():
+        row = _first(fraction)
+        return row, (
+            f"{role} id in row {{row}} is {v[row]:g}, which is not a whole number; "
+            f"ids must be integers or strings."
+        )
+    return None
+
+
+def id_kind(values: pd.Series, role: str) -> tuple[str, tuple[int, str] | None]:
+    """Decide whether a partition's ids are integers (``"int"``) or strings (``"str"``).
+
+    Returns the kind and the first problem as ``(row, sentence)``, or None. Numeric
+    columns must hold whole numbers within int64. A text column (CSV files are read as
+    text) is integer when every value is written as an integer, else string. A column of
+    Python objects must not mix numbers and strings.
+    """
+    missing = values.isna().to_numpy()
+    if missing.any():
+        return "int", (_first(missing), f"{role} id in row {{row}} is missing.")
+    kind = values.dtype.kind
+    if kind == "b":
+        return "int", (0, f"{role} ids are booleans; ids must be integers or strings.")
+    if kind in "iuf":
+        return "int", _numeric_id_problem(values.to_numpy(), role)
+    v = values.to_numpy(dtype=object)
+    is_str = np.fromiter((isinstance(x, str) for x in v), bool, len(v))
+    if is_str.all():
+        empty = np.fromiter((not x.strip() for x in v), bool, len(v))
+        if empty.any():
+            return "str", (_first(empty), f"{role} id in row {{row}} is an empty string.")
+        as_int = all(_INT_TEXT.fullmatch(x) for x in v)
+        if as_int:
+            big = np.fromiter((not _INT64_MIN <= int(x) < _INT64_END for x in v), bool, len(v))
+            if big.any():
+                return "int", (_first(big), f"{role} id in row {{row}} is larger than int64 allows.")
+        return ("int" if as_int else "str"), None
+    is_int = np.fromiter((isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v), bool, len(v))
+    if is_int.all():
+        big = np.fromiter((not _INT64_MIN <= int(x) < _INT64_END for x in v), bool, len(v))
+        if big.any():
+            return "int", (_first(big), f"{role} id in row {{row}} is larger than int64 allows.")
+        return "int", None
+    row = _first(~is_str) if is_str.any() else _first(~is_int)
+    return "str", (
+        row,
+        f"{role} id in row {{row}} is {_describe(v[row])} of type {type(v[row]).__name__}, "
+        f"but the column mixes types; ids must be all integers or all strings.",
+    )
+
+
+def convert_ids(values: pd.Series | pd.Index, kind: str) -> np.ndarray:
+    """Ids in their final type: int64, or (object array of) the text as written."""
+    values = pd.Series(values)
+    if kind == "int":
+        if values.dtype.kind in "iuf":
+            return values.to_numpy(dtype=np.int64)
+        return pd.to_numeric(values.astype(str).str.strip()).to_numpy(dtype=np.int64)
+    if values.dtype.kind in "iuf":
+        values = values.astype(np.int64)
+    return values.astype(str).to_numpy(dtype=object)
+
+
+def normalize_ratings(values: pd.Series) -> tuple[np.ndarray, tuple[int, str] | None]:
+    """Ratings as float64; the problem names the first non-numeric, missing or infinite row."""
+    if values.dtype.kind in "iuf":
+        r = values.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        coerced = pd.to_numeric(values, errors="coerce")
+        bad = coerced.isna().to_numpy() & values.notna().to_numpy()
+        if bad.any():
+            row = _first(bad)
+            return np.empty(0), (
+                row,
+                f"rating in row {{row}} is {_describe(values.iloc[row])}, which is not a number.",
+            )
+        r = coerced.to_numpy(dtype=np.float64, na_value=np.nan)
+    nonfinite = ~np.isfinite(r)
+    huge = np.abs(np.where(nonfinite, 0.0, r)) > FLOAT32_MAX
+    if nonfinite.any() or huge.any():
+        row = _first(nonfinite | huge)
+        what = "missing (NaN)" if np.isnan(r[row]) else f"{r[row]:g}"
+        return r, (row, f"rating in row {{row}} is {what}; ratings must be finite float32 numbers.")
+    return r, None
+
+
+@dataclass
+class PartitionCheck:
+    """What the first ingest pass learns from one partition."""
+
+    n_rows: int
+    problem: tuple[int, str] | None  # (row within the partition, sentence with {row})
+    user_kind: str
+    item_kind: str
+    user_counts: pd.Series | None  # counts keyed by the raw values as read
+    item_counts: pd.Series | None
+
+
+def check_partition(part: pd.DataFrame) -> PartitionCheck:
+    """First ingest pass over one partition: length, first problem, id kinds and counts."""
+    user_kind, user_problem = id_kind(part["user"], "user")
+    item_kind, item_problem = id_kind(part["item"], "item")
+    rating_problem = normalize_ratings(part["rating"])[1]
+    found = [p for p in (user_problem, item_problem, rating_problem) if p is not None]
+    if found:
+        return PartitionCheck(len(part), min(found), user_kind, item_kind, None, None)
+    return PartitionCheck(
+        len(part),
+        None,
+        user_kind,
+        item_kind,
+        part["user"].value_counts(sort=False),
+        part["item"].value_counts(sort=False),
+    )

@@ -1,0 +1,378 @@
+"""The Zarr v3 layout of ratings stores, and reading it back.
+
+The full specification, with a worked example, is ``storage/FORMAT.md``. In short::
+
+    <store>/                      attributes: blockals = {format, format_version, store_id,
+                                   params, stats, complete}
+      users/ids                   original id of each global row (int64 or string)
+      users/block, users/local    block and local index of each global row
+      users/blocks/<b>/rows       global index of each local row of block b
+      users/blocks/<b>/indptr     CSR of block b's ratings by local row
+      users/blocks/<b>/src_block  per rating: item block of the rated item
+      users/blocks/<b>/src_index  per rating: position in the message from that block
+      users/blocks/<b>/rating     per rating: value (float32)
+      users/blocks/<b>/need_ptr   out-blocks toward b (see blockals.routing)
+      users/blocks/<b>/need_rows
+      items/...                   the same, by item
+
+Every chunk carries a CRC32C checksum, so a corrupted chunk fails to read with a message
+naming the array. ``complete`` is set last, after every array is written; readers refuse
+a store without it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import zarr
+import zarr.codecs
+
+from blockals.errors import StoreError
+from blockals.routing import InBlock
+
+__all__ = [
+    "FORMAT_VERSION",
+    "RatingStore",
+    "StoreRef",
+    "Side",
+    "open_store",
+    "other_side",
+    "write_array",
+    "read_array",
+    "remove_path",
+    "path_exists",
+    "new_store_id",
+]
+
+Side = Literal["users", "items"]
+SIDES: tuple[Side, Side] = ("users", "items")
+FORMAT = "blockals-ratings"
+FORMAT_VERSION = 1
+INBLOCK_ARRAYS = ("indptr", "src_block", "src_index", "rating", "need_ptr", "need_rows")
+
+# Large enough that a block is usually one chunk (one read), small enough to stream.
+CHUNK_ELEMENTS = 1 << 22
+CODECS = (zarr.codecs.ZstdCodec(level=1), zarr.codecs.Crc32cCodec())
+
+
+def other_side(side: Side) -> Side:
+    return "items" if side == "users" else "users"
+
+
+def new_store_id() -> str:
+    return uuid.uuid4().hex
+
+
+def open_group(path: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
+    try:
+        return zarr.open_group(store=path, mode=mode, storage_options=storage_options)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise StoreError(f"{path} is not a blockals store: there is no Zarr group there.") from exc
+
+
+def write_array(group: zarr.Group, name: str, data: np.ndarray) -> zarr.Array:
+    """Write ``data`` as a checksummed, compressed 1-D or 2-D array."""
+    data = np.asarray(data)
+    if data.dtype.kind in "OUT":
+        dtype: Any = str
+        data = data.astype(str)
+    else:
+        dtype = data.dtype
+    rows = max(1, min(data.shape[0], CHUNK_ELEMENTS // max(1, int(np.prod(data.shape[1:])))))
+    arr = group.create_array(
+        name,
+        shape=data.shape,
+        dtype=dtype,
+        chunks=(rows, *data.shape[1:]),
+        compressors=CODECS,
+        overwrite=True,
+    )
+    if data.size:
+        arr[...] = data
+    return arr
+
+
+def read_array(group: zarr.Group, name: str, where: str) -> np.ndarray:
+    """Read a whole array; a missing or corrupted one raises :class:`StoreError` naming it."""
+    try:
+        return group[name][...]
+    except KeyError as exc:
+        raise StoreError(f"{where}/{name} is missing from the store.") from exc
+    except ValueError as exc:
+        if "checksum" in str(exc):
+            raise StoreError(
+                f"{where}/{name} is corrupted: a chunk's checksum does not match its bytes."
+            ) from exc
+        raise
+
+
+def absolute(path: str) -> str:
+    """Local paths made absolute, so Dask workers started elsewhere find them; URLs as given."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _fs(path: str, storage_options: dict | None):
+    import fsspec
+
+    return fsspec.core.url_to_fs(path, **(storage_options or {}))
+
+
+def path_exists(path: str, storage_options: dict | None = None) -> bool:
+    fs, p = _fs(path, storage_options)
+    return fs.exists(p)
+
+
+def remove_path(path: str, storage_options: dict | None = None) -> None:
+    """Delete a store or checkpoint tree, local or remote; absent paths are fine."""
+    fs, p = _fs(path, storage_options)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """What a Dask task needs to find a store: small, hashable and picklable."""
+
+    path: str
+    store_id: str
+    storage_options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def options(self) -> dict | None:
+        return dict(self.storage_options) or None
+
+
+class _BlockCache:
+    """Per-process LRU of decoded in-blocks, so iterations after the first skip the read.
+
+    Keyed by the store's unique id: a store rewritten at the same path never hits stale
+    entries.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, InBlock] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> InBlock | None:
+        with self._lock:
+            block = self._items.get(key)
+            if block is not None:
+                self._items.move_to_end(key)
+            return block
+
+    def put(self, key: tuple, block: InBlock) -> None:
+        size = block.nbytes
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = block
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+def _default_cache_bytes() -> int:
+    import dask
+
+    return int(dask.config.get("blockals.block-cache-bytes", 1 << 30))
+
+
+BLOCK_CACHE = _BlockCache(_default_cache_bytes())
+
+
+def load_inblock(ref: StoreRef, side: Side, block: int) -> InBlock:
+    """Read the in-block of ``(side, block)``, from this process's cache when it is there."""
+    key = (ref.store_id, side, block)
+    cached = BLOCK_CACHE.get(key)
+    if cached is not None:
+        return cached
+    where = f"{ref.path}/{side}/blocks/{block}"
+    group = open_group(ref.path, storage_options=ref.options)[f"{side}/blocks/{block}"]
+    inblock = InBlock(**{name: read_array(group, name, where) for name in INBLOCK_ARRAYS})
+    BLOCK_CACHE.put(key, inblock)
+    return inblock
+
+
+def load_rows(ref: StoreRef, side: Side, block: int) -> np.ndarray:
+    """Global index of each local row of ``(side, block)``."""
+    group = open_group(ref.path, storage_options=ref.options)
+    return read_array(group, f"{side}/blocks/{block}/rows", ref.path)
+
+
+class RatingStore:
+    """A complete ratings store, opened for reading.
+
+    Use :func:`open_store` (or :func:`blockals.ingest`) rather than the constructor.
+
+    Attributes
+    ----------
+    path : str
+    n_users, n_items, nnz : int
+    n_user_blocks, n_item_blocks : int
+    params : dict
+        The arguments of the ingest that wrote the store.
+    stats : dict
+        Sizes, rating range and mean, and per-block row and rating counts.
+    """
+
+    def __init__(self, path: str, storage_options: dict | None = None) -> None:
+        self.path = absolute(str(path))
+        self.storage_options = storage_options
+        self._group = open_group(self.path, storage_options=storage_options)
+        meta = self._group.attrs.get("blockals")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise StoreError(f"{self.path} is not a blockals ratings store (no blockals attributes).")
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(
+                f"{self.path} has format version {version}, but this blockals reads version "
+                f"{FORMAT_VERSION}; upgrade blockals or re-ingest the data."
+            )
+        if not meta.get("complete"):
+            raise StoreError(
+                f"{self.path} is incomplete: its ingest did not finish (no completion marker); "
+                f"run the ingest again."
+            )
+        self._meta = meta
+        self.params: dict = meta["params"]
+        self.stats: dict = meta["stats"]
+        self._ids: dict[str, pd.Index] = {}
+        self._assignment: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    # -- sizes ---------------------------------------------------------------
+    @property
+    def ref(self) -> StoreRef:
+        opts = tuple(sorted((self.storage_options or {}).items()))
+        return StoreRef(self.path, self._meta["store_id"], opts)
+
+    @property
+    def store_id(self) -> str:
+        return self._meta["store_id"]
+
+    @property
+    def n_users(self) -> int:
+        return int(self.stats["n_users"])
+
+    @property
+    def n_items(self) -> int:
+        return int(self.stats["n_items"])
+
+    @property
+    def nnz(self) -> int:
+        return int(self.stats["nnz"])
+
+    @property
+    def n_user_blocks(self) -> int:
+        return len(self.stats["users"]["block_rows"])
+
+    @property
+    def n_item_blocks(self) -> int:
+        return len(self.stats["items"]["block_rows"])
+
+    def n_rows(self, side: Side) -> int:
+        return self.n_users if side == "users" else self.n_items
+
+    def n_blocks(self, side: Side) -> int:
+        return len(self.stats[side]["block_rows"])
+
+    def block_rows(self, side: Side) -> np.ndarray:
+        return np.asarray(self.stats[side]["block_rows"], dtype=np.int64)
+
+    def block_nnz(self, side: Side) -> np.ndarray:
+        return np.asarray(self.stats[side]["block_nnz"], dtype=np.int64)
+
+    def message_rows(self, side: Side) -> np.ndarray:
+        """``[j, b]``: factor rows source block ``j`` ships to destination block ``b`` of ``side``."""
+        return np.asarray(self.stats[side]["message_rows"], dtype=np.int64)
+
+    # -- ids and rows --------------------------------------------------------
+    def ids(self, side: Side) -> pd.Index:
+        """Original ids in global-index order."""
+        if side not in self._ids:
+            self._ids[side] = pd.Index(read_array(self._group, f"{side}/ids", self.path))
+        return self._ids[side]
+
+    @property
+    def user_ids(self) -> pd.Index:
+        return self.ids("users")
+
+    @property
+    def item_ids(self) -> pd.Index:
+        return self.ids("items")
+
+    def assignment(self, side: Side) -> tuple[np.ndarray, np.ndarray]:
+        """``(block, local)`` of every global row."""
+        if side not in self._assignment:
+            self._assignment[side] = (
+                read_array(self._group, f"{side}/block", self.path),
+                read_array(self._group, f"{side}/local", self.path),
+            )
+        return self._assignment[side]
+
+    def rows(self, side: Side, block: int) -> np.ndarray:
+        return load_rows(self.ref, side, block)
+
+    def inblock(self, side: Side, block: int) -> InBlock:
+        return load_inblock(self.ref, side, block)
+
+    # -- display ---------------------------------------------------------------
+    def balance(self, side: Side) -> str:
+        rows, nnz = self.block_rows(side), self.block_nnz(side)
+
+        def spread(a: np.ndarray) -> str:
+            return f"min {a.min():,} / mean {a.mean():,.0f} / max {a.max():,} (max/mean {a.max() / max(a.mean(), 1):.2f})"
+
+        return f"rows {spread(rows)}; ratings {spread(nnz)}"
+
+    def summary(self) -> str:
+        s = self.stats
+        lines = [
+            f"blockals ratings store {self.path}",
+            f"  format version {FORMAT_VERSION}, complete",
+            f"  {self.n_users:,} users x {self.n_items:,} items, {self.nnz:,} ratings "
+            f"(density {self.nnz / max(1, self.n_users * self.n_items):.3%})",
+            f"  ratings in [{s['rating_min']:g}, {s['rating_max']:g}], mean {s['rating_mean']:.4f}",
+        ]
+        for side in SIDES:
+            lines.append(f"  {self.n_blocks(side)} {side[:-1]} blocks: {self.balance(side)}")
+        routed = sum(int(self.message_rows(side).sum()) for side in SIDES)
+        whole = self.n_items * self.n_user_blocks + self.n_users * self.n_item_blocks
+        lines.append(
+            f"  factor rows routed per iteration: {routed:,} "
+            f"(broadcasting whole blocks would ship {whole:,})"
+        )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (
+            f"RatingStore({self.path!r}, n_users={self.n_users}, n_items={self.n_items}, "
+            f"nnz={self.nnz}, blocks={self.n_user_blocks}x{self.n_item_blocks})"
+        )
+
+
+def open_store(path: str, storage_options: dict | None = None) -> RatingStore:
+    """Open a complete ratings store written by :func:`blockals.ingest`.
+
+    Raises
+    ------
+    StoreError
+        If the path holds no store, an incomplete one, or one of an unknown format version.
+    """
+    return RatingStore(str(path), storage_options)

@@ -1,0 +1,44 @@
+"""Shared fixtures: real Dask clusters on 127.0.0.1, started once per session."""
+
+from __future__ import annotations
+
+import pytest
+from distributed import Client, LocalCluster
+
+_clusters: dict[int, tuple[LocalCluster, Client]] = {}
+
+
+def cluster_client(n_workers: int) -> Client:
+    """A client of a LocalCluster with ``n_workers`` single-threaded worker processes."""
+    if n_workers not in _clusters:
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            memory_limit="2GiB",
+        )
+        _clusters[n_workers] = (cluster, Client(cluster, set_as_default=False))
+    return _clusters[n_workers][1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_clusters():
+    yield
+    for cluster, client in _clusters.values():
+        client.close()
+        cluster.close()
+    _clusters.clear()
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}worker")
+def client(request) -> Client:
+    """Parametrizes a test over one and two worker processes."""
+    return cluster_client(request.param)
+
+
+@pytest.fixture
+def client2() -> Client:
+    """Two worker processes, for tests that need only one cluster shape."""
+    return cluster_client(2)

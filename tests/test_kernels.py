@@ -1,0 +1,95 @@
+"""Block kernels against per-row dense solves written here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from blockals.kernels import bucket_lengths, init_factors, regularization, solve_explicit, squared_error
+from blockals.routing import build_inblock
+
+
+def random_block(n_rows, n_src, rank, seed, heavy=0, empty=0):
+    """An in-block with one source block, random counts (some heavy, some empty rows)."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 12, n_rows)
+    counts[:heavy] = rng.integers(n_src // 2, n_src, heavy)
+    counts[heavy : heavy + empty] = 0
+    dst = np.repeat(np.arange(n_rows), counts)
+    src = np.concatenate([rng.choice(n_src, c, replace=False) for c in counts])
+    rating = rng.integers(1, 11, dst.size) / 2.0
+    inblock = build_inblock(dst, np.zeros_like(src), src, src, rating, n_rows, 1)
+    Y_src = rng.standard_normal((n_src, rank))
+    return inblock, Y_src[inblock.need_rows], (dst, src, rating), Y_src
+
+
+def per_row_solution(n_rows, triples, Y_src, reg, reg_scaling):
+    dst, src, rating = triples
+    k = Y_src.shape[1]
+    X = np.zeros((n_rows, k))
+    for u in range(n_rows):
+        m = dst == u
+        if not m.any():
+            continue
+        F = Y_src[src[m]]
+        w = m.sum() if reg_scaling == "count" else 1
+        X[u] = np.linalg.solve(F.T @ F + reg * w * np.eye(k), F.T @ rating[m])
+    return X
+
+
+@pytest.mark.parametrize("reg_scaling", ["count", "none"])
+@pytest.mark.parametrize("batch_bytes", [2**10, 2**25], ids=["tiny-batches", "default-batches"])
+def test_solve_explicit_equals_per_row_solves(reg_scaling, batch_bytes):
+    inblock, Y, triples, Y_src = random_block(300, 200, 8, seed=0, heavy=5, empty=7)
+    X = solve_explicit(inblock, Y, 0.3, reg_scaling, batch_bytes=batch_bytes)
+    np.testing.assert_allclose(X, per_row_solution(300, triples, Y_src, 0.3, reg_scaling), atol=1e-10)
+    assert not X[5:12].any()  # rows without ratings stay zero
+
+
+def test_float32_messages_give_float32_factors():
+    inblock, Y, triples, Y_src = random_block(50, 40, 4, seed=1)
+    X = solve_explicit(inblock, Y.astype(np.float32), 0.1, "count")
+    assert X.dtype == np.float32
+    np.testing.assert_allclose(X, per_row_solution(50, triples, Y_src, 0.1, "count"), rtol=1e-3, atol=1e-4)
+
+
+def test_singular_rows_get_the_minimum_norm_solution():
+    # reg = 0 and fewer ratings than rank: infinitely many minimizers.
+    inblock, Y, (dst, src, rating), Y_src = random_block(20, 30, 16, seed=2)
+    X = solve_explicit(inblock, Y, 0.0, "none")
+    assert np.isfinite(X).all()
+    for u in range(20):
+        m = dst == u
+        expected = np.linalg.lstsq(Y_src[src[m]], rating[m], rcond=None)[0]
+        np.testing.assert_allclose(X[u], expected, atol=1e-8)
+
+
+def test_loss_terms_match_dense_formula():
+    inblock, Y, (dst, src, rating), Y_src = random_block(40, 30, 3, seed=3)
+    X = np.random.default_rng(9).standard_normal((40, 3))
+    sse = sum((r - X[u] @ Y_src[i]) ** 2 for u, i, r in zip(dst, src, rating))
+    assert squared_error(inblock, X, Y, chunk=7) == pytest.approx(sse, rel=1e-12)
+    counts = np.bincount(dst, minlength=40)
+    assert regularization(X, counts, "count") == pytest.approx(float(counts @ (X**2).sum(1)))
+    assert regularization(X, counts, "none") == pytest.approx(float((X**2).sum()))
+
+
+def test_bucket_lengths_bound_padding():
+    lengths = bucket_lengths(10_000)
+    assert lengths[0] == 1 and lengths[-1] >= 10_000
+    # Any count c lands in the first length >= c, wasting less than a third of the batch.
+    counts = np.arange(1, 10_001)
+    padded = lengths[np.searchsorted(lengths, counts)]
+    assert (padded >= counts).all() and ((padded - counts) / padded).max() < 1 / 3 + 1e-9
+
+
+def test_init_is_unit_norm_isotropic_and_a_function_of_the_row():
+    X = init_factors(np.arange(20_000), 8, seed=5, side="users", dtype="float64")
+    np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, rtol=1e-12)
+    # A uniform point on the sphere has mean 0 and covariance I / k.
+    assert np.abs(X.mean(0)).max() < 0.01
+    np.testing.assert_allclose(np.cov(X.T), np.eye(8) / 8, atol=0.01)
+    rows = np.array([19_999, 3, 12_345])
+    np.testing.assert_array_equal(init_factors(rows, 8, 5, "users", "float64"), X[rows])
+    assert not np.allclose(init_factors(rows, 8, 6, "users", "float64"), X[rows])
+    assert not np.allclose(init_factors(rows, 8, 5, "items", "float64"), X[rows])
