@@ -42,11 +42,15 @@ log = logging.getLogger("blockals")
 # -- tasks (module level so workers import rather than unpickle them) -------------
 
 
-def _blas_threads(limits: dict[str, int]) -> int:
+def blas_context(limits: dict[str, int]):
+    """Cap BLAS threads for this task at this worker's share of its host's cores."""
+    from threadpoolctl import threadpool_limits
+
     try:
-        return limits.get(get_worker().address, 1)
+        threads = limits.get(get_worker().address, 1)
     except ValueError:  # not on a worker (tests calling tasks directly)
-        return 1
+        threads = 1
+    return threadpool_limits(limits=threads, user_api="blas")
 
 
 def _init_task(ref: StoreRef, side: Side, block: int, config: ALSConfig) -> np.ndarray:
@@ -64,11 +68,9 @@ def _route_task(ref: StoreRef, dst_side: Side, dst_block: int, src_block: int, f
 def _solve_task(
     ref: StoreRef, side: Side, block: int, config: ALSConfig, limits: dict[str, int], *messages: np.ndarray
 ) -> np.ndarray:
-    from threadpoolctl import threadpool_limits
-
     inblock = load_inblock(ref, side, block)
     Y = _concat(messages, config)
-    with threadpool_limits(limits=_blas_threads(limits), user_api="blas"):
+    with blas_context(limits):
         return kernels.solve_explicit(inblock, Y, config.reg, config.reg_scaling)
 
 

@@ -114,3 +114,26 @@ def test_bytes_routed_is_what_each_block_needs(store, client2):
     whole = (store.n_items * store.n_user_blocks + store.n_users * store.n_item_blocks) * 5 * 8
     assert model.history_[0]["bytes_routed"] < whole
     assert u.size == store.nnz and len(pairs) == store.n_items
+
+
+def _blas_threads_in_task(limits):
+    from threadpoolctl import threadpool_info
+
+    from blockals.engine import blas_context
+
+    with blas_context(limits):
+        return max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+
+
+def test_dask_threads_times_blas_threads_never_exceed_the_cores(client):
+    import os
+
+    from blockals.engine import blas_limits
+
+    limits = blas_limits(client)
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    cores = len(os.sched_getaffinity(0))  # every worker of this cluster is on this host
+    assert sum(limits[a] * w["nthreads"] for a, w in workers.items()) <= max(cores, len(workers))
+    for address in workers:
+        seen = client.submit(_blas_threads_in_task, limits, workers=[address], pure=False).result()
+        assert seen == limits[address]
