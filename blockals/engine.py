@@ -1,19 +1,22 @@
-"""The ALS iteration as Dask futures: route, solve, loss, checkpoint.
+"""The ALS iteration as Dask futures: route, gram, solve, loss, checkpoint.
 
 One iteration is two half-steps, items first as in Spark. A half-step toward side ``S``
 (say users) is, for every user block ``b``:
 
 * ``blockals-route-users-<it>-<j>-<b>``: on the worker holding item block ``j``, cut the
   message ``Y_j[out(j -> b)]`` (skipped when ``b`` rates nothing in ``j``);
+* ``blockals-gram-users-<it>-<j>`` and ``blockals-gramsum-users-<it>-...`` (modes with a
+  term over all pairs): ``Y^T Y`` as a tree reduction over item blocks, computed once and
+  shared by every solve;
 * ``blockals-solve-users-<it>-<b>``: read ``b``'s in-block from the store (or the
   worker's block cache), concatenate its messages and solve all its rows
-  (:mod:`blockals.kernels`).
+  (:mod:`blockals.objectives` builds the systems, :mod:`blockals.kernels` solves them).
 
-After the user half-step, ``blockals-loss-<it>-<b>`` tasks evaluate the objective with the
-messages the solve used, and ``blockals-checkpoint-<side>-<it>-<b>`` tasks write the
-factor blocks before the driver commits the iteration. Only the current iteration's
-futures are held, so the graph never grows across iterations. Keys end in a run id, so
-two trainings on one cluster never share a key.
+After the user half-step, ``blockals-loss-<side>-<it>-<b>`` tasks evaluate the objective
+with the messages the solve used, and ``blockals-checkpoint-<side>-<it>-<b>`` tasks write
+the factor blocks before the driver commits the iteration. The next iteration restarts
+from the checkpoint (``blockals-restart-...``), so the scheduler holds one iteration's
+graph at most. Keys end in a run id, so two trainings on one cluster never share a key.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ from distributed import Client, Future, get_worker
 from blockals import kernels
 from blockals.checkpoint import Checkpoint, Committed, write_block
 from blockals.config import ALSConfig
-from blockals.store import RatingStore, Side, StoreRef, load_inblock, load_rows, other_side
+from blockals.objectives import Objective
+from blockals.store import RatingStore, Side, StoreRef, load_inblock, load_rows
 
-__all__ = ["Engine", "FitResult"]
+__all__ = ["Engine", "FitResult", "connect", "blas_limits", "blas_context"]
 
 log = logging.getLogger("blockals")
 
@@ -53,8 +57,16 @@ def blas_context(limits: dict[str, int]):
     return threadpool_limits(limits=threads, user_api="blas")
 
 
-def _init_task(ref: StoreRef, side: Side, block: int, config: ALSConfig) -> np.ndarray:
-    return kernels.init_factors(load_rows(ref, side, block), config.rank, config.seed, side, config.dtype)
+def _init_task(
+    ref: StoreRef, side: Side, block: int, config: ALSConfig, obj: Objective,
+    given: np.ndarray | None, weights: np.ndarray | None,
+) -> np.ndarray:
+    if given is None:
+        factors = kernels.init_factors(load_rows(ref, side, block), config.rank, config.seed, side, config.dtype, config.init)
+    else:
+        factors = np.asarray(given, dtype=config.dtype)
+    inblock = load_inblock(ref, side, block)
+    return obj.initial(factors, inblock, obj.side_weights(side, inblock, weights))
 
 
 def _read_checkpoint_task(ckpt: Checkpoint, slot: int, side: Side, block: int) -> np.ndarray:
@@ -65,34 +77,50 @@ def _route_task(ref: StoreRef, dst_side: Side, dst_block: int, src_block: int, f
     return factors[load_inblock(ref, dst_side, dst_block).out_block(src_block)]
 
 
+def _gram_task(factors: np.ndarray, rank: int) -> np.ndarray:
+    F = factors[:, :rank].astype(np.float64)
+    return F.T @ F
+
+
+def _sum_task(*parts: np.ndarray) -> np.ndarray:
+    return np.sum(parts, axis=0)
+
+
 def _solve_task(
-    ref: StoreRef, side: Side, block: int, config: ALSConfig, limits: dict[str, int], *messages: np.ndarray
+    ref: StoreRef, side: Side, block: int, config: ALSConfig, obj: Objective, limits: dict[str, int],
+    G: np.ndarray | None, previous: np.ndarray | None, weights: np.ndarray | None, *messages: np.ndarray,
 ) -> np.ndarray:
     inblock = load_inblock(ref, side, block)
-    Y = _concat(messages, config)
+    M = _concat(messages, obj, config)
+    w = obj.side_weights(side, inblock, weights)
+    sys = obj.systems(inblock, M, G, w)
+    x0 = np.zeros((inblock.n_rows, sys.width)) if previous is None else previous[:, : sys.width]
     with blas_context(limits):
-        return kernels.solve_explicit(inblock, Y, config.reg, config.reg_scaling)
+        if config.nonnegative:
+            X = kernels.solve_nnls(sys, x0, np.arange(sys.width) < obj.rank)
+        elif config.solver == "cg":
+            X = kernels.solve_cg(sys, x0, config.cg_steps)
+        else:
+            X = kernels.solve_cholesky(sys)
+    return obj.finish(X.astype(config.dtype), inblock, w)
 
 
-def _loss_task(
-    ref: StoreRef, side: Side, block: int, config: ALSConfig, X: np.ndarray, *messages: np.ndarray
-) -> dict[str, float]:
+def _loss_task(ref: StoreRef, side: Side, block: int, config: ALSConfig, obj: Objective, X: np.ndarray, *messages: np.ndarray) -> dict[str, Any]:
     inblock = load_inblock(ref, side, block)
-    Y = _concat(messages, config)
-    return {
-        "sse": kernels.squared_error(inblock, X, Y),
-        "reg": kernels.regularization(X, inblock.counts, config.reg_scaling),
-    }
+    terms = obj.block_loss(inblock, X, _concat(messages, obj, config))
+    terms["gram"] = _gram_task(X, obj.rank) if obj.gram_weight else None
+    return terms
 
 
-def _reg_task(ref: StoreRef, side: Side, block: int, config: ALSConfig, X: np.ndarray) -> dict[str, float]:
+def _penalty_task(ref: StoreRef, side: Side, block: int, obj: Objective, X: np.ndarray) -> dict[str, Any]:
     inblock = load_inblock(ref, side, block)
-    return {"sse": 0.0, "reg": kernels.regularization(X, inblock.counts, config.reg_scaling)}
+    gram = _gram_task(X, obj.rank) if obj.gram_weight else None
+    return {"observed": 0.0, "sq_err": 0.0, "penalty": obj.penalty(X, inblock), "gram": gram}
 
 
-def _concat(messages: tuple[np.ndarray, ...], config: ALSConfig) -> np.ndarray:
+def _concat(messages: tuple[np.ndarray, ...], obj: Objective, config: ALSConfig) -> np.ndarray:
     if not messages:
-        return np.zeros((0, config.rank), dtype=config.dtype)
+        return np.zeros((0, obj.width), dtype=config.dtype)
     return np.concatenate(messages) if len(messages) > 1 else messages[0]
 
 
@@ -120,7 +148,24 @@ def blas_limits(client: Client) -> dict[str, int]:
 
 
 class Engine:
-    """Runs ALS iterations for one store and configuration on a Dask client."""
+    """Runs ALS iterations for one store and configuration on a Dask client.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    store : RatingStore
+    config : ALSConfig
+    checkpoint : Checkpoint, optional
+        Where iterations are committed; None runs without checkpoints (the scheduler then
+        keeps the lineage of every iteration).
+    checkpoint_interval : int
+        Commit every this many iterations, and after the last.
+    on_iteration : callable, optional
+        Called with each iteration's history entry.
+    arrays : dict, optional
+        User-given global arrays, in global-index order: ``"user_init"``, ``"item_init"``,
+        ``"row_weights"``, ``"col_weights"``.
+    """
 
     def __init__(
         self,
@@ -130,16 +175,29 @@ class Engine:
         checkpoint: Checkpoint | None = None,
         checkpoint_interval: int = 1,
         on_iteration: Callable[[dict[str, Any]], None] | None = None,
+        arrays: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.client = client
         self.store = store
         self.ref = store.ref
         self.config = config
+        self.objective = config.objective(float(store.stats["rating_mean"]))
         self.checkpoint = checkpoint
         self.checkpoint_interval = checkpoint_interval
         self.on_iteration = on_iteration
         self.run_id = uuid.uuid4().hex[:8]
         self.limits = blas_limits(client)
+        self.per_block = self._split_arrays(arrays or {})
+
+    def _split_arrays(self, arrays: dict[str, np.ndarray]) -> dict[str, list[np.ndarray | None]]:
+        """Cut global arrays into per-block pieces, in each block's local row order."""
+        names = {"users": ("user_init", "row_weights"), "items": ("item_init", "col_weights")}
+        out: dict[str, list[np.ndarray | None]] = {}
+        for side, keys in names.items():
+            rows = [self.store.rows(side, b) for b in range(self.store.n_blocks(side))] if any(k in arrays for k in keys) else None
+            for key in keys:
+                out[key] = [arrays[key][r] for r in rows] if key in arrays else [None] * self.store.n_blocks(side)
+        return out
 
     def _key(self, *parts: object) -> str:
         return "blockals-" + "-".join(map(str, parts)) + f"-{self.run_id}"
@@ -150,22 +208,18 @@ class Engine:
     def bytes_routed(self) -> int:
         """Bytes of factor rows one iteration ships between blocks."""
         rows = sum(int(self.store.message_rows(side).sum()) for side in ("users", "items"))
-        return rows * self.config.rank * np.dtype(self.config.dtype).itemsize
+        return rows * self.objective.width * np.dtype(self.config.dtype).itemsize
 
-    def _start(self, resume: bool) -> tuple[list[Future], Committed | None]:
-        """User factor futures to start from: a committed checkpoint's, or fresh ones."""
-        committed = None
-        if self.checkpoint is not None:
-            committed = self.checkpoint.load() if resume else None
-            if committed is None:
-                self.checkpoint.start()
-        if committed is not None:
-            log.info("resuming from iteration %d of checkpoint %s", committed.iteration, self.checkpoint.path)
-            return self._read_checkpoint(committed.iteration, committed.slot, "users"), committed
+    def _weights(self, side: Side) -> list[np.ndarray | None]:
+        return self.per_block["row_weights" if side == "users" else "col_weights"]
+
+    def _init(self, side: Side) -> list[Future]:
+        given = self.per_block["user_init" if side == "users" else "item_init"]
+        weights = self._weights(side)
         return [
-            self._submit(_init_task, self.ref, "users", b, self.config, key=self._key("init", "users", b))
-            for b in range(self.store.n_user_blocks)
-        ], None
+            self._submit(_init_task, self.ref, side, b, self.config, self.objective, given[b], weights[b], key=self._key("init", side, b))
+            for b in range(self.store.n_blocks(side))
+        ]
 
     def _read_checkpoint(self, it: int, slot: int, side: Side) -> list[Future]:
         return [
@@ -173,8 +227,39 @@ class Engine:
             for b in range(self.store.n_blocks(side))
         ]
 
-    def _half_step(self, it: int, dst: Side, src_factors: list[Future]) -> tuple[list[Future], list[list[Future]]]:
+    def _start(self, resume: bool) -> tuple[list[Future], list[Future] | None, Committed | None]:
+        """User (and, for warm starts, item) factors to start from."""
+        committed = None
+        if self.checkpoint is not None:
+            committed = self.checkpoint.load() if resume else None
+            if committed is None:
+                self.checkpoint.start()
+        if committed is not None:
+            log.info("resuming from iteration %d of checkpoint %s", committed.iteration, self.checkpoint.path)
+            X = self._read_checkpoint(committed.iteration, committed.slot, "users")
+            return X, self._read_checkpoint(committed.iteration, committed.slot, "items"), committed
+        return self._init("users"), self._init("items") if self.config.warm_start else None, None
+
+    def _gram(self, it: int, side: Side, factors: list[Future]) -> Future | None:
+        """``F^T F`` of a side, summed over its blocks as a binary tree of tasks."""
+        if not self.objective.gram_weight:
+            return None
+        level = [self._submit(_gram_task, f, self.config.rank, key=self._key("gram", side, it, j)) for j, f in enumerate(factors)]
+        depth = 0
+        while len(level) > 1:
+            level = [
+                self._submit(_sum_task, *level[i : i + 2], key=self._key("gramsum", side, it, depth, i))
+                for i in range(0, len(level), 2)
+            ]
+            depth += 1
+        return level[0]
+
+    def _half_step(
+        self, it: int, dst: Side, src_factors: list[Future], previous: list[Future] | None
+    ) -> tuple[list[Future], list[list[Future]]]:
         rows = self.store.message_rows(dst)
+        G = self._gram(it, dst, src_factors)
+        weights = self._weights(dst)
         solved, messages = [], []
         for b in range(self.store.n_blocks(dst)):
             msgs = [
@@ -182,11 +267,35 @@ class Engine:
                 for j in range(len(src_factors))
                 if rows[j, b]
             ]
+            prev = None if previous is None else previous[b]
             solved.append(
-                self._submit(_solve_task, self.ref, dst, b, self.config, self.limits, *msgs, key=self._key("solve", dst, it, b))
+                self._submit(
+                    _solve_task, self.ref, dst, b, self.config, self.objective, self.limits, G, prev, weights[b], *msgs,
+                    key=self._key("solve", dst, it, b),
+                )
             )
             messages.append(msgs)
         return solved, messages
+
+    def _losses(self, it: int, X: list[Future], Y: list[Future], messages: list[list[Future]]) -> dict[str, float]:
+        obj = self.objective
+        parts = self.client.gather(
+            [
+                self._submit(_loss_task, self.ref, "users", b, self.config, obj, X[b], *messages[b], key=self._key("loss", "users", it, b))
+                for b in range(len(X))
+            ]
+            + [
+                self._submit(_penalty_task, self.ref, "items", j, obj, Y[j], key=self._key("loss", "items", it, j))
+                for j in range(len(Y))
+            ]
+        )
+        loss = sum(p["observed"] + p["penalty"] for p in parts)
+        if obj.gram_weight:
+            GX = sum(p["gram"] for p in parts[: len(X)])
+            GY = sum(p["gram"] for p in parts[len(X) :])
+            loss += obj.gram_weight * float(np.sum(GX * GY))  # trace(GX @ GY), both symmetric
+        sq_err = sum(p["sq_err"] for p in parts)
+        return {"loss": loss, "train_rmse": float(np.sqrt(sq_err / self.store.nnz))}
 
     def _write_checkpoint(self, it: int, X: list[Future], Y: list[Future], history: list[dict]) -> None:
         slot = it % 2
@@ -200,35 +309,16 @@ class Engine:
         ckpt.commit(it, slot, history)
 
     def run(self, max_iter: int, resume: bool = False) -> FitResult:
-        X, committed = self._start(resume)
+        X, Y, committed = self._start(resume)
         history = list(committed.history) if committed else []
         first = committed.iteration + 1 if committed else 1
-        Y: list[Future] = []
-        if committed is not None and first > max_iter:
-            Y = self._read_checkpoint(committed.iteration, committed.slot, "items")
-        nnz = self.store.nnz
+        warm = self.config.warm_start
         for it in range(first, max_iter + 1):
             t0 = time.perf_counter()
-            Y, _ = self._half_step(it, "items", X)
-            X, messages = self._half_step(it, "users", Y)
-            terms = [
-                self._submit(_loss_task, self.ref, "users", b, self.config, X[b], *messages[b], key=self._key("loss", "users", it, b))
-                for b in range(len(X))
-            ] + [
-                self._submit(_reg_task, self.ref, "items", j, self.config, Y[j], key=self._key("loss", "items", it, j))
-                for j in range(len(Y))
-            ]
-            parts = self.client.gather(terms)
-            del messages, terms
-            sse = sum(p["sse"] for p in parts)
-            reg = sum(p["reg"] for p in parts)
-            entry = {
-                "iteration": it,
-                "loss": sse + self.config.reg * reg,
-                "train_rmse": float(np.sqrt(sse / nnz)),
-                "seconds": 0.0,
-                "bytes_routed": self.bytes_routed(),
-            }
+            Y, _ = self._half_step(it, "items", X, Y if warm else None)
+            X, messages = self._half_step(it, "users", Y, X if warm else None)
+            entry = {"iteration": it, **self._losses(it, X, Y, messages), "seconds": 0.0, "bytes_routed": self.bytes_routed()}
+            del messages
             history.append(entry)
             if self.checkpoint is not None and (it % self.checkpoint_interval == 0 or it == max_iter):
                 entry["seconds"] = time.perf_counter() - t0
@@ -236,6 +326,8 @@ class Engine:
                 # Restart from the checkpoint: the scheduler then forgets this iteration's
                 # lineage, so its graph does not grow with the iterations.
                 X = self._read_checkpoint(it, it % 2, "users")
+                if warm:
+                    Y = self._read_checkpoint(it, it % 2, "items")
             entry["seconds"] = time.perf_counter() - t0
             if self.on_iteration is not None:
                 self.on_iteration(entry)

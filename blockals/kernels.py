@@ -1,46 +1,48 @@
-"""Block kernels: factor initialization, the normal equations of a whole block, the loss.
+"""Block kernels: factor initialization and the batched solvers of a whole block's rows.
 
-These are pure NumPy functions of one destination block's in-block and the factor rows
-routed to it; the engine calls them inside Dask tasks and the tests call them directly.
+Every ALS mode (:mod:`blockals.objectives`) reduces a half-step to, for each row ``u`` of
+the destination block, the linear system::
 
-Explicit ALS (Spark MLlib's ALS-WR) minimizes, over user factors ``x_u`` and item
-factors ``y_i``::
+    A_u x_u = b_u,   A_u = G + sum_{i in Omega_u} a_ui d_i d_i^T + diag(reg_u),
+                     b_u = sum_{i in Omega_u} beta_ui d_i
 
-    L(X, Y) = sum_{(u,i) in Omega} (r_ui - x_u . y_i)^2
-              + reg * (sum_u w_u |x_u|^2 + sum_i w_i |y_i|^2)
+where ``d_i`` is the design row built from the routed factor row of the rated item,
+``a_ui`` and ``beta_ui`` come from the rating, ``G`` is an optional term shared by every row
+(``Y^T Y`` in implicit mode) and ``reg_u`` is the row's ridge diagonal. These functions
+solve all rows of a block at once: rows are bucketed by rating count, each bucket's design
+rows are gathered into a zero-padded ``(rows, L, w)`` tensor, and the systems are formed
+with batched matrix products (:func:`solve_cholesky`), or applied without forming them
+(:func:`solve_cg`), or solved under ``x >= 0`` (:func:`solve_nnls`).
 
-with ``w = n`` (the row's rating count) when ``reg_scaling="count"`` and ``w = 1`` when
-``reg_scaling="none"``. With ``Y`` fixed, each user's row solves its own ridge system::
-
-    (Y_u^T Y_u + reg * w_u * I) x_u = Y_u^T r_u
-
-where ``Y_u`` stacks the factors of the items ``u`` rated. A block builds all its
-systems at once: rows are bucketed by rating count, each bucket's gathered factor rows are
-zero-padded to one length, and ``Y_u^T Y_u`` for the whole bucket is one batched matrix
-product; the bucket's systems are then solved together.
+They are pure NumPy functions of one block; the engine calls them inside Dask tasks and
+the tests call them directly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
 from blockals.routing import InBlock
 
 __all__ = [
+    "RowSystems",
     "init_factors",
-    "solve_explicit",
-    "squared_error",
-    "regularization",
-    "reg_weights",
+    "solve_cholesky",
+    "solve_cg",
+    "solve_nnls",
     "bucket_lengths",
 ]
 
-# Bytes of gathered, padded factor rows one batch may hold.
+# Bytes of gathered, padded design rows one batch may hold.
 BATCH_BYTES = 32 * 2**20
 SIDE_TAGS = {"users": 0, "items": 1}
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+# -- initialization -----------------------------------------------------------------
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -61,24 +63,61 @@ def _uniforms(seed: int, side: str, rows: np.ndarray, n: int) -> np.ndarray:
     return ((z >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
 
 
-def init_factors(rows: np.ndarray, rank: int, seed: int, side: str, dtype: str = "float32") -> np.ndarray:
-    """Initial factors of global rows ``rows``: uniform points on the unit sphere.
+def init_factors(
+    rows: np.ndarray, rank: int, seed: int, side: str, dtype: str = "float32", kind: str = "normal"
+) -> np.ndarray:
+    """Initial factors of global rows ``rows``.
 
-    As Spark does, each row is a standard normal vector divided by its norm; unlike
-    Spark, the draw depends only on ``(seed, side, global row)``, so the same seed gives
-    the same model whatever the block and worker counts.
+    ``kind="normal"`` draws uniform points on the unit sphere (a standard normal vector
+    divided by its norm), as Spark does; ``"uniform"`` draws from U(0, 0.01), as
+    implicit does. Unlike either, the draw depends only on ``(seed, side, global row)``,
+    so the same seed gives the same model whatever the block and worker counts.
     """
-    u = _uniforms(seed, side, np.asarray(rows), 2 * rank)
+    rows = np.asarray(rows)
+    if kind == "uniform":
+        return (0.01 * _uniforms(seed, side, rows, rank)).astype(dtype)
+    u = _uniforms(seed, side, rows, 2 * rank)
     normal = np.sqrt(-2.0 * np.log(u[:, :rank])) * np.cos(2.0 * np.pi * u[:, rank:])
     normal /= np.linalg.norm(normal, axis=1, keepdims=True)
     return normal.astype(dtype)
 
 
-def reg_weights(counts: np.ndarray, reg_scaling: str) -> np.ndarray:
-    """``w`` of each row: its rating count (Spark's scaling) or 1."""
-    if reg_scaling == "count":
-        return counts.astype(np.float64)
-    return np.ones(counts.shape[0], dtype=np.float64)
+# -- the systems of one block ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowSystems:
+    """The normal equations of every row of a block, in factored form.
+
+    Attributes
+    ----------
+    inblock : InBlock
+        The block's ratings (CSR by row).
+    D : ndarray of shape (m, w)
+        Design rows, one per routed factor row.
+    col : ndarray of shape (nnz,)
+        Row of ``D`` for each rating.
+    beta : ndarray of shape (nnz,)
+        Right-hand-side coefficient of each rating.
+    a : ndarray of shape (nnz,) or None
+        Gram weight of each rating (None: all ones).
+    G : ndarray of shape (w, w) or None
+        Term shared by every row's matrix.
+    reg : ndarray of shape (n_rows, w)
+        Ridge diagonal of each row.
+    """
+
+    inblock: InBlock
+    D: np.ndarray
+    col: np.ndarray
+    beta: np.ndarray
+    a: np.ndarray | None
+    G: np.ndarray | None
+    reg: np.ndarray
+
+    @property
+    def width(self) -> int:
+        return self.D.shape[1]
 
 
 def bucket_lengths(max_count: int) -> np.ndarray:
@@ -89,7 +128,7 @@ def bucket_lengths(max_count: int) -> np.ndarray:
     return np.array(lengths, dtype=np.int64)
 
 
-def _batches(counts: np.ndarray, rank: int, itemsize: int, batch_bytes: int) -> Iterator[tuple[np.ndarray, int]]:
+def _batches(counts: np.ndarray, width: int, itemsize: int, batch_bytes: int) -> Iterator[tuple[np.ndarray, int]]:
     """Groups of rows with similar counts, and the padded length of each group."""
     nonempty = np.flatnonzero(counts)
     if nonempty.size == 0:
@@ -103,21 +142,43 @@ def _batches(counts: np.ndarray, rank: int, itemsize: int, batch_bytes: int) -> 
         if rows.size == 0:
             continue
         length = int(lengths[k])
-        per_batch = max(1, batch_bytes // (length * rank * itemsize))
+        per_batch = max(1, batch_bytes // (length * width * itemsize))
         for start in range(0, rows.size, per_batch):
             yield rows[start : start + per_batch], length
 
 
-def _gather(inblock: InBlock, col: np.ndarray, rows: np.ndarray, length: int, Y: np.ndarray):
-    """Factor rows and ratings of ``rows``, zero-padded to ``length``: (n, L, k) and (n, L)."""
-    start = inblock.indptr[rows]
-    pos = start[:, None] + np.arange(length)
-    valid = pos < inblock.indptr[rows + 1][:, None]
-    pos = np.where(valid, pos, 0)
-    Yg = Y[col[pos]]
-    Yg[~valid] = 0
-    r = np.where(valid, inblock.rating[pos], 0).astype(Y.dtype)
-    return Yg, r
+@dataclass
+class _Batch:
+    rows: np.ndarray
+    Dg: np.ndarray  # (n, L, w) design rows, zero-padded
+    ag: np.ndarray | None  # (n, L) Gram weights, zero-padded
+    bg: np.ndarray  # (n, L) right-hand-side coefficients, zero-padded
+
+
+def _gathered(sys: RowSystems, batch_bytes: int) -> Iterator[_Batch]:
+    indptr = sys.inblock.indptr
+    for rows, length in _batches(sys.inblock.counts, sys.width, sys.D.dtype.itemsize, batch_bytes):
+        pos = indptr[rows][:, None] + np.arange(length)
+        valid = pos < indptr[rows + 1][:, None]
+        pos = np.where(valid, pos, 0)
+        Dg = sys.D[sys.col[pos]]
+        Dg[~valid] = 0
+        ag = None if sys.a is None else np.where(valid, sys.a[pos], 0).astype(sys.D.dtype)
+        bg = np.where(valid, sys.beta[pos], 0).astype(sys.D.dtype)
+        yield _Batch(rows, Dg, ag, bg)
+
+
+def _form(sys: RowSystems, batch: _Batch) -> tuple[np.ndarray, np.ndarray]:
+    """``A`` and ``b`` of a batch's rows, in float64."""
+    DgT = batch.Dg.transpose(0, 2, 1)
+    weighted = batch.Dg if batch.ag is None else batch.Dg * batch.ag[..., None]
+    A = np.matmul(DgT, weighted).astype(np.float64)
+    b = np.matmul(DgT, batch.bg[..., None])[..., 0].astype(np.float64)
+    if sys.G is not None:
+        A += sys.G
+    diag = np.arange(sys.width)
+    A[:, diag, diag] += sys.reg[batch.rows]
+    return A, b
 
 
 def _min_norm(A: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -127,8 +188,8 @@ def _min_norm(A: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _solve(A: np.ndarray, b: np.ndarray, regularized: np.ndarray) -> np.ndarray:
     """Solve a batch of symmetric positive semi-definite systems.
 
-    Rows with a positive ridge term are positive definite and solved directly. Rows
-    without one (``reg = 0``, or a count-scaled row with no ratings) may be singular,
+    Rows with a positive ridge diagonal are positive definite and solved directly. Rows
+    without one (``reg = 0``, or a count-scaled row without ratings) may be singular,
     where LU returns garbage rather than failing; they get the minimum-norm solution.
     """
     x = np.empty_like(b)
@@ -142,57 +203,104 @@ def _solve(A: np.ndarray, b: np.ndarray, regularized: np.ndarray) -> np.ndarray:
     return x
 
 
-def solve_explicit(
-    inblock: InBlock, Y: np.ndarray, reg: float, reg_scaling: str, batch_bytes: int = BATCH_BYTES
-) -> np.ndarray:
-    """Solve every row of a block for explicit ALS.
+def solve_cholesky(sys: RowSystems, batch_bytes: int = BATCH_BYTES) -> np.ndarray:
+    """Exact solve of every row's system; rows without ratings get zeros.
 
-    Parameters
-    ----------
-    inblock : InBlock
-        The destination block's ratings and routing.
-    Y : ndarray of shape (n_received, rank)
-        The routed factor rows, messages concatenated in source-block order.
-    reg : float
-        λ.
-    reg_scaling : {"count", "none"}
-        Whether λ is multiplied by each row's rating count.
-    batch_bytes : int
-        Bound on the gathered factor rows one batched product holds.
-
-    Returns
-    -------
-    ndarray of shape (n_rows, rank)
-        New factors; rows without ratings are zero.
+    Each batch's matrices are formed with one batched product ``D_g^T (a D_g)`` and
+    solved together in double precision.
     """
-    rank = Y.shape[1]
-    X = np.zeros((inblock.n_rows, rank), dtype=Y.dtype)
-    counts = inblock.counts
-    lam = reg * reg_weights(counts, reg_scaling)
-    col = inblock.col
-    diag = np.arange(rank)
-    for rows, length in _batches(counts, rank, Y.dtype.itemsize, batch_bytes):
-        Yg, r = _gather(inblock, col, rows, length, Y)
-        YgT = Yg.transpose(0, 2, 1)
-        A = np.matmul(YgT, Yg).astype(np.float64)
-        b = np.matmul(YgT, r[..., None])[..., 0].astype(np.float64)
-        A[:, diag, diag] += lam[rows, None]
-        X[rows] = _solve(A, b, lam[rows] > 0)
+    X = np.zeros((sys.inblock.n_rows, sys.width), dtype=sys.D.dtype)
+    for batch in _gathered(sys, batch_bytes):
+        A, b = _form(sys, batch)
+        X[batch.rows] = _solve(A, b, (sys.reg[batch.rows] > 0).all(axis=1))
     return X
 
 
-def squared_error(inblock: InBlock, X: np.ndarray, Y: np.ndarray, chunk: int = 1 << 20) -> float:
-    """``sum (r - x_u . y_i)^2`` over the block's ratings, in float64."""
-    col, row = inblock.col, inblock.row
-    total = 0.0
-    for start in range(0, inblock.nnz, chunk):
-        s = slice(start, start + chunk)
-        pred = np.einsum("ij,ij->i", X[row[s]].astype(np.float64), Y[col[s]].astype(np.float64))
-        total += float(np.sum((inblock.rating[s] - pred) ** 2))
-    return total
+def solve_cg(sys: RowSystems, x0: np.ndarray, steps: int, batch_bytes: int = BATCH_BYTES) -> np.ndarray:
+    """``steps`` conjugate-gradient steps per row, warm-started at ``x0``.
+
+    The matrices are never formed: ``A p = G p + D_g^T (a * (D_g p)) + reg * p`` costs
+    ``O(L w)`` per row instead of ``O(L w^2)``. With ``steps >= w`` it is exact (up to
+    rounding).
+    """
+    X = np.zeros((sys.inblock.n_rows, sys.width), dtype=sys.D.dtype)
+    for batch in _gathered(sys, batch_bytes):
+        reg = sys.reg[batch.rows].astype(sys.D.dtype)
+
+        def matvec(p: np.ndarray) -> np.ndarray:
+            t = np.einsum("nlw,nw->nl", batch.Dg, p)
+            if batch.ag is not None:
+                t *= batch.ag
+            out = np.einsum("nlw,nl->nw", batch.Dg, t) + reg * p
+            return out if sys.G is None else out + p @ sys.G.astype(p.dtype)
+
+        x = x0[batch.rows].astype(sys.D.dtype)
+        r = np.einsum("nlw,nl->nw", batch.Dg, batch.bg) - matvec(x)
+        p = r.copy()
+        rr = np.einsum("nw,nw->n", r, r)
+        for _ in range(steps):
+            Ap = matvec(p)
+            pAp = np.einsum("nw,nw->n", p, Ap)
+            alpha = np.divide(rr, pAp, out=np.zeros_like(rr), where=pAp > 0)
+            x += alpha[:, None] * p
+            r -= alpha[:, None] * Ap
+            rr_new = np.einsum("nw,nw->n", r, r)
+            beta = np.divide(rr_new, rr, out=np.zeros_like(rr), where=rr > 0)
+            p = r + beta[:, None] * p
+            rr = rr_new
+        X[batch.rows] = x
+    return X
 
 
-def regularization(X: np.ndarray, counts: np.ndarray, reg_scaling: str) -> float:
-    """``sum_u w_u |x_u|^2`` (without λ)."""
-    norms = np.einsum("ij,ij->i", X.astype(np.float64), X.astype(np.float64))
-    return float(reg_weights(counts, reg_scaling) @ norms)
+def _nnls_batch(A: np.ndarray, b: np.ndarray, x: np.ndarray, bounded: np.ndarray, tol: float, max_rounds: int) -> np.ndarray:
+    """Minimize ``x^T A x / 2 - b^T x`` subject to ``x[bounded] >= 0``, for a batch.
+
+    Projected coordinate descent finds the active set; each round then solves the
+    free coordinates exactly with the active ones held at zero, and keeps that solution
+    where it is feasible. Rows stop once the KKT conditions hold to ``tol`` (relative to
+    the scale of ``b``).
+    """
+    n, w = b.shape
+    diag = np.einsum("nii->ni", A)
+    scale = np.maximum(np.abs(b).max(axis=1, initial=0.0), 1e-300)
+    x = np.where(bounded, np.maximum(x, 0.0), x)
+    for _ in range(max_rounds):
+        for _sweep in range(2):
+            for j in range(w):
+                g = np.einsum("ni,ni->n", A[:, j, :], x) - b[:, j]
+                step = np.divide(g, diag[:, j], out=np.zeros(n), where=diag[:, j] > 0)
+                x[:, j] -= step
+                if bounded[j]:
+                    np.maximum(x[:, j], 0.0, out=x[:, j])
+        free = ~bounded[None, :] | (x > 0)
+        mask = free[:, :, None] & free[:, None, :]
+        Af = np.where(mask, A, 0.0)
+        Af[:, np.arange(w), np.arange(w)] += ~free
+        polished = _solve(Af, b * free, np.ones(n, dtype=bool))
+        # Move toward the exact free-set solution as far as feasibility allows (the
+        # Lawson-Hanson step): where it is feasible, all the way.
+        blocked = bounded[None, :] & (polished < 0) & free
+        ratio = np.where(blocked, x / np.where(blocked, x - polished, 1.0), 1.0)
+        t = np.clip(ratio.min(axis=1), 0.0, 1.0)[:, None]
+        x += t * (polished - x)
+        x[bounded[None, :] & (x < 0)] = 0.0
+        g = np.einsum("nij,nj->ni", A, x) - b
+        violation = np.where(free, np.abs(g), np.maximum(-g, 0.0)).max(axis=1) / scale
+        if (violation <= tol).all():
+            break
+    return x
+
+
+def solve_nnls(
+    sys: RowSystems, x0: np.ndarray, bounded: np.ndarray, tol: float = 1e-9, max_rounds: int = 100,
+    batch_bytes: int = BATCH_BYTES,
+) -> np.ndarray:
+    """Every row's system solved with ``x[bounded] >= 0`` (nonnegative least squares).
+
+    ``bounded`` marks the constrained coordinates (a learned bias stays free).
+    """
+    X = np.zeros((sys.inblock.n_rows, sys.width), dtype=sys.D.dtype)
+    for batch in _gathered(sys, batch_bytes):
+        A, b = _form(sys, batch)
+        X[batch.rows] = _nnls_batch(A, b, x0[batch.rows].astype(np.float64), bounded, tol, max_rounds)
+    return X

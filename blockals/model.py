@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from blockals.checkpoint import Checkpoint
-from blockals.config import ALSConfig, parse_int
+from blockals.config import ALSConfig, digest, parse_int
 from blockals.engine import Engine, connect
 from blockals.errors import InputError, StoreError
 from blockals.ingest import ingest
@@ -24,17 +24,21 @@ log = logging.getLogger("blockals")
 
 MODEL_FORMAT = "blockals-model"
 MODEL_FORMAT_VERSION = 1
+# Learned attributes a saved model holds (the bias ones only for biased models).
+_LEARNED = ("user_factors_", "item_factors_", "user_ids_", "item_ids_", "user_bias_", "item_bias_", "global_mean_")
 
 
 class ALS:
     """Matrix factorization by alternating least squares, trained block-wise on Dask.
 
-    Explicit feedback, as Spark MLlib's ALS, minimizes::
+    One estimator covers every formulation; each minimizes exactly the objective written
+    in ``docs/objectives.md`` (and :mod:`blockals.objectives`), and ``history_`` reports it.
+    By default it is Spark MLlib's explicit ALS::
 
         sum_{(u,i) observed} (r_ui - x_u . y_i)^2 + reg * (sum_u w_u |x_u|^2 + sum_i w_i |y_i|^2)
 
     with ``w`` the row's rating count for ``reg_scaling="count"`` (Spark's ALS-WR scaling)
-    and 1 for ``reg_scaling="none"``. See ``docs/objectives.md``.
+    and 1 for ``reg_scaling="none"``.
 
     Parameters
     ----------
@@ -45,14 +49,39 @@ class ALS:
     reg : float
         λ, the regularization strength.
     reg_scaling : {"count", "none"}
-        Whether λ is multiplied by each row's number of ratings.
-    implicit, alpha, biases, nonnegative :
-        Implicit feedback, learned biases and nonnegative factors (not yet available).
-    solver : {"cholesky"}
-        Exact solve of each row's normal equations.
+        Whether λ is multiplied by each row's number of ratings (positive ratings in
+        implicit mode, as Spark counts them).
+    implicit : bool
+        Hu-Koren-Volinsky implicit feedback: confidence ``1 + alpha |r|``, preference
+        ``[r > 0]``, summed over all (user, item) pairs.
+    alpha : float
+        Confidence scale of implicit feedback.
+    biases : bool
+        Learn user and item biases around the (fixed) global mean; explicit only.
+    nonnegative : bool
+        Constrain factors to be nonnegative (per-row NNLS); biases stay free.
+    solver : {"cholesky", "cg"}
+        Exact solve of each row's normal equations, or ``cg_steps`` conjugate-gradient steps
+        warm-started at the previous factors.
     seed : int
         Seeds the initial factors; each row's draw depends only on (seed, row), so the
         model does not depend on block or worker counts.
+    bias_reg : float, optional
+        λ of the biases (default: ``reg``).
+    weighting : {"none", "wals"}
+        ``"wals"``: TensorFlow's weighted ALS over all pairs, weights ``unobserved_weight``
+        off the data and ``unobserved_weight + R_u C_i`` on it.
+    unobserved_weight : float
+        ``w0`` of WALS.
+    row_weights, col_weights : "counts", float or array
+        ``R`` and ``C`` of WALS: each row's rating count, a constant, or one weight per
+        user / item in the order of the store's ids.
+    cg_steps : int
+        Conjugate-gradient steps per half-step for ``solver="cg"``.
+    init : "normal", "uniform", array or (array, array)
+        Initial factors: unit-norm Gaussian rows (Spark), U(0, 0.01) (implicit), or given
+        user factors (and item factors, used to warm-start the first item solve), rows in
+        the order of the store's ids.
     dtype : {"float32", "float64"}
         Precision of factors and of the messages routed between blocks.
     checkpoint_interval : int
@@ -67,9 +96,12 @@ class ALS:
         Rows in the order of ``user_ids_`` / ``item_ids_``.
     user_ids_, item_ids_ : ndarray
         Original ids.
+    user_bias_, item_bias_, global_mean_ :
+        Learned biases and the global mean (``biases=True`` only).
     history_ : list of dict
-        Per iteration: ``iteration``, ``loss`` (the objective above at the end of the
-        iteration), ``train_rmse``, ``seconds``, ``bytes_routed``.
+        Per iteration: ``iteration``, ``loss`` (the objective at the end of the
+        iteration), ``train_rmse`` (against the ratings, or the preferences ``[r > 0]`` in
+        implicit mode, over observed pairs), ``seconds``, ``bytes_routed``.
     """
 
     def __init__(
@@ -84,6 +116,14 @@ class ALS:
         nonnegative: bool = False,
         solver: str = "cholesky",
         seed: int = 0,
+        *,
+        bias_reg: float | None = None,
+        weighting: str = "none",
+        unobserved_weight: float = 0.1,
+        row_weights: Any = "counts",
+        col_weights: Any = "counts",
+        cg_steps: int = 3,
+        init: Any = "normal",
         dtype: str = "float32",
         checkpoint_interval: int = 1,
         verbose: bool = False,
@@ -98,21 +138,56 @@ class ALS:
         self.nonnegative = nonnegative
         self.solver = solver
         self.seed = seed
+        self.bias_reg = bias_reg
+        self.weighting = weighting
+        self.unobserved_weight = unobserved_weight
+        self.row_weights = row_weights
+        self.col_weights = col_weights
+        self.cg_steps = cg_steps
+        self.init = init
         self.dtype = dtype
         self.checkpoint_interval = checkpoint_interval
         self.verbose = verbose
 
     # -- parameters -------------------------------------------------------------------
     def get_params(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__init__.__code__.co_varnames[1 : self.__init__.__code__.co_argcount]}
+        """Constructor parameters, as scikit-learn estimators report them."""
+        code = self.__init__.__code__
+        names = code.co_varnames[1 : code.co_argcount + code.co_kwonlyargcount]
+        return {name: getattr(self, name) for name in names}
 
-    def _config(self) -> ALSConfig:
-        for name in ("implicit", "biases", "nonnegative"):
-            if getattr(self, name):
-                raise InputError(f"{name}=True is not available in this version of blockals.")
-        return ALSConfig.parse(
-            rank=self.rank, reg=self.reg, reg_scaling=self.reg_scaling, solver=self.solver, seed=self.seed, dtype=self.dtype
-        )
+    def _arrays(self, store: RatingStore) -> dict[str, np.ndarray]:
+        """User-given arrays (initial factors, WALS weights), checked against the store."""
+        arrays: dict[str, np.ndarray] = {}
+        if not isinstance(self.init, str):
+            users, items = self.init if isinstance(self.init, tuple) else (self.init, None)
+            for key, value, side in (("user_init", users, "users"), ("item_init", items, "items")):
+                if value is None:
+                    continue
+                value = np.asarray(value, dtype=np.float64)
+                shape = (store.n_rows(side), self.rank)
+                if value.shape != shape or not np.isfinite(value).all():
+                    raise InputError(
+                        f"init for {side} must be a finite array of shape {shape} (rows in the order of "
+                        f"the store's {side[:-1]} ids), got shape {value.shape}."
+                    )
+                arrays[key] = value
+        for key, side in (("row_weights", "users"), ("col_weights", "items")):
+            value = getattr(self, key)
+            if not isinstance(value, str) and np.ndim(value) == 1:
+                value = np.asarray(value, dtype=np.float64)
+                if value.shape != (store.n_rows(side),):
+                    raise InputError(f"{key} must have one weight per {side[:-1]} ({store.n_rows(side)}), got {value.shape[0]}.")
+                arrays[key] = value
+        return arrays
+
+    def _config(self, arrays: dict[str, np.ndarray]) -> ALSConfig:
+        params = {name: getattr(self, name) for name in (
+            "rank", "reg", "reg_scaling", "implicit", "alpha", "biases", "bias_reg", "weighting",
+            "unobserved_weight", "row_weights", "col_weights", "nonnegative", "solver", "cg_steps",
+            "init", "seed", "dtype",
+        )}
+        return ALSConfig.parse(**params, arrays_digest=digest(arrays))
 
     # -- training ------------------------------------------------------------------------
     def fit(
@@ -137,7 +212,7 @@ class ALS:
         checkpoint_path : str, optional
             Where checkpoints go; by default ``<store>/checkpoints/<config fingerprint>``.
         """
-        config = self._config()
+        self._config({})  # parameters are checked before any data is read
         max_iter = parse_int(self.max_iter, "max_iter", 1)
         interval = parse_int(self.checkpoint_interval, "checkpoint_interval", 0)
         tmpdir = None
@@ -149,6 +224,8 @@ class ALS:
             else:
                 tmpdir = tempfile.mkdtemp(prefix="blockals-")
                 store = ingest(ratings, os.path.join(tmpdir, "ratings.zarr"))
+            arrays = self._arrays(store)
+            config = self._config(arrays)
             if config.rank > min(store.n_users, store.n_items):
                 log.warning("rank %d exceeds min(n_users, n_items); extra factors are unidentified", config.rank)
             checkpoint = None
@@ -158,10 +235,15 @@ class ALS:
             elif resume:
                 raise InputError("resume=True needs checkpoints; checkpoint_interval is 0.")
             with connect(client) as c:
-                engine = Engine(c, store, config, checkpoint, interval or 1, self._report if self.verbose else None)
+                engine = Engine(c, store, config, checkpoint, interval or 1, self._report if self.verbose else None, arrays)
                 result = engine.run(max_iter, resume=resume)
-            self.user_factors_ = _assemble(store, "users", result.blocks["users"], config.rank, config.dtype)
-            self.item_factors_ = _assemble(store, "items", result.blocks["items"], config.rank, config.dtype)
+            users = _assemble(store, "users", result.blocks["users"], config.dtype)
+            items = _assemble(store, "items", result.blocks["items"], config.dtype)
+            k = config.rank
+            self.user_factors_, self.item_factors_ = users[:, :k], items[:, :k]
+            if config.biases:
+                self.user_bias_, self.item_bias_ = users[:, k].copy(), items[:, k].copy()
+                self.global_mean_ = float(store.stats["rating_mean"])
             self.user_ids_ = store.user_ids.to_numpy()
             self.item_ids_ = store.item_ids.to_numpy()
             self.history_ = result.history
@@ -198,11 +280,11 @@ class ALS:
             raise InputError(f"users and items must have one length, got {u.shape[0]} and {i.shape[0]}.")
         known = (u >= 0) & (i >= 0)
         out = np.full(u.shape[0], np.nan)
-        out[known] = np.einsum(
-            "ij,ij->i",
-            self.user_factors_[u[known]].astype(np.float64),
-            self.item_factors_[i[known]].astype(np.float64),
-        )
+        u, i = u[known], i[known]
+        scores = np.einsum("ij,ij->i", self.user_factors_[u].astype(np.float64), self.item_factors_[i].astype(np.float64))
+        if hasattr(self, "user_bias_"):
+            scores += self.global_mean_ + self.user_bias_[u] + self.item_bias_[i]
+        out[known] = scores
         return out
 
     # -- persistence --------------------------------------------------------------------
@@ -210,10 +292,12 @@ class ALS:
         """Write the model as a Zarr group with JSON attributes (no pickle)."""
         self._check_fitted()
         root = open_group(str(path), "w", storage_options)
-        meta = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "params": self.get_params(), "complete": False}
+        params = {k: v for k, v in self.get_params().items() if isinstance(v, (str, int, float, bool, type(None)))}
+        meta = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "params": params, "complete": False}
         root.attrs["blockals"] = meta
-        for name in ("user_factors_", "item_factors_", "user_ids_", "item_ids_"):
-            write_array(root, name.rstrip("_"), getattr(self, name))
+        for name in _LEARNED:
+            if hasattr(self, name):
+                write_array(root, name.rstrip("_"), np.atleast_1d(getattr(self, name)))
         root.attrs["blockals"] = {**meta, "history": self.history_, "complete": True}
 
     @classmethod
@@ -231,8 +315,12 @@ class ALS:
         if not meta.get("complete"):
             raise StoreError(f"model {path} is incomplete: it was not completely written.")
         model = cls(**meta["params"])
-        for name in ("user_factors", "item_factors", "user_ids", "item_ids"):
-            setattr(model, name + "_", read_array(root, name, str(path)))
+        present = set(root.array_keys())
+        for name in _LEARNED:
+            if name.rstrip("_") in present:
+                setattr(model, name, read_array(root, name.rstrip("_"), str(path)))
+        if hasattr(model, "global_mean_"):
+            model.global_mean_ = float(model.global_mean_[0])
         model.history_ = meta["history"]
         return model
 
@@ -245,9 +333,9 @@ def _is_store(path: str, storage_options: dict | None) -> bool:
     return isinstance(meta, dict)
 
 
-def _assemble(store: RatingStore, side: str, blocks: list[np.ndarray], rank: int, dtype: str) -> np.ndarray:
+def _assemble(store: RatingStore, side: str, blocks: list[np.ndarray], dtype: str) -> np.ndarray:
     """Factor blocks into one array in global-index (sorted id) order."""
-    out = np.zeros((store.n_rows(side), rank), dtype=dtype)
+    out = np.zeros((store.n_rows(side), blocks[0].shape[1]), dtype=dtype)
     for b, factors in enumerate(blocks):
         out[store.rows(side, b)] = factors
     return out

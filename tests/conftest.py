@@ -16,7 +16,7 @@ def cluster_client(n_workers: int) -> Client:
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=None,
+            dashboard_address="127.0.0.1:0",
             memory_limit="2GiB",
         )
         _clusters[n_workers] = (cluster, Client(cluster, set_as_default=False))

@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blockals.kernels import bucket_lengths, init_factors, regularization, solve_explicit, squared_error
+from blockals.kernels import bucket_lengths, init_factors, solve_cg, solve_cholesky
+from blockals.objectives import Objective
 from blockals.routing import build_inblock
+
+
+def solve_explicit(inblock, Y, reg, reg_scaling, batch_bytes=2**25):
+    systems = Objective(Y.shape[1], reg, reg_scaling).systems(inblock, Y, None, None)
+    return solve_cholesky(systems, batch_bytes=batch_bytes)
 
 
 def random_block(n_rows, n_src, rank, seed, heavy=0, empty=0):
@@ -64,14 +70,25 @@ def test_singular_rows_get_the_minimum_norm_solution():
         np.testing.assert_allclose(X[u], expected, atol=1e-8)
 
 
+@pytest.mark.parametrize("steps", [8, 12])
+def test_cg_with_rank_steps_equals_the_exact_solve(steps):
+    inblock, Y, triples, Y_src = random_block(200, 100, 8, seed=4, heavy=3)
+    systems = Objective(8, 0.2, "count").systems(inblock, Y, None, None)
+    x0 = np.random.default_rng(1).standard_normal((200, 8))
+    np.testing.assert_allclose(solve_cg(systems, x0, steps), per_row_solution(200, triples, Y_src, 0.2, "count"), atol=1e-6)
+
+
 def test_loss_terms_match_dense_formula():
     inblock, Y, (dst, src, rating), Y_src = random_block(40, 30, 3, seed=3)
     X = np.random.default_rng(9).standard_normal((40, 3))
     sse = sum((r - X[u] @ Y_src[i]) ** 2 for u, i, r in zip(dst, src, rating))
-    assert squared_error(inblock, X, Y, chunk=7) == pytest.approx(sse, rel=1e-12)
     counts = np.bincount(dst, minlength=40)
-    assert regularization(X, counts, "count") == pytest.approx(float(counts @ (X**2).sum(1)))
-    assert regularization(X, counts, "none") == pytest.approx(float((X**2).sum()))
+    terms = Objective(3, 0.5, "count").block_loss(inblock, X, Y, chunk_size=7)
+    assert terms["observed"] == pytest.approx(sse, rel=1e-12)
+    assert terms["sq_err"] == pytest.approx(sse, rel=1e-12)
+    assert terms["penalty"] == pytest.approx(0.5 * float(counts @ (X**2).sum(1)))
+    terms = Objective(3, 0.5, "none").block_loss(inblock, X, Y)
+    assert terms["penalty"] == pytest.approx(0.5 * float((X**2).sum()))
 
 
 def test_bucket_lengths_bound_padding():
