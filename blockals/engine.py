@@ -96,12 +96,7 @@ def _solve_task(
     sys = obj.systems(inblock, M, G, w)
     x0 = np.zeros((inblock.n_rows, sys.width)) if previous is None else previous[:, : sys.width]
     with blas_context(limits):
-        if config.nonnegative:
-            X = kernels.solve_nnls(sys, x0, np.arange(sys.width) < obj.rank)
-        elif config.solver == "cg":
-            X = kernels.solve_cg(sys, x0, config.cg_steps)
-        else:
-            X = kernels.solve_cholesky(sys)
+        X = kernels.solve(sys, x0, obj.rank, config.solver, config.cg_steps, config.nonnegative)
     return obj.finish(X.astype(config.dtype), inblock, w)
 
 

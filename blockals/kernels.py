@@ -29,6 +29,7 @@ from blockals.routing import InBlock
 
 __all__ = [
     "RowSystems",
+    "solve",
     "init_factors",
     "solve_cholesky",
     "solve_cg",
@@ -304,3 +305,16 @@ def solve_nnls(
         A, b = _form(sys, batch)
         X[batch.rows] = _nnls_batch(A, b, x0[batch.rows].astype(np.float64), bounded, tol, max_rounds)
     return X
+
+
+def solve(sys: RowSystems, x0: np.ndarray, rank: int, solver: str, cg_steps: int, nonnegative: bool) -> np.ndarray:
+    """Solve a block's systems the way a configuration asks.
+
+    ``x0`` (the rows' previous values) warm-starts CG and NNLS; with ``nonnegative`` the
+    first ``rank`` coordinates are constrained, the rest (a bias) stay free.
+    """
+    if nonnegative:
+        return solve_nnls(sys, x0, np.arange(sys.width) < rank)
+    if solver == "cg":
+        return solve_cg(sys, x0, cg_steps)
+    return solve_cholesky(sys)

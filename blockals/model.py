@@ -6,26 +6,40 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from blockals.checkpoint import Checkpoint
-from blockals.config import ALSConfig, digest, parse_int
+from blockals.config import ALSConfig, digest, parse_choice, parse_int
 from blockals.engine import Engine, connect
 from blockals.errors import InputError, StoreError
 from blockals.ingest import ingest
 from blockals.store import RatingStore, open_group, open_store, write_array, read_array
 
-__all__ = ["ALS"]
+__all__ = ["ALS", "FoldIn"]
 
 log = logging.getLogger("blockals")
 
 MODEL_FORMAT = "blockals-model"
 MODEL_FORMAT_VERSION = 1
 # Learned attributes a saved model holds (the bias ones only for biased models).
-_LEARNED = ("user_factors_", "item_factors_", "user_ids_", "item_ids_", "user_bias_", "item_bias_", "global_mean_")
+_LEARNED = (
+    "user_factors_", "item_factors_", "user_ids_", "item_ids_", "user_bias_", "item_bias_", "global_mean_",
+    "user_weights_", "item_weights_",
+)
+
+
+@dataclass(frozen=True)
+class FoldIn:
+    """Rows solved by :meth:`ALS.fold_in`: ids, factors, and biases or WALS weights when the model has them."""
+
+    ids: np.ndarray
+    factors: np.ndarray
+    biases: np.ndarray | None = None
+    weights: np.ndarray | None = None
 
 
 class ALS:
@@ -244,6 +258,10 @@ class ALS:
             if config.biases:
                 self.user_bias_, self.item_bias_ = users[:, k].copy(), items[:, k].copy()
                 self.global_mean_ = float(store.stats["rating_mean"])
+            if config.mode == "wals":
+                self.user_weights_, self.item_weights_ = users[:, k].copy(), items[:, k].copy()
+            self.config_ = config.to_dict()
+            self.store_path_ = None if tmpdir is not None else store.path
             self.user_ids_ = store.user_ids.to_numpy()
             self.item_ids_ = store.item_ids.to_numpy()
             self.history_ = result.history
@@ -287,6 +305,159 @@ class ALS:
         out[known] = scores
         return out
 
+    # -- recommendations ---------------------------------------------------------------
+    def _seen_store(self, seen: Any) -> RatingStore | None:
+        if seen is not None:
+            return seen if isinstance(seen, RatingStore) else open_store(seen)
+        if getattr(self, "store_path_", None) is None:
+            raise InputError(
+                "exclude_seen=True needs the training ratings: this model was not fitted on a "
+                "saved store, so pass seen=<store> or exclude_seen=False."
+            )
+        return open_store(self.store_path_)
+
+    def _item_bias(self) -> np.ndarray | None:
+        return getattr(self, "item_bias_", None)
+
+    def recommend(self, users: Any, n: int = 10, exclude_seen: bool = True, items: Any = None, seen: Any = None) -> pd.DataFrame:
+        """Top-``n`` items for each known user, as Spark's ``recommendForUserSubset``.
+
+        Parameters
+        ----------
+        users : array-like
+            Original user ids; unknown ones are left out of the result.
+        n : int
+            Items per user.
+        exclude_seen : bool
+            Leave out the items each user rated in the training store.
+        items : array-like, optional
+            Only recommend among these original item ids.
+        seen : RatingStore or path, optional
+            The ratings to exclude, when the model was not fitted on a saved store.
+
+        Returns
+        -------
+        DataFrame with columns ``user``, ``rank`` (1 = best), ``item``, ``score``.
+        Scores are ``x_u . y_i`` (+ ``b_i`` for biased models); ties go to the lower
+        item index; users with fewer than ``n`` candidates get fewer rows.
+        """
+        from blockals.recommend import recommend_rows, seen_items, to_frame
+
+        self._check_fitted()
+        n = parse_int(n, "n", 1)
+        u = self._index(users, "users")
+        u = u[u >= 0]
+        candidates = None
+        if items is not None:
+            candidates = self._index(items, "items")
+            candidates = candidates[candidates >= 0]
+        excluded = seen_items(self._seen_store(seen), u) if exclude_seen else None
+        idx, val = recommend_rows(self.user_factors_[u], self.item_factors_, n, self._item_bias(), excluded, candidates)
+        return to_frame("user", self.user_ids_[u], "item", self.item_ids_, idx, val)
+
+    def recommend_users(self, items: Any, n: int = 10) -> pd.DataFrame:
+        """Top-``n`` users for each known item, as Spark's ``recommendForItemSubset``."""
+        from blockals.recommend import recommend_rows, to_frame
+
+        self._check_fitted()
+        i = self._index(items, "items")
+        i = i[i >= 0]
+        user_bias = getattr(self, "user_bias_", None)
+        idx, val = recommend_rows(self.item_factors_[i], self.user_factors_, parse_int(n, "n", 1), user_bias)
+        return to_frame("item", self.item_ids_[i], "user", self.user_ids_, idx, val)
+
+    def recommend_all(self, n: int, output: str, exclude_seen: bool = True, client: Any = None, storage_options: dict | None = None) -> str:
+        """Top-``n`` items for every user of the training store, written to a Zarr store.
+
+        One Dask task per user block scores its users against all items in chunks (a
+        batched product and a partial top-k), so the full score matrix never exists.
+        Read the result with :func:`blockals.recommend.read_recommendations`.
+        """
+        from blockals.engine import connect
+        from blockals.recommend import recommend_block, write_recommendations
+
+        self._check_fitted()
+        n = parse_int(n, "n", 1)
+        store = self._seen_store(None)
+        output = str(output)
+        root = open_group(output, "w", storage_options)
+        meta = {"format": "blockals-recommendations", "format_version": 1, "n": n,
+                "n_blocks": store.n_user_blocks, "complete": False}
+        root.attrs["blockals"] = meta
+        write_array(root, "user_ids", self.user_ids_)
+        write_array(root, "item_ids", self.item_ids_)
+        for b in range(store.n_user_blocks):
+            root.require_group(f"blocks/{b}")
+        with connect(client) as c:
+            V = c.scatter(self.item_factors_, broadcast=True)
+            bias = None if self._item_bias() is None else c.scatter(self._item_bias(), broadcast=True)
+            tag = os.urandom(4).hex()
+            writes = []
+            for b in range(store.n_user_blocks):
+                rows = store.rows("users", b)
+                top = c.submit(recommend_block, store.ref, b, store.n_item_blocks, self.user_factors_[rows], V, bias, n,
+                               exclude_seen, key=f"blockals-recommend-{b}-{tag}")
+                writes.append(c.submit(lambda t, b=b: write_recommendations(output, storage_options, b, *t), top,
+                                       key=f"blockals-recommend-write-{b}-{tag}"))
+            c.gather(writes)
+        root.attrs["blockals"] = {**meta, "complete": True}
+        return output
+
+    def similar_items(self, items: Any, n: int = 10) -> pd.DataFrame:
+        """The ``n`` items most similar (cosine of factors) to each known item."""
+        return self._similar(items, n, "items")
+
+    def similar_users(self, users: Any, n: int = 10) -> pd.DataFrame:
+        """The ``n`` users most similar (cosine of factors) to each known user."""
+        return self._similar(users, n, "users")
+
+    def _similar(self, ids: Any, n: int, side: str) -> pd.DataFrame:
+        from blockals.recommend import similar, to_frame
+
+        self._check_fitted()
+        F, all_ids = (self.item_factors_, self.item_ids_) if side == "items" else (self.user_factors_, self.user_ids_)
+        rows = self._index(ids, side)
+        rows = rows[rows >= 0]
+        idx, val = similar(F, rows, parse_int(n, "n", 1))
+        name = side[:-1]
+        return to_frame(name, all_ids[rows], "similar", all_ids, idx, val)
+
+    def fold_in(self, ratings: Any, side: str = "users", update: bool = False) -> FoldIn:
+        """Factors of new or changed users (or items), solved against the fixed other side.
+
+        Each row is solved exactly as a half-step of training would solve it, with the
+        model's own objective: the same systems, solver and constraints.
+
+        Parameters
+        ----------
+        ratings : DataFrame with columns user, item, rating
+            All ratings of the rows to fold in; ids of the other side must be known.
+        side : {"users", "items"}
+        update : bool
+            Also put the rows into the model (replacing known ids, appending new ones).
+        """
+        from blockals.recommend import fold_in
+
+        self._check_fitted()
+        result = fold_in(self, ratings, parse_choice(side, "side", ("users", "items")))
+        if update:
+            self._absorb(result, side)
+        return result
+
+    def _absorb(self, result: FoldIn, side: str) -> None:
+        prefix = "user" if side == "users" else "item"
+        ids = getattr(self, f"{prefix}_ids_")
+        pos = pd.Index(ids).get_indexer(result.ids)
+        new = pos < 0
+        for name, values in (("factors", result.factors), ("bias", result.biases), ("weights", result.weights)):
+            attr = f"{prefix}_{name}_"
+            if values is None or not hasattr(self, attr):
+                continue
+            current = getattr(self, attr)
+            current[pos[~new]] = values[~new]
+            setattr(self, attr, np.concatenate([current, values[new].astype(current.dtype)]))
+        setattr(self, f"{prefix}_ids_", np.concatenate([ids, np.asarray(result.ids)[new].astype(ids.dtype)]))
+
     # -- persistence --------------------------------------------------------------------
     def save(self, path: str, storage_options: dict | None = None) -> None:
         """Write the model as a Zarr group with JSON attributes (no pickle)."""
@@ -298,7 +469,8 @@ class ALS:
         for name in _LEARNED:
             if hasattr(self, name):
                 write_array(root, name.rstrip("_"), np.atleast_1d(getattr(self, name)))
-        root.attrs["blockals"] = {**meta, "history": self.history_, "complete": True}
+        extra = {"config": getattr(self, "config_", None), "store_path": getattr(self, "store_path_", None)}
+        root.attrs["blockals"] = {**meta, **extra, "history": self.history_, "complete": True}
 
     @classmethod
     def load(cls, path: str, storage_options: dict | None = None) -> ALS:
@@ -322,6 +494,8 @@ class ALS:
         if hasattr(model, "global_mean_"):
             model.global_mean_ = float(model.global_mean_[0])
         model.history_ = meta["history"]
+        model.config_ = meta.get("config")
+        model.store_path_ = meta.get("store_path")
         return model
 
 

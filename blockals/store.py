@@ -216,6 +216,15 @@ def load_rows(ref: StoreRef, side: Side, block: int) -> np.ndarray:
     return read_array(group, f"{side}/blocks/{block}/rows", ref.path)
 
 
+def block_triples(ref: StoreRef, side: Side, block: int, n_src_blocks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Global (row, other side's row, rating) of every rating in one block."""
+    inblock = load_inblock(ref, side, block)
+    src = other_side(side)
+    sent = [load_rows(ref, src, j)[inblock.out_block(j)] for j in range(n_src_blocks)]
+    others = np.concatenate(sent) if sent else np.zeros(0, dtype=np.int64)
+    return load_rows(ref, side, block)[inblock.row], others[inblock.col], inblock.rating
+
+
 class RatingStore:
     """A complete ratings store, opened for reading.
 
@@ -331,6 +340,10 @@ class RatingStore:
 
     def inblock(self, side: Side, block: int) -> InBlock:
         return load_inblock(self.ref, side, block)
+
+    def triples(self, side: Side, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(row, other, rating)`` of a block's ratings, rows and others as global indices."""
+        return block_triples(self.ref, side, block, self.n_blocks(other_side(side)))
 
     # -- display ---------------------------------------------------------------
     def balance(self, side: Side) -> str:

@@ -1,0 +1,169 @@
+"""Recommendations, similarity and fold-in against dense brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from distributed import Client, LocalCluster
+
+import blockals
+from blockals.recommend import read_recommendations, top_k
+from test_model import random_ratings, to_frame
+
+
+def brute_top(scores, k):
+    """Sort each row by (-score, column) and keep the finite ones among the first k."""
+    out = []
+    for row in scores:
+        order = sorted(range(row.size), key=lambda j: (-row[j], j))
+        out.append([j for j in order[:k] if np.isfinite(row[j])])
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 12])
+def test_top_k_with_ties_exclusions_and_short_rows(k):
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, (40, 9)).astype(float)  # many ties
+    scores[rng.random(scores.shape) < 0.3] = -np.inf  # excluded
+    scores[0] = -np.inf  # a row with no candidates
+    idx, val = top_k(scores, k)
+    for r, expected in enumerate(brute_top(scores, k)):
+        got = [j for j in idx[r] if j >= 0]
+        assert got == expected
+        np.testing.assert_array_equal(val[r, : len(got)], scores[r, got])
+        assert np.isnan(val[r, len(got) :]).all() and (idx[r, len(got) :] == -1).all()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, request):
+    from conftest import cluster_client
+
+    R, M = random_ratings(60, 40, 0.15, seed=21)
+    path = tmp_path_factory.mktemp("rec") / "r.zarr"
+    store = blockals.ingest(to_frame(R, M), path, n_user_blocks=3, n_item_blocks=2)
+    models = {
+        "explicit": blockals.ALS(rank=4, max_iter=3, reg=0.1, dtype="float64"),
+        "biased": blockals.ALS(rank=4, max_iter=3, reg=0.1, biases=True, dtype="float64"),
+        "implicit": blockals.ALS(rank=4, max_iter=3, reg=0.1, implicit=True, alpha=2.0, dtype="float64"),
+        "wals": blockals.ALS(rank=4, max_iter=3, reg=0.1, weighting="wals", unobserved_weight=0.2, dtype="float64"),
+        "nonnegative": blockals.ALS(rank=4, max_iter=3, reg=0.1, nonnegative=True, dtype="float64"),
+    }
+    client = cluster_client(2)
+    return R, M, store, {name: m.fit(store, client) for name, m in models.items()}
+
+
+def dense_scores(model):
+    S = model.user_factors_.astype(float) @ model.item_factors_.astype(float).T
+    if hasattr(model, "item_bias_"):
+        S = S + model.item_bias_[None, :]
+    return S
+
+
+@pytest.mark.parametrize("name", ["explicit", "biased"])
+def test_recommend_matches_brute_force(trained, name):
+    R, M, store, models = trained
+    model = models[name]
+    users = np.array([1000, 1005, 1059, 999_999])  # the last is unknown: left out
+    recs = model.recommend(users, n=5)
+    S = dense_scores(model)
+    S[M] = -np.inf  # seen items excluded
+    for u in users[:3]:
+        expected = brute_top(S[[u - 1000]], 5)[0]
+        got = recs[recs["user"] == u].sort_values("rank")
+        assert list(got["item"]) == [3 * j for j in expected]
+        np.testing.assert_allclose(got["score"], S[u - 1000, expected])
+    assert 999_999 not in set(recs["user"])
+    # Restricted to some items, seen ones included.
+    some = model.recommend([1002], n=3, exclude_seen=False, items=[0, 3, 6, 9])
+    expected = brute_top(dense_scores(model)[[2]][:, [0, 1, 2, 3]], 3)[0]
+    assert list(some["item"]) == [3 * j for j in expected]
+
+
+def test_recommend_users_and_similar(trained):
+    R, M, store, models = trained
+    model = models["explicit"]
+    got = model.recommend_users([0, 3], n=4)
+    S = dense_scores(model).T
+    for item in (0, 3):
+        assert list(got[got["item"] == item]["user"]) == [1000 + j for j in brute_top(S[[item // 3]], 4)[0]]
+    for side, F, ids in (("items", model.item_factors_, model.item_ids_), ("users", model.user_factors_, model.user_ids_)):
+        unit = F / np.linalg.norm(F, axis=1, keepdims=True)
+        C = unit @ unit.T
+        np.fill_diagonal(C, -np.inf)
+        frame = model.similar_items(ids[:3], n=5) if side == "items" else model.similar_users(ids[:3], n=5)
+        for r in range(3):
+            key = "item" if side == "items" else "user"
+            got = list(frame[frame[key] == ids[r]]["similar"])
+            assert got == list(ids[brute_top(C[[r]], 5)[0]])
+
+
+def test_recommend_all_equals_brute_force(trained, client2, tmp_path):
+    R, M, store, models = trained
+    model = models["biased"]
+    out = model.recommend_all(6, tmp_path / "recs", client=client2)
+    recs = read_recommendations(out)
+    S = dense_scores(model)
+    S[M] = -np.inf
+    for u in range(R.shape[0]):
+        got = recs[recs["user"] == 1000 + u]
+        assert list(got["item"]) == [3 * j for j in brute_top(S[[u]], 6)[0]]
+        np.testing.assert_allclose(got["score"], S[u, got["item"].to_numpy() // 3], rtol=1e-6)
+
+
+def test_recommend_all_runs_within_a_worker_memory_limit_below_the_score_matrix(tmp_path):
+    # 20,000 users x 6,000 items: the float64 score matrix alone is 960 MB.
+    rng = np.random.default_rng(3)
+    n_users, n_items = 20_000, 6_000
+    users = np.repeat(np.arange(n_users), 3)
+    items = rng.integers(0, n_items, users.size)
+    df = pd.DataFrame({"user": users, "item": items, "rating": rng.integers(1, 6, users.size).astype(float)})
+    df = pd.concat([df, pd.DataFrame({"user": 0, "item": np.arange(n_items), "rating": 3.0})])
+    store = blockals.ingest(df, tmp_path / "big.zarr", duplicates="last", n_user_blocks=8, n_item_blocks=2)
+    with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="600MiB", host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+        model = blockals.ALS(rank=4, max_iter=1, reg=0.1).fit(store, client)
+        out = model.recommend_all(3, tmp_path / "recs", client=client)
+    recs = read_recommendations(out)
+    # User 0 rated every item, so it has no candidates left; everyone else has three.
+    assert set(recs["user"]) == set(range(1, n_users)) and len(recs) == 3 * (n_users - 1)
+    sample = rng.choice(n_users, 50, replace=False)
+    seen = df.groupby("user")["item"].apply(set)
+    S = model.user_factors_[sample].astype(float) @ model.item_factors_.astype(float).T
+    for r, u in enumerate(sample):
+        S[r, list(seen[u])] = -np.inf
+        assert list(recs[recs["user"] == u]["item"]) == brute_top(S[[r]], 3)[0]
+
+
+@pytest.mark.parametrize("name", ["explicit", "biased", "implicit", "wals", "nonnegative"])
+def test_fold_in_equals_the_last_half_step(trained, name):
+    R, M, store, models = trained
+    model = models[name]
+    u = np.array([4, 17, 33])
+    rows, cols = np.nonzero(M[u])
+    ratings = pd.DataFrame({"user": u[rows] + 1000, "item": cols * 3, "rating": R[u[rows], cols]})
+    result = model.fold_in(ratings)
+    np.testing.assert_array_equal(result.ids, u + 1000)
+    np.testing.assert_allclose(result.factors, model.user_factors_[u], atol=1e-8)
+    if name == "biased":
+        np.testing.assert_allclose(result.biases, model.user_bias_[u], atol=1e-8)
+
+
+def test_fold_in_implicit_and_update(trained):
+    R, M, store, models = trained
+    model = models["implicit"]
+    rows, items, ratings = store.triples("users", 0)
+    frame = pd.DataFrame({"user": store.user_ids[rows], "item": store.item_ids[items], "rating": ratings})
+    result = model.fold_in(frame)
+    np.testing.assert_allclose(result.factors, model.user_factors_[np.searchsorted(model.user_ids_, result.ids)], atol=1e-8)
+    # A new user is appended; predicting for it then works.
+    new = pd.DataFrame({"user": [5000, 5000], "item": [0, 3], "rating": [5.0, 1.0]})
+    model.fold_in(new, update=True)
+    assert model.user_ids_[-1] == 5000 and model.user_factors_.shape[0] == R.shape[0] + 1
+    assert np.isfinite(model.predict([5000], [0])).all()
+
+
+def test_fold_in_refuses_unknown_items(trained):
+    model = trained[3]["explicit"]
+    with pytest.raises(blockals.InputError, match="item id in row 1 .* is not known"):
+        model.fold_in(pd.DataFrame({"user": [1, 1], "item": [0, 1], "rating": [1.0, 2.0]}))
