@@ -1,0 +1,172 @@
+"""Evaluation: rating and ranking metrics computed block-wise on Dask.
+
+Definitions (per user ``u`` with at least one relevant test item; means over such users):
+
+* ``rmse``, ``mae``: over every test rating, of ``prediction - rating`` (predictions as
+  :meth:`blockals.ALS.predict` makes them; pairs with ids unknown to the model skipped).
+* Ranking metrics rank every item the user did not rate in the training store (its
+  *candidates*) by score, ties broken by the lower item index, as
+  :meth:`blockals.ALS.recommend` does. A test item is *relevant* when its rating is
+  greater than ``relevance`` (default 0: every positive rating). ``hits@k`` is the number
+  of relevant items among the first ``k``.
+* ``precision@k`` = hits@k / k (Spark's ``RankingMetrics.precisionAt``; it divides by k
+  even when the user has fewer relevant items or candidates).
+* ``recall@k`` = hits@k / |relevant|.
+* ``ndcg@k`` = DCG@k / IDCG@k with binary gains and ``1 / log2(position + 1)``
+  discounts; IDCG@k puts min(k, |relevant|) relevant items first.
+* ``map@k`` = sum over the first k positions p holding a relevant item of precision@p,
+  divided by min(k, |relevant|) (Spark's ``meanAveragePrecisionAt``).
+* ``auc``: the probability that a relevant item scores above a candidate that is not
+  relevant (ties count one half).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import numpy as np
+
+from blockals.recommend import SCORE_BYTES, score_rows
+from blockals.store import RatingStore, StoreRef, block_triples, load_rows
+
+__all__ = ["evaluate", "ranking_metrics", "METRICS"]
+
+METRICS = ("rmse", "mae", "precision", "recall", "ndcg", "map", "auc")
+
+
+def ranking_metrics(scores: np.ndarray, relevant: list[np.ndarray], excluded: list[np.ndarray], k: int) -> dict[str, np.ndarray]:
+    """Per-row ranking metrics of one chunk of users (rows of ``scores``).
+
+    ``relevant[r]`` and ``excluded[r]`` are item indices; excluded items are not
+    candidates. Returns arrays of per-row values.
+    """
+    n, m = scores.shape
+    scores = scores.astype(np.float64, copy=True)
+    for r in range(n):
+        scores[r, excluded[r]] = -np.inf
+    # Rank of every item: by decreasing score, then increasing index.
+    order = np.argsort(-scores, axis=1, kind="stable")
+    is_rel = np.zeros((n, m), dtype=bool)
+    for r in range(n):
+        is_rel[r, relevant[r]] = True
+    n_rel = is_rel.sum(axis=1)
+    ranked_rel = np.take_along_axis(is_rel, order, axis=1)
+    candidate = np.take_along_axis(np.isfinite(scores), order, axis=1)
+    ranked_rel &= candidate
+    top = ranked_rel[:, :k]
+    hits = top.sum(axis=1)
+    positions = np.arange(1, min(k, m) + 1)
+    discount = 1.0 / np.log2(positions + 1)
+    dcg = (top * discount).sum(axis=1)
+    ideal = np.cumsum(discount)[np.minimum(n_rel, min(k, m)) - 1] * (n_rel > 0)
+    precision_at = np.cumsum(top, axis=1) / positions
+    denom = np.minimum(n_rel, k)
+    out = {
+        "precision": hits / k,
+        "recall": np.divide(hits, n_rel, out=np.zeros(n), where=n_rel > 0),
+        "ndcg": np.divide(dcg, ideal, out=np.zeros(n), where=ideal > 0),
+        "map": np.divide((precision_at * top).sum(axis=1), denom, out=np.zeros(n), where=denom > 0),
+    }
+    # AUC: relevant candidates against the other candidates.
+    auc = np.full(n, np.nan)
+    for r in range(n):
+        cand = np.isfinite(scores[r])
+        pos = scores[r, cand & is_rel[r]]
+        neg = np.sort(scores[r, cand & ~is_rel[r]])
+        if pos.size and neg.size:
+            below = np.searchsorted(neg, pos, side="left")
+            ties = np.searchsorted(neg, pos, side="right") - below
+            auc[r] = (below + 0.5 * ties).sum() / (pos.size * neg.size)
+    out["auc"] = auc
+    return out
+
+
+def _group(rows: np.ndarray, values: np.ndarray, n: int) -> list[np.ndarray]:
+    order = np.argsort(rows, kind="stable")
+    bounds = np.searchsorted(rows[order], np.arange(n + 1))
+    return [values[order[bounds[r] : bounds[r + 1]]] for r in range(n)]
+
+
+def _evaluate_block(
+    test: StoreRef, train: StoreRef | None, block: int, n_item_blocks: int, U: np.ndarray, V: np.ndarray,
+    user_bias: np.ndarray | None, item_bias: np.ndarray | None, mu: float, k: int, relevance: float,
+) -> dict[str, Any]:
+    """Sums of every metric over one user block of the test store (a Dask task)."""
+    users = load_rows(test, "users", block)
+    rows, items, rating = block_triples(test, "users", block, n_item_blocks)
+    local = np.searchsorted(users, rows)
+    pred = np.einsum("ij,ij->i", U[local].astype(np.float64), V[items].astype(np.float64))
+    if item_bias is not None:
+        pred += mu + user_bias[local] + item_bias[items]
+    err = pred - rating
+    sums: dict[str, Any] = {"n_ratings": err.size, "sse": float(err @ err), "sae": float(np.abs(err).sum())}
+    rel = _group(local[rating > relevance], items[rating > relevance], users.size)
+    if train is not None:
+        t_rows, t_items, _ = block_triples(train, "users", block, n_item_blocks)
+        seen = _group(np.searchsorted(users, t_rows), t_items, users.size)
+    else:
+        seen = [np.zeros(0, dtype=np.int64)] * users.size
+    active = np.flatnonzero([r.size > 0 for r in rel])
+    totals = {name: 0.0 for name in ("precision", "recall", "ndcg", "map", "auc")}
+    n_auc = 0
+    chunk = max(1, SCORE_BYTES // (8 * max(1, V.shape[0])))
+    for start in range(0, active.size, chunk):
+        part = active[start : start + chunk]
+        scores = score_rows(U[part], V, item_bias)
+        values = ranking_metrics(scores, [rel[r] for r in part], [seen[r] for r in part], k)
+        for name in ("precision", "recall", "ndcg", "map"):
+            totals[name] += float(values[name].sum())
+        finite = ~np.isnan(values["auc"])
+        totals["auc"] += float(values["auc"][finite].sum())
+        n_auc += int(finite.sum())
+    sums.update(totals, n_users=int(active.size), n_auc=n_auc)
+    return sums
+
+
+def evaluate(
+    model: Any, test: RatingStore, train: RatingStore | None = None, k: int = 10, relevance: float = 0.0,
+    client: Any = None,
+) -> dict[str, float]:
+    """Rating and ranking metrics of ``model`` on a test store, one Dask task per user block.
+
+    ``test`` and ``train`` must share the model's ids and blocks (stores made by
+    :func:`split`, or the training store itself); training items are not candidates.
+    """
+    from blockals.config import parse_int
+    from blockals.engine import connect
+    from blockals.errors import InputError
+
+    k = parse_int(k, "k", 1)
+    for name, store in (("test", test), ("train", train)):
+        if store is not None and (not np.array_equal(store.user_ids.to_numpy(), model.user_ids_)
+                                  or not np.array_equal(store.item_ids.to_numpy(), model.item_ids_)):
+            raise InputError(f"the {name} store's ids differ from the model's; evaluate on stores split from the training store.")
+    if train is not None and train.n_user_blocks != test.n_user_blocks:
+        raise InputError("the train and test stores have different user blocks; make them with blockals.evaluation.split.")
+    user_bias = getattr(model, "user_bias_", None)
+    item_bias = getattr(model, "item_bias_", None)
+    mu = getattr(model, "global_mean_", 0.0)
+    tag = uuid.uuid4().hex[:8]
+    with connect(client) as c:
+        V = c.scatter(model.item_factors_, broadcast=True)
+        tasks = [
+            c.submit(_evaluate_block, test.ref, None if train is None else train.ref, b, test.n_item_blocks,
+                     model.user_factors_[test.rows("users", b)], V,
+                     None if user_bias is None else user_bias[test.rows("users", b)], item_bias, mu, k, relevance,
+                     key=f"blockals-evaluate-{b}-{tag}")
+            for b in range(test.n_user_blocks)
+        ]
+        parts = c.gather(tasks)
+    n = sum(p["n_ratings"] for p in parts)
+    users = sum(p["n_users"] for p in parts)
+    n_auc = sum(p["n_auc"] for p in parts)
+    out = {
+        "rmse": float(np.sqrt(sum(p["sse"] for p in parts) / n)) if n else float("nan"),
+        "mae": sum(p["sae"] for p in parts) / n if n else float("nan"),
+    }
+    for name in ("precision", "recall", "ndcg", "map"):
+        out[f"{name}@{k}"] = sum(p[name] for p in parts) / users if users else float("nan")
+    out["auc"] = sum(p["auc"] for p in parts) / n_auc if n_auc else float("nan")
+    out["n_test_ratings"], out["n_ranked_users"] = n, users
+    return out
