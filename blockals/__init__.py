@@ -5,6 +5,7 @@ from __future__ import annotations
 from blockals.errors import BlockalsError, InputError, StoreError
 from blockals.ingest import ingest
 from blockals.model import ALS
+from blockals import datasets, evaluation
 from blockals.store import RatingStore, open_store
 
 __all__ = ["ALS", "ingest", "open_store", "RatingStore", "BlockalsError", "InputError", "StoreError"]

@@ -57,7 +57,8 @@ def combine_duplicates(
     """Resolve repeated (dst, src) pairs.
 
     Returns ``(dst, src, rating, n_duplicates, example)``; ``example`` is
-    ``(dst, src, first_row, second_row)`` of the earliest repeated pair. With
+    ``(dst, src, first_row, second_row)`` of the pair whose repeat comes first in the
+    source (the earliest row that repeats an earlier one). With
     ``policy="error"`` and repeats present, the arrays are returned unresolved.
     ``"sum"`` adds the values (as Spark does silently), ``"mean"`` averages them,
     ``"last"`` keeps the value of the latest source row.
@@ -71,7 +72,7 @@ def combine_duplicates(
         return dst, src, rating, 0, None
     repeats = np.flatnonzero(~first)
     group_start = np.maximum.accumulate(np.where(first, np.arange(dst.shape[0]), 0))
-    earliest = repeats[np.argmin(row[group_start[repeats]])]
+    earliest = repeats[np.argmin(row[repeats])]
     g = group_start[earliest]
     example = (int(dst[g]), int(src[g]), int(row[g]), int(row[earliest]))
     if policy == "error":
@@ -99,7 +100,8 @@ def _stage_partition(
     kinds: dict[str, str],
     user_block: np.ndarray,
     n_user_blocks: int,
-) -> int:
+) -> np.ndarray:
+    """Map one partition's ids and stage it sorted by user block; returns its block offsets."""
     dst = ids["users"].get_indexer(convert_ids(part["user"], kinds["users"]))
     src = ids["items"].get_indexer(convert_ids(part["item"], kinds["items"]))
     rating = normalize_ratings(part["rating"])[0].astype(np.float32)
@@ -109,20 +111,23 @@ def _stage_partition(
     group = open_group(path, "r+", storage_options).require_group(f"{STAGING}/parts/{index}")
     for name, values in (("dst", dst), ("src", src), ("rating", rating), ("row", row)):
         write_array(group, name, values[order])
-    write_array(group, "ptr", np.searchsorted(block[order], np.arange(n_user_blocks + 1)))
-    return len(part)
+    return np.searchsorted(block[order], np.arange(n_user_blocks + 1))
 
 
-def _gather_staged(root, stages: Sequence[str], block: int) -> dict[str, np.ndarray]:
-    """Concatenate the slices of ``block`` from each staged group."""
-    pieces: dict[str, list[np.ndarray]] = {}
-    for stage in stages:
+def _gather_staged(root, stages: Sequence[tuple[str, np.ndarray]], block: int, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Concatenate the slices of ``block`` from each staged group (offsets known up front)."""
+    pieces: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for stage, ptr in stages:
+        lo, hi = int(ptr[block]), int(ptr[block + 1])
+        if lo == hi:  # most of the reads with many blocks; skip them
+            continue
         group = root[stage]
-        lo, hi = group["ptr"][block : block + 2]
-        for name in group.array_keys():
-            if name != "ptr":
-                pieces.setdefault(name, []).append(group[name][lo:hi])
-    return {name: np.concatenate(parts) for name, parts in pieces.items()}
+        for name in names:
+            pieces[name].append(group[name][lo:hi])
+    return {
+        name: np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32 if name == "rating" else np.int64)
+        for name, parts in pieces.items()
+    }
 
 
 def _build_block(
@@ -130,13 +135,14 @@ def _build_block(
     storage_options: dict | None,
     side: Side,
     block: int,
-    stages: Sequence[str],
+    stages: Sequence[tuple[str, np.ndarray]],
     assignment: dict[str, tuple[np.ndarray, np.ndarray]],
     duplicates: str | None,
 ) -> dict[str, Any]:
     """Build, write and (for users) restage one destination block; returns its stats."""
     root = open_group(path, "r+", storage_options)
-    data = _gather_staged(root, stages, block)
+    names = ("dst", "src", "rating", "row") if side == "users" else ("dst", "src", "rating")
+    data = _gather_staged(root, stages, block, names)
     dst, src, rating = data["dst"], data["src"], data["rating"]
     stats: dict[str, Any] = {"duplicates": 0, "example": None}
     if duplicates is not None:
@@ -162,7 +168,7 @@ def _build_block(
         write_array(staged, "dst", src[order])
         write_array(staged, "src", dst[order])
         write_array(staged, "rating", rating[order])
-        write_array(staged, "ptr", np.searchsorted(src_block[src][order], np.arange(n_src_blocks + 1)))
+        stats["staged"] = np.searchsorted(src_block[src][order], np.arange(n_src_blocks + 1))
     stats.update(
         nnz=int(inblock.nnz),
         rating_sum=float(rating.astype(np.float64).sum()),
@@ -177,20 +183,25 @@ def _build_block(
 # -- driver ----------------------------------------------------------------------
 
 
-def _prepare_target(path: str, overwrite: bool, storage_options: dict | None) -> None:
-    """Clear the way for a new store, refusing to destroy anything that is not ours."""
+def _prepare_target(path: str, overwrite: bool, storage_options: dict | None, clear: bool = True) -> None:
+    """Clear the way for a new store, refusing to destroy anything that is not ours.
+
+    With ``clear=False`` only refuse: nothing is removed until the source has passed its
+    checks, so a bad source does not cost the store it was meant to replace.
+    """
     if not path_exists(path, storage_options):
         return
     try:
         meta = open_group(path, "r", storage_options).attrs.get("blockals")
-    except StoreError:
+    except (StoreError, ValueError):  # no group, or unreadable metadata (bad zarr.json)
         meta = None
     if isinstance(meta, dict) and meta.get("format") == FORMAT:
         if meta.get("complete") and not overwrite:
             raise InputError(
                 f"{path} already holds a complete ratings store; pass overwrite=True to replace it."
             )
-        remove_path(path, storage_options)  # ours: complete (overwrite) or left half-written
+        if clear:
+            remove_path(path, storage_options)  # ours: complete (overwrite) or left half-written
         return
     import fsspec
 
@@ -261,7 +272,7 @@ def ingest(
         if value is not None:
             parse_n_blocks(value, name, np.iinfo(np.int64).max)
     src = read_source(source, user_col, item_col, rating_col)
-    _prepare_target(path, overwrite, storage_options)
+    _prepare_target(path, overwrite, storage_options, clear=False)
 
     partitions = src.frame.to_delayed()
     checks = dask.compute(*[dask.delayed(check_partition)(p) for p in partitions])
@@ -311,6 +322,7 @@ def ingest(
         "params": params,
         "complete": False,
     }
+    _prepare_target(path, overwrite, storage_options)
     try:
         root = open_group(path, "w", storage_options)
         root.attrs["blockals"] = meta
@@ -327,7 +339,7 @@ def ingest(
 
         shared_ids = dask.delayed(ids, pure=True)
         shared_assignment = dask.delayed(assignment, pure=True)
-        dask.compute(
+        part_ptrs = dask.compute(
             *[
                 dask.delayed(_stage_partition)(
                     part, p, int(offsets[p]), path, storage_options, shared_ids, kinds,
@@ -336,7 +348,7 @@ def ingest(
                 for p, part in enumerate(partitions)
             ]
         )
-        part_stages = [f"{STAGING}/parts/{p}" for p in range(len(partitions))]
+        part_stages = [(f"{STAGING}/parts/{p}", ptr) for p, ptr in enumerate(part_ptrs)]
         user_stats = dask.compute(
             *[
                 dask.delayed(_build_block)(
@@ -346,7 +358,7 @@ def ingest(
             ]
         )
         _raise_on_duplicates(user_stats, ids, duplicates)
-        user_stages = [f"{STAGING}/users/{b}" for b in range(n_blocks["users"])]
+        user_stages = [(f"{STAGING}/users/{b}", s["staged"]) for b, s in enumerate(user_stats)]
         item_stats = dask.compute(
             *[
                 dask.delayed(_build_block)(
@@ -371,9 +383,12 @@ def _raise_on_duplicates(stats: Sequence[dict], ids: dict[str, pd.Index], policy
     if not n_dup or policy != "error":
         return
     user, item, first, second = min((s["example"] for s in stats if s["example"]), key=lambda e: e[3])
+    # Python scalars, so the message shows 42 or 'abc' rather than np.int64(42).
+    user_id, item_id = (ids["users"][user], ids["items"][item])
+    user_id, item_id = (v.item() if isinstance(v, np.generic) else v for v in (user_id, item_id))
     raise InputError(
         f"the source has {n_dup} duplicate (user, item) pair{'s' if n_dup > 1 else ''}, the first "
-        f"being user {ids['users'][user]!r} and item {ids['items'][item]!r} in rows {first} and "
+        f"being user {user_id!r} and item {item_id!r} in rows {first} and "
         f"{second}; pass duplicates='sum', 'last' or 'mean' to combine them."
     )
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -40,7 +41,11 @@ class Source:
 
 def _from_pandas(df: pd.DataFrame, description: str) -> Source:
     nparts = max(1, math.ceil(len(df) / PARTITION_ROWS))
-    return Source(dd.from_pandas(df, npartitions=nparts, sort=False), description)
+    # Keep object columns as they are: Dask's string conversion would turn mixed or
+    # too-large Python ids into text that passes the id checks.
+    with dask.config.set({"dataframe.convert-string": False}):
+        frame = dd.from_pandas(df, npartitions=nparts, sort=False)
+    return Source(frame, description)
 
 
 def _read_path(path: str) -> tuple[dd.DataFrame, dict[str, str] | None]:
@@ -94,6 +99,12 @@ def read_source(
         src = Source(frame, os.fspath(source))
     elif isinstance(source, Sequence) and len(source) == 3:
         arrays = [np.asarray(a) for a in source]
+        # NumPy turns a list like [1, "a"] into text; keep such values as given, so mixed
+        # ids are refused as they are in an object column.
+        arrays = [
+            np.asarray(a, dtype=object) if arr.dtype.kind in "US" and not isinstance(a, np.ndarray) else arr
+            for a, arr in zip(source, arrays)
+        ]
         lengths = {a.shape for a in arrays}
         if len(lengths) != 1 or arrays[0].ndim != 1:
             raise InputError(
@@ -185,7 +196,8 @@ def id_kind(values: pd.Series, role: str) -> tuple[str, tuple[int, str] | None]:
         if big.any():
             return "int", (_first(big), f"{role} id in row {{row}} is larger than int64 allows.")
         return "int", None
-    row = _first(~is_str) if is_str.any() else _first(~is_int)
+    # The first row whose type differs from the first row's.
+    row = _first(is_str != is_str[0]) if is_str.any() else _first(~is_int)
     return "str", (
         row,
         f"{role} id in row {{row}} is {_describe(v[row])} of type {type(v[row]).__name__}, "

@@ -75,6 +75,8 @@ def open_group(path: str, mode: str = "r", storage_options: dict | None = None) 
         return zarr.open_group(store=path, mode=mode, storage_options=storage_options)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreError(f"{path} is not a blockals store: there is no Zarr group there.") from exc
+    except ValueError as exc:  # unreadable or foreign metadata
+        raise StoreError(f"{path} is not a blockals store: its Zarr metadata cannot be read ({exc}).") from exc
 
 
 def write_array(group: zarr.Group, name: str, data: np.ndarray) -> zarr.Array:
