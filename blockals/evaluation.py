@@ -26,13 +26,92 @@ import uuid
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
+from blockals.errors import InputError
 from blockals.recommend import SCORE_BYTES, score_rows
 from blockals.store import RatingStore, StoreRef, block_triples, load_rows
 
-__all__ = ["evaluate", "ranking_metrics", "METRICS"]
+__all__ = ["split", "evaluate", "ranking_metrics", "METRICS", "SPLITS"]
 
 METRICS = ("rmse", "mae", "precision", "recall", "ndcg", "map", "auc")
+SPLITS = ("random", "leave_k_out", "ratio")
+
+
+def _uniform_keys(seed: int, users: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:
+    """A uniform number per (user, item), from the seed and the pair alone."""
+    from blockals.kernels import _splitmix64
+
+    key = _splitmix64(np.array([seed], dtype=np.uint64))
+    pair = users.astype(np.uint64) * np.uint64(n_items) + items.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        z = _splitmix64(_splitmix64(pair) ^ key)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def test_mask(users: np.ndarray, items: np.ndarray, n_items: int, method: str, fraction: float, k: int, seed: int) -> np.ndarray:
+    """Which of a block's ratings (all ratings of its users) go to the test set.
+
+    * ``random``: each rating independently, with probability ``fraction``;
+    * ``leave_k_out``: ``k`` ratings of every user who has more than ``k``;
+    * ``ratio``: ``floor(fraction * n_u)`` ratings of every user.
+
+    Ratings are drawn by a hash of (seed, user, item), so a split does not depend on the
+    block counts or the order of the data.
+    """
+    u = _uniform_keys(seed, users, items, n_items)
+    if method == "random":
+        return u < fraction
+    order = np.lexsort((u, users))  # each user's ratings, in random order
+    sorted_users = users[order]
+    starts = np.searchsorted(sorted_users, sorted_users, side="left")
+    position = np.arange(users.size) - starts
+    n_u = np.searchsorted(sorted_users, sorted_users, side="right") - starts
+    take = np.where(n_u > k, k, 0) if method == "leave_k_out" else np.floor(fraction * n_u).astype(np.int64)
+    mask = np.zeros(users.size, dtype=bool)
+    mask[order] = position < take
+    return mask
+
+
+def _split_part(block: int, *, ref: StoreRef, n_item_blocks: int, n_items: int, user_ids: Any, item_ids: Any,
+                method: str, fraction: float, k: int, seed: int, test: bool) -> pd.DataFrame:
+    rows, items, rating = block_triples(ref, "users", block, n_item_blocks)
+    mask = test_mask(rows, items, n_items, method, fraction, k, seed)
+    keep = mask if test else ~mask
+    return pd.DataFrame({"user": user_ids[rows[keep]], "item": item_ids[items[keep]], "rating": rating[keep]})
+
+
+def split(
+    store: RatingStore, train_path: str, test_path: str, method: str = "random", fraction: float = 0.2,
+    k: int = 1, seed: int = 0, overwrite: bool = False,
+) -> tuple[RatingStore, RatingStore]:
+    """Split a ratings store into train and test stores that share its ids and blocks.
+
+    Each user block is read and divided by :func:`test_mask`, and each part is ingested
+    with ``like=store``, out-of-core, so large splits never sit in memory.
+    """
+    import dask.dataframe as dd
+
+    from blockals.config import parse_choice, parse_float, parse_int
+    from blockals.ingest import ingest
+
+    method = parse_choice(method, "method", SPLITS)
+    fraction = parse_float(fraction, "fraction")
+    if fraction >= 1:
+        raise InputError(f"fraction must be below 1, got {fraction:g}.")
+    k = parse_int(k, "k", 1)
+    seed = parse_int(seed, "seed", 0)
+    user_ids, item_ids = store.user_ids.to_numpy(), store.item_ids.to_numpy()
+    out = []
+    for path, test in ((train_path, False), (test_path, True)):
+        meta = pd.DataFrame({"user": user_ids[:0], "item": item_ids[:0], "rating": np.zeros(0, np.float32)})
+        frame = dd.from_map(
+            _split_part, range(store.n_user_blocks), ref=store.ref, n_item_blocks=store.n_item_blocks,
+            n_items=store.n_items, user_ids=user_ids, item_ids=item_ids, method=method, fraction=fraction,
+            k=k, seed=seed, test=test, meta=meta, enforce_metadata=False,
+        )
+        out.append(ingest(frame, path, like=store, overwrite=overwrite))
+    return out[0], out[1]
 
 
 def ranking_metrics(scores: np.ndarray, relevant: list[np.ndarray], excluded: list[np.ndarray], k: int) -> dict[str, np.ndarray]:
@@ -135,7 +214,6 @@ def evaluate(
     """
     from blockals.config import parse_int
     from blockals.engine import connect
-    from blockals.errors import InputError
 
     k = parse_int(k, "k", 1)
     for name, store in (("test", test), ("train", train)):

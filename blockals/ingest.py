@@ -238,6 +238,7 @@ def ingest(
     overwrite: bool = False,
     block_budget: int = DEFAULT_BLOCK_BUDGET,
     storage_options: dict | None = None,
+    like: RatingStore | None = None,
 ) -> RatingStore:
     """Partition ratings into user and item blocks and write a ratings store.
 
@@ -260,6 +261,9 @@ def ingest(
         Bytes one block's solve may use when block counts are chosen automatically.
     storage_options : dict, optional
         Passed to fsspec for remote paths.
+    like : RatingStore, optional
+        Reuse this store's id maps and block assignment (every id must be in it), so the
+        new store lines up block for block with it: how train and test splits are made.
 
     Returns
     -------
@@ -289,8 +293,14 @@ def ingest(
     counts: dict[str, np.ndarray] = {}
     for side, attr in (("users", "user"), ("items", "item")):
         kinds[side] = "str" if any(getattr(c, f"{attr}_kind") == "str" for c in checks) else "int"
+        if like is not None:
+            kinds[side] = like.params["id_kinds"][side]
         unique, counts[side] = _combine_counts([getattr(c, f"{attr}_counts") for c in checks], kinds[side])
         ids[side] = pd.Index(unique)
+    if like is not None:
+        _raise_unless_known(ids, like)
+        ids = {side: like.ids(side) for side in SIDES}
+        n_user_blocks, n_item_blocks = like.n_user_blocks, like.n_item_blocks
     n_blocks = {
         "users": n_user_blocks
         if n_user_blocks is None
@@ -303,7 +313,10 @@ def ingest(
     for side in SIDES:
         if n_blocks[side] is None:
             n_blocks[side] = default_n_blocks(len(ids[side]), nnz_upper, block_budget)
-    assignment = {side: assign_blocks(counts[side], n_blocks[side]) for side in SIDES}
+    if like is None:
+        assignment = {side: assign_blocks(counts[side], n_blocks[side]) for side in SIDES}
+    else:
+        assignment = {side: like.assignment(side) for side in SIDES}
 
     params = {
         "source": src.description,
@@ -378,6 +391,16 @@ def ingest(
     return RatingStore(path, storage_options)
 
 
+def _raise_unless_known(ids: dict[str, pd.Index], like: RatingStore) -> None:
+    for side in SIDES:
+        unknown = ids[side][like.ids(side).get_indexer(ids[side]) < 0]
+        if len(unknown):
+            value = unknown[0].item() if isinstance(unknown[0], np.generic) else unknown[0]
+            raise InputError(
+                f"{side[:-1]} id {value!r} is not in {like.path}, whose ids and blocks this store must share."
+            )
+
+
 def _raise_on_duplicates(stats: Sequence[dict], ids: dict[str, pd.Index], policy: str) -> None:
     n_dup = sum(s["duplicates"] for s in stats)
     if not n_dup or policy != "error":
@@ -399,7 +422,7 @@ def _store_stats(ids, assignment, n_blocks, user_stats, item_stats) -> dict[str,
         "n_users": len(ids["users"]),
         "n_items": len(ids["items"]),
         "nnz": nnz,
-        "rating_mean": sum(s["rating_sum"] for s in user_stats) / nnz,
+        "rating_mean": sum(s["rating_sum"] for s in user_stats) / max(nnz, 1),
         "rating_min": min(s["rating_min"] for s in user_stats),
         "rating_max": max(s["rating_max"] for s in user_stats),
     }

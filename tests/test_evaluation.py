@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import blockals
-from blockals.evaluation import evaluate, ranking_metrics
+from blockals.evaluation import evaluate, ranking_metrics, split
 from test_model import random_ratings, to_frame
 
 
@@ -70,3 +71,69 @@ def test_evaluate_matches_brute_force(client2, tmp_path):
         assert got[f"{name}@4"] == pytest.approx(np.mean([p[name] for p in per_user]))
     assert got["auc"] == pytest.approx(np.nanmean([p["auc"] for p in per_user]))
     assert got["n_ranked_users"] == len(per_user)
+
+
+def triples(store):
+    rows = [store.triples("users", b) for b in range(store.n_user_blocks)]
+    u = np.concatenate([r[0] for r in rows])
+    i = np.concatenate([r[1] for r in rows])
+    return set(zip(store.user_ids[u], store.item_ids[i]))
+
+
+@pytest.fixture(scope="module")
+def source():
+    R, M = random_ratings(80, 50, 0.25, seed=9)
+    return to_frame(R, M)
+
+
+@pytest.mark.parametrize("method", ["random", "leave_k_out", "ratio"])
+def test_split_partitions_the_ratings_and_keeps_ids_and_blocks(method, source, tmp_path):
+    store = blockals.ingest(source, tmp_path / "all.zarr", n_user_blocks=3, n_item_blocks=2)
+    train, test = split(store, tmp_path / "train.zarr", tmp_path / "test.zarr", method=method, fraction=0.3, k=2, seed=5)
+    everything = set(zip(source["user"], source["item"]))
+    assert triples(train) | triples(test) == everything and not triples(train) & triples(test)
+    for s in (train, test):
+        assert list(s.user_ids) == list(store.user_ids) and list(s.item_ids) == list(store.item_ids)
+        np.testing.assert_array_equal(s.assignment("users")[0], store.assignment("users")[0])
+    per_user = source.groupby("user").size()
+    in_test = pd.Series([u for u, _ in triples(test)]).value_counts().reindex(per_user.index, fill_value=0)
+    if method == "leave_k_out":
+        np.testing.assert_array_equal(in_test, np.where(per_user > 2, 2, 0))
+    elif method == "ratio":
+        np.testing.assert_array_equal(in_test, np.floor(0.3 * per_user))
+    else:
+        assert abs(len(triples(test)) / len(everything) - 0.3) < 0.05
+    # The same seed on another block split picks the same pairs.
+    other = blockals.ingest(source, tmp_path / "other.zarr", n_user_blocks=1, n_item_blocks=1)
+    _, test2 = split(other, tmp_path / "tr2.zarr", tmp_path / "te2.zarr", method=method, fraction=0.3, k=2, seed=5)
+    assert triples(test2) == triples(test)
+
+
+def test_evaluate_on_a_split_excludes_training_items(source, client2, tmp_path):
+    store = blockals.ingest(source, tmp_path / "all.zarr", n_user_blocks=3, n_item_blocks=2)
+    train, test = split(store, tmp_path / "train.zarr", tmp_path / "test.zarr", method="ratio", fraction=0.3)
+    model = blockals.ALS(rank=3, max_iter=3, reg=0.1, dtype="float64").fit(train, client2)
+    got = evaluate(model, test, train, k=5, client=client2)
+    scores = model.user_factors_ @ model.item_factors_.T
+    uid, iid = pd.Index(model.user_ids_), pd.Index(model.item_ids_)
+    seen = pd.DataFrame(list(triples(train)), columns=["u", "i"]).groupby("u")["i"].apply(list)
+    held = pd.DataFrame(list(triples(test)), columns=["u", "i"]).groupby("u")["i"].apply(list)
+    per_user = [brute_user(scores[uid.get_loc(u)], iid.get_indexer(items), iid.get_indexer(seen.get(u, [])), 5)
+                for u, items in held.items()]
+    for name in ("precision", "recall", "ndcg", "map"):
+        assert got[f"{name}@5"] == pytest.approx(np.mean([p[name] for p in per_user]))
+    pairs = np.array(list(triples(test)))
+    truth = source.set_index(["user", "item"]).loc[list(map(tuple, pairs)), "rating"].to_numpy()
+    pred = model.predict(pairs[:, 0], pairs[:, 1])
+    assert got["rmse"] == pytest.approx(np.sqrt(np.mean((pred - truth) ** 2)))
+
+
+def test_split_and_evaluate_refuse_bad_arguments(source, tmp_path):
+    store = blockals.ingest(source, tmp_path / "all.zarr")
+    with pytest.raises(blockals.InputError, match="method must be one of"):
+        split(store, tmp_path / "a", tmp_path / "b", method="by_time")
+    with pytest.raises(blockals.InputError, match="fraction must be below 1"):
+        split(store, tmp_path / "a", tmp_path / "b", fraction=1.5)
+    other = blockals.ingest(source[source["user"] != source["user"].iloc[0]], tmp_path / "other.zarr")
+    with pytest.raises(blockals.InputError, match="is not in"):
+        blockals.ingest(source, tmp_path / "c.zarr", like=other)
