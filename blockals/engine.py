@@ -12,9 +12,10 @@ One iteration is two half-steps, items first as in Spark. A half-step toward sid
   worker's block cache), concatenate its messages and solve all its rows
   (:mod:`blockals.objectives` builds the systems, :mod:`blockals.kernels` solves them).
 
-After the user half-step, ``blockals-loss-<side>-<it>-<b>`` tasks evaluate the objective
-with the messages the solve used, and ``blockals-checkpoint-<side>-<it>-<b>`` tasks write
-the factor blocks before the driver commits the iteration. The next iteration restarts
+Each solve also returns its block's share of the objective, computed from the rows it
+gathered (``blockals-loss-<side>-<it>-<b>`` picks it out, ``blockals-factors-...`` the
+factors), and ``blockals-checkpoint-<side>-<it>-<b>`` tasks write the factor blocks
+before the driver commits the iteration. The next iteration restarts
 from the checkpoint (``blockals-restart-...``), so the scheduler holds one iteration's
 graph at most. Keys end in a run id, so two trainings on one cluster never share a key.
 """
@@ -89,28 +90,24 @@ def _sum_task(*parts: np.ndarray) -> np.ndarray:
 def _solve_task(
     ref: StoreRef, side: Side, block: int, config: ALSConfig, obj: Objective, limits: dict[str, int],
     G: np.ndarray | None, previous: np.ndarray | None, weights: np.ndarray | None, *messages: np.ndarray,
-) -> np.ndarray:
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Solve one block; returns its factors and its share of the objective at them."""
     inblock = load_inblock(ref, side, block)
     M = _concat(messages, obj, config)
     w = obj.side_weights(side, inblock, weights)
     sys = obj.systems(inblock, M, G, w)
     x0 = np.zeros((inblock.n_rows, sys.width)) if previous is None else previous[:, : sys.width]
+    terms: dict[str, Any] = {"observed": 0.0, "sq_err": 0.0}
     with blas_context(limits):
-        X = kernels.solve(sys, x0, obj.rank, config.solver, config.cg_steps, config.nonnegative)
-    return obj.finish(X.astype(config.dtype), inblock, w)
+        X = kernels.solve(sys, x0, obj.rank, config.solver, config.cg_steps, config.nonnegative, terms)
+    factors = obj.finish(X.astype(config.dtype), inblock, w)
+    terms["penalty"] = obj.penalty(factors, inblock)
+    terms["gram"] = _gram_task(factors, obj.rank) if obj.gram_weight else None
+    return factors, terms
 
 
-def _loss_task(ref: StoreRef, side: Side, block: int, config: ALSConfig, obj: Objective, X: np.ndarray, *messages: np.ndarray) -> dict[str, Any]:
-    inblock = load_inblock(ref, side, block)
-    terms = obj.block_loss(inblock, X, _concat(messages, obj, config))
-    terms["gram"] = _gram_task(X, obj.rank) if obj.gram_weight else None
-    return terms
-
-
-def _penalty_task(ref: StoreRef, side: Side, block: int, obj: Objective, X: np.ndarray) -> dict[str, Any]:
-    inblock = load_inblock(ref, side, block)
-    gram = _gram_task(X, obj.rank) if obj.gram_weight else None
-    return {"observed": 0.0, "sq_err": 0.0, "penalty": obj.penalty(X, inblock), "gram": gram}
+def _part(result: tuple, index: int) -> Any:
+    return result[index]
 
 
 def _concat(messages: tuple[np.ndarray, ...], obj: Objective, config: ALSConfig) -> np.ndarray:
@@ -251,11 +248,12 @@ class Engine:
 
     def _half_step(
         self, it: int, dst: Side, src_factors: list[Future], previous: list[Future] | None
-    ) -> tuple[list[Future], list[list[Future]]]:
+    ) -> tuple[list[Future], list[Future]]:
+        """Solve every block of ``dst``; returns factor futures and loss-term futures."""
         rows = self.store.message_rows(dst)
         G = self._gram(it, dst, src_factors)
         weights = self._weights(dst)
-        solved, messages = [], []
+        solved, stats = [], []
         for b in range(self.store.n_blocks(dst)):
             msgs = [
                 self._submit(_route_task, self.ref, dst, b, j, src_factors[j], key=self._key("route", dst, it, j, b))
@@ -263,33 +261,27 @@ class Engine:
                 if rows[j, b]
             ]
             prev = None if previous is None else previous[b]
-            solved.append(
-                self._submit(
-                    _solve_task, self.ref, dst, b, self.config, self.objective, self.limits, G, prev, weights[b], *msgs,
-                    key=self._key("solve", dst, it, b),
-                )
+            result = self._submit(
+                _solve_task, self.ref, dst, b, self.config, self.objective, self.limits, G, prev, weights[b], *msgs,
+                key=self._key("solve", dst, it, b),
             )
-            messages.append(msgs)
-        return solved, messages
+            solved.append(self._submit(_part, result, 0, key=self._key("factors", dst, it, b)))
+            stats.append(self._submit(_part, result, 1, key=self._key("loss", dst, it, b)))
+        return solved, stats
 
-    def _losses(self, it: int, X: list[Future], Y: list[Future], messages: list[list[Future]]) -> dict[str, float]:
+    def _losses(self, user_terms: list[Future], item_terms: list[Future]) -> dict[str, float]:
+        """The objective at the end of an iteration, from the solves' loss terms.
+
+        The user solves saw the final item factors, so their observed-pair terms are the
+        objective's; penalties and Gramians come from both sides' final factors.
+        """
+        users, items = self.client.gather([user_terms, item_terms])
         obj = self.objective
-        parts = self.client.gather(
-            [
-                self._submit(_loss_task, self.ref, "users", b, self.config, obj, X[b], *messages[b], key=self._key("loss", "users", it, b))
-                for b in range(len(X))
-            ]
-            + [
-                self._submit(_penalty_task, self.ref, "items", j, obj, Y[j], key=self._key("loss", "items", it, j))
-                for j in range(len(Y))
-            ]
-        )
-        loss = sum(p["observed"] + p["penalty"] for p in parts)
+        loss = sum(p["observed"] for p in users) + sum(p["penalty"] for p in users + items)
         if obj.gram_weight:
-            GX = sum(p["gram"] for p in parts[: len(X)])
-            GY = sum(p["gram"] for p in parts[len(X) :])
+            GX, GY = sum(p["gram"] for p in users), sum(p["gram"] for p in items)
             loss += obj.gram_weight * float(np.sum(GX * GY))  # trace(GX @ GY), both symmetric
-        sq_err = sum(p["sq_err"] for p in parts)
+        sq_err = sum(p["sq_err"] for p in users)
         return {"loss": loss, "train_rmse": float(np.sqrt(sq_err / self.store.nnz))}
 
     def _write_checkpoint(self, it: int, X: list[Future], Y: list[Future], history: list[dict]) -> None:
@@ -310,10 +302,10 @@ class Engine:
         warm = self.config.warm_start
         for it in range(first, max_iter + 1):
             t0 = time.perf_counter()
-            Y, _ = self._half_step(it, "items", X, Y if warm else None)
-            X, messages = self._half_step(it, "users", Y, X if warm else None)
-            entry = {"iteration": it, **self._losses(it, X, Y, messages), "seconds": 0.0, "bytes_routed": self.bytes_routed()}
-            del messages
+            Y, item_terms = self._half_step(it, "items", X, Y if warm else None)
+            X, user_terms = self._half_step(it, "users", Y, X if warm else None)
+            entry = {"iteration": it, **self._losses(user_terms, item_terms), "seconds": 0.0, "bytes_routed": self.bytes_routed()}
+            del user_terms, item_terms
             history.append(entry)
             if self.checkpoint is not None and (it % self.checkpoint_interval == 0 or it == max_iter):
                 entry["seconds"] = time.perf_counter() - t0

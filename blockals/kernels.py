@@ -106,6 +106,11 @@ class RowSystems:
         Term shared by every row's matrix.
     reg : ndarray of shape (n_rows, w)
         Ridge diagonal of each row.
+    gamma : ndarray of shape (nnz,)
+        Constant of each rating's loss term: the objective's sum over the observed pairs
+        is ``sum (a s^2 - 2 beta s + gamma)`` at predictions ``s = d . x``.
+    tau : ndarray of shape (nnz,)
+        What ``train_rmse`` compares ``s`` with.
     """
 
     inblock: InBlock
@@ -115,6 +120,8 @@ class RowSystems:
     a: np.ndarray | None
     G: np.ndarray | None
     reg: np.ndarray
+    gamma: np.ndarray
+    tau: np.ndarray
 
     @property
     def width(self) -> int:
@@ -151,6 +158,8 @@ def _batches(counts: np.ndarray, width: int, itemsize: int, batch_bytes: int) ->
 @dataclass
 class _Batch:
     rows: np.ndarray
+    pos: np.ndarray  # (n, L) rating positions, padding pointing at any rating
+    valid: np.ndarray  # (n, L) which positions are ratings
     Dg: np.ndarray  # (n, L, w) design rows, zero-padded
     ag: np.ndarray | None  # (n, L) Gram weights, zero-padded
     bg: np.ndarray  # (n, L) right-hand-side coefficients, zero-padded
@@ -158,15 +167,28 @@ class _Batch:
 
 def _gathered(sys: RowSystems, batch_bytes: int) -> Iterator[_Batch]:
     indptr = sys.inblock.indptr
+    # Padding gathers an appended zero row, so no masking pass over the batch is needed.
+    m = sys.D.shape[0]
+    D = np.vstack([sys.D, np.zeros((1, sys.width), dtype=sys.D.dtype)])
     for rows, length in _batches(sys.inblock.counts, sys.width, sys.D.dtype.itemsize, batch_bytes):
         pos = indptr[rows][:, None] + np.arange(length)
         valid = pos < indptr[rows + 1][:, None]
-        pos = np.where(valid, pos, 0)
-        Dg = sys.D[sys.col[pos]]
-        Dg[~valid] = 0
+        pos = np.where(valid, pos, 0)  # padding points at any rating, masked below
+        Dg = D[np.where(valid, sys.col[pos], m)]
         ag = None if sys.a is None else np.where(valid, sys.a[pos], 0).astype(sys.D.dtype)
         bg = np.where(valid, sys.beta[pos], 0).astype(sys.D.dtype)
-        yield _Batch(rows, Dg, ag, bg)
+        yield _Batch(rows, pos, valid, Dg, ag, bg)
+
+
+def _add_loss(sys: RowSystems, batch: _Batch, x: np.ndarray, terms: dict[str, float] | None) -> None:
+    """Add a batch's observed-pair loss and squared error at the solution ``x``."""
+    if terms is None:
+        return
+    s = np.einsum("nlw,nw->nl", batch.Dg, x.astype(batch.Dg.dtype)).astype(np.float64)[batch.valid]
+    pos = batch.pos[batch.valid]
+    a = 1.0 if sys.a is None else sys.a[pos]
+    terms["observed"] = terms.get("observed", 0.0) + float(np.sum(a * s * s - 2 * sys.beta[pos] * s + sys.gamma[pos]))
+    terms["sq_err"] = terms.get("sq_err", 0.0) + float(np.sum((sys.tau[pos] - s) ** 2))
 
 
 def _form(sys: RowSystems, batch: _Batch) -> tuple[np.ndarray, np.ndarray]:
@@ -204,20 +226,25 @@ def _solve(A: np.ndarray, b: np.ndarray, regularized: np.ndarray) -> np.ndarray:
     return x
 
 
-def solve_cholesky(sys: RowSystems, batch_bytes: int = BATCH_BYTES) -> np.ndarray:
+def solve_cholesky(sys: RowSystems, batch_bytes: int = BATCH_BYTES, terms: dict[str, float] | None = None) -> np.ndarray:
     """Exact solve of every row's system; rows without ratings get zeros.
 
     Each batch's matrices are formed with one batched product ``D_g^T (a D_g)`` and
-    solved together in double precision.
+    solved together in double precision. When ``terms`` is given, the observed-pair
+    loss and squared error at the solution are added to it from the same gathered rows.
     """
     X = np.zeros((sys.inblock.n_rows, sys.width), dtype=sys.D.dtype)
     for batch in _gathered(sys, batch_bytes):
         A, b = _form(sys, batch)
-        X[batch.rows] = _solve(A, b, (sys.reg[batch.rows] > 0).all(axis=1))
+        x = _solve(A, b, (sys.reg[batch.rows] > 0).all(axis=1))
+        X[batch.rows] = x
+        _add_loss(sys, batch, x, terms)
     return X
 
 
-def solve_cg(sys: RowSystems, x0: np.ndarray, steps: int, batch_bytes: int = BATCH_BYTES) -> np.ndarray:
+def solve_cg(
+    sys: RowSystems, x0: np.ndarray, steps: int, batch_bytes: int = BATCH_BYTES, terms: dict[str, float] | None = None
+) -> np.ndarray:
     """``steps`` conjugate-gradient steps per row, warm-started at ``x0``.
 
     The matrices are never formed: ``A p = G p + D_g^T (a * (D_g p)) + reg * p`` costs
@@ -250,6 +277,7 @@ def solve_cg(sys: RowSystems, x0: np.ndarray, steps: int, batch_bytes: int = BAT
             p = r + beta[:, None] * p
             rr = rr_new
         X[batch.rows] = x
+        _add_loss(sys, batch, x, terms)
     return X
 
 
@@ -294,7 +322,7 @@ def _nnls_batch(A: np.ndarray, b: np.ndarray, x: np.ndarray, bounded: np.ndarray
 
 def solve_nnls(
     sys: RowSystems, x0: np.ndarray, bounded: np.ndarray, tol: float = 1e-9, max_rounds: int = 100,
-    batch_bytes: int = BATCH_BYTES,
+    batch_bytes: int = BATCH_BYTES, terms: dict[str, float] | None = None,
 ) -> np.ndarray:
     """Every row's system solved with ``x[bounded] >= 0`` (nonnegative least squares).
 
@@ -303,18 +331,23 @@ def solve_nnls(
     X = np.zeros((sys.inblock.n_rows, sys.width), dtype=sys.D.dtype)
     for batch in _gathered(sys, batch_bytes):
         A, b = _form(sys, batch)
-        X[batch.rows] = _nnls_batch(A, b, x0[batch.rows].astype(np.float64), bounded, tol, max_rounds)
+        x = _nnls_batch(A, b, x0[batch.rows].astype(np.float64), bounded, tol, max_rounds)
+        X[batch.rows] = x
+        _add_loss(sys, batch, x, terms)
     return X
 
 
-def solve(sys: RowSystems, x0: np.ndarray, rank: int, solver: str, cg_steps: int, nonnegative: bool) -> np.ndarray:
+def solve(
+    sys: RowSystems, x0: np.ndarray, rank: int, solver: str, cg_steps: int, nonnegative: bool,
+    terms: dict[str, float] | None = None,
+) -> np.ndarray:
     """Solve a block's systems the way a configuration asks.
 
     ``x0`` (the rows' previous values) warm-starts CG and NNLS; with ``nonnegative`` the
     first ``rank`` coordinates are constrained, the rest (a bias) stay free.
     """
     if nonnegative:
-        return solve_nnls(sys, x0, np.arange(sys.width) < rank)
+        return solve_nnls(sys, x0, np.arange(sys.width) < rank, terms=terms)
     if solver == "cg":
-        return solve_cg(sys, x0, cg_steps)
-    return solve_cholesky(sys)
+        return solve_cg(sys, x0, cg_steps, terms=terms)
+    return solve_cholesky(sys, terms=terms)

@@ -22,8 +22,12 @@ Sums over all pairs never touch the unobserved ones: they split into a Gram part
 gives each row's system the shared term ``G = g Y^T Y``.
 
 Each objective turns the routed factor rows ``M`` (messages concatenated, one row per
-source row the block needs) and the block's ratings into :class:`~blockals.kernels.RowSystems`,
-and evaluates its own loss from the same pieces. A factor block may carry one column after
+source row the block needs) and the block's ratings into :class:`~blockals.kernels.RowSystems`.
+Those also carry what the loss needs: every mode's sum over the observed pairs has the form
+``sum (a s^2 - 2 beta s + gamma)`` at predictions ``s`` (explicit: ``gamma = r^2``; biased:
+the target ``t = r - mu - b_i`` in place of ``r``; implicit: ``a = c - 1``, ``beta = gamma =
+c p``; WALS: ``a = R C``, ``beta = (w0 + a) r``, ``gamma = beta r``), so a solve reports its
+block's share of the objective from the rows it has already gathered. A factor block may carry one column after
 the ``rank`` factors: the learned bias (biased mode) or the fixed WALS row weight.
 """
 
@@ -78,7 +82,8 @@ class Objective:
 
     # -- one half-step ---------------------------------------------------------------
     def systems(self, inblock: InBlock, M: np.ndarray, G: np.ndarray | None, weights: np.ndarray | None) -> RowSystems:
-        return RowSystems(inblock, M[:, : self.rank], inblock.col, inblock.rating, None, None, self.ridge(inblock))
+        r = inblock.rating.astype(np.float64)
+        return RowSystems(inblock, M[:, : self.rank], inblock.col, r, None, None, self.ridge(inblock), r * r, r)
 
     def finish(self, X: np.ndarray, inblock: InBlock, weights: np.ndarray | None) -> np.ndarray:
         """The factor block to keep, from the systems' solution."""
@@ -97,35 +102,11 @@ class Objective:
         return None if G is None or not self.gram_weight else self.gram_weight * G
 
     # -- the loss ----------------------------------------------------------------------
-    def predictions(self, inblock: InBlock, X: np.ndarray, M: np.ndarray, chunk: slice) -> np.ndarray:
-        col, row = inblock.col[chunk], inblock.row[chunk]
-        k = self.rank
-        return np.einsum("ij,ij->i", X[row, :k].astype(np.float64), M[col, :k].astype(np.float64))
-
-    def target(self, rating: np.ndarray) -> np.ndarray:
-        """What ``train_rmse`` compares predictions with."""
-        return rating
-
-    def observed_loss(self, inblock: InBlock, rating: np.ndarray, s: np.ndarray, X: np.ndarray, M: np.ndarray, chunk: slice) -> float:
-        """The objective's sum over observed pairs (without the Gram part)."""
-        return float(np.sum((rating - s) ** 2))
-
     def penalty(self, X: np.ndarray, inblock: InBlock) -> float:
         """The regularization of one factor block (λ included)."""
         k = self.rank
         norms = np.einsum("ij,ij->i", X[:, :k].astype(np.float64), X[:, :k].astype(np.float64))
         return float(self.reg * (self.reg_weights(inblock) @ norms))
-
-    def block_loss(self, inblock: InBlock, X: np.ndarray, M: np.ndarray, chunk_size: int = 1 << 20) -> dict[str, float]:
-        """Observed-pair loss, squared error against the target, and penalty of one block."""
-        observed = sq_err = 0.0
-        for start in range(0, inblock.nnz, chunk_size):
-            chunk = slice(start, start + chunk_size)
-            rating = inblock.rating[chunk].astype(np.float64)
-            s = self.predictions(inblock, X, M, chunk)
-            observed += self.observed_loss(inblock, rating, s, X, M, chunk)
-            sq_err += float(np.sum((self.target(rating) - s) ** 2))
-        return {"observed": observed, "sq_err": sq_err, "penalty": self.penalty(X, inblock)}
 
 
 Explicit = Objective
@@ -154,15 +135,10 @@ class Biased(Objective):
         col = inblock.col
         # float64 first: float32 ratings minus a Python float would stay float32 and round mu.
         beta = inblock.rating.astype(np.float64) - self.mu - M[col, k]
-        return RowSystems(inblock, D, col, beta, None, None, self.ridge(inblock))
+        return RowSystems(inblock, D, col, beta, None, None, self.ridge(inblock), beta * beta, beta)
 
     def initial(self, factors, inblock, weights):
         return np.hstack([factors, np.zeros((factors.shape[0], 1), dtype=factors.dtype)])
-
-    def predictions(self, inblock, X, M, chunk):
-        col, row = inblock.col[chunk], inblock.row[chunk]
-        k = self.rank
-        return super().predictions(inblock, X, M, chunk) + self.mu + X[row, k].astype(np.float64) + M[col, k].astype(np.float64)
 
     def penalty(self, X, inblock):
         k = self.rank
@@ -192,14 +168,7 @@ class Implicit(Objective):
         r = inblock.rating.astype(np.float64)
         a = self.alpha * np.abs(r)
         beta = np.where(r > 0, 1.0 + a, 0.0)
-        return RowSystems(inblock, M[:, : self.rank], inblock.col, beta, a, self.shared(G), self.ridge(inblock))
-
-    def target(self, rating):
-        return (rating > 0).astype(np.float64)
-
-    def observed_loss(self, inblock, rating, s, X, M, chunk):
-        c = 1.0 + self.alpha * np.abs(rating)
-        return float(np.sum(c * ((rating > 0) - s) ** 2 - s**2))
+        return RowSystems(inblock, M[:, : self.rank], inblock.col, beta, a, self.shared(G), self.ridge(inblock), beta, (r > 0) * 1.0)
 
 
 @dataclass(frozen=True)
@@ -233,17 +202,12 @@ class WALS(Objective):
         k = self.rank
         col = inblock.col
         a = weights[inblock.row] * M[col, k].astype(np.float64)
-        beta = (self.unobserved_weight + a) * inblock.rating
-        return RowSystems(inblock, M[:, :k], col, beta, a, self.shared(G), self.ridge(inblock))
+        r = inblock.rating.astype(np.float64)
+        beta = (self.unobserved_weight + a) * r
+        return RowSystems(inblock, M[:, :k], col, beta, a, self.shared(G), self.ridge(inblock), beta * r, r)
 
     def finish(self, X, inblock, weights):
         return np.hstack([X, weights[:, None].astype(X.dtype)])
 
     def initial(self, factors, inblock, weights):
         return self.finish(factors, inblock, weights)
-
-    def observed_loss(self, inblock, rating, s, X, M, chunk):
-        col, row = inblock.col[chunk], inblock.row[chunk]
-        k = self.rank
-        w = self.unobserved_weight + X[row, k].astype(np.float64) * M[col, k].astype(np.float64)
-        return float(np.sum(w * (rating - s) ** 2 - self.unobserved_weight * s**2))

@@ -78,17 +78,17 @@ def test_cg_with_rank_steps_equals_the_exact_solve(steps):
     np.testing.assert_allclose(solve_cg(systems, x0, steps), per_row_solution(200, triples, Y_src, 0.2, "count"), atol=1e-6)
 
 
-def test_loss_terms_match_dense_formula():
+@pytest.mark.parametrize("reg_scaling", ["count", "none"])
+def test_solves_report_the_loss_at_their_solution(reg_scaling):
     inblock, Y, (dst, src, rating), Y_src = random_block(40, 30, 3, seed=3)
-    X = np.random.default_rng(9).standard_normal((40, 3))
+    obj = Objective(3, 0.5, reg_scaling)
+    terms: dict = {}
+    X = solve_cholesky(obj.systems(inblock, Y, None, None), batch_bytes=2**10, terms=terms)
     sse = sum((r - X[u] @ Y_src[i]) ** 2 for u, i, r in zip(dst, src, rating))
-    counts = np.bincount(dst, minlength=40)
-    terms = Objective(3, 0.5, "count").block_loss(inblock, X, Y, chunk_size=7)
-    assert terms["observed"] == pytest.approx(sse, rel=1e-12)
-    assert terms["sq_err"] == pytest.approx(sse, rel=1e-12)
-    assert terms["penalty"] == pytest.approx(0.5 * float(counts @ (X**2).sum(1)))
-    terms = Objective(3, 0.5, "none").block_loss(inblock, X, Y)
-    assert terms["penalty"] == pytest.approx(0.5 * float((X**2).sum()))
+    assert terms["observed"] == pytest.approx(sse, rel=1e-10)
+    assert terms["sq_err"] == pytest.approx(sse, rel=1e-10)
+    w = np.bincount(dst, minlength=40) if reg_scaling == "count" else np.ones(40)
+    assert obj.penalty(X, inblock) == pytest.approx(0.5 * float(w @ (X**2).sum(1)))
 
 
 def test_bucket_lengths_bound_padding():
