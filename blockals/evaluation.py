@@ -30,12 +30,12 @@ import pandas as pd
 
 from blockals.errors import InputError
 from blockals.recommend import SCORE_BYTES, score_rows
-from blockals.store import RatingStore, StoreRef, block_triples, load_rows
+from blockals.store import RatingStore, StoreRef, block_triples, load_rows, load_times
 
 __all__ = ["split", "evaluate", "ranking_metrics", "METRICS", "SPLITS"]
 
 METRICS = ("rmse", "mae", "precision", "recall", "ndcg", "map", "auc")
-SPLITS = ("random", "leave_k_out", "ratio")
+SPLITS = ("random", "leave_k_out", "ratio", "temporal")
 
 
 def _uniform_keys(seed: int, users: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:
@@ -49,20 +49,25 @@ def _uniform_keys(seed: int, users: np.ndarray, items: np.ndarray, n_items: int)
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def test_mask(users: np.ndarray, items: np.ndarray, n_items: int, method: str, fraction: float, k: int, seed: int) -> np.ndarray:
+def test_mask(
+    users: np.ndarray, items: np.ndarray, n_items: int, method: str, fraction: float, k: int, seed: int,
+    time: np.ndarray | None = None,
+) -> np.ndarray:
     """Which of a block's ratings (all ratings of its users) go to the test set.
 
     * ``random``: each rating independently, with probability ``fraction``;
     * ``leave_k_out``: ``k`` ratings of every user who has more than ``k``;
-    * ``ratio``: ``floor(fraction * n_u)`` ratings of every user.
+    * ``ratio``: ``floor(fraction * n_u)`` ratings of every user;
+    * ``temporal``: every user's latest ``floor(fraction * n_u)`` ratings (by timestamp).
 
-    Ratings are drawn by a hash of (seed, user, item), so a split does not depend on the
-    block counts or the order of the data.
+    Ratings are drawn (and timestamp ties broken) by a hash of (seed, user, item), so a
+    split does not depend on the block counts or the order of the data.
     """
     u = _uniform_keys(seed, users, items, n_items)
     if method == "random":
         return u < fraction
-    order = np.lexsort((u, users))  # each user's ratings, in random order
+    # Each user's ratings in the order they are taken: random, or latest first.
+    order = np.lexsort((u, -time, users)) if method == "temporal" else np.lexsort((u, users))
     sorted_users = users[order]
     starts = np.searchsorted(sorted_users, sorted_users, side="left")
     position = np.arange(users.size) - starts
@@ -74,11 +79,15 @@ def test_mask(users: np.ndarray, items: np.ndarray, n_items: int, method: str, f
 
 
 def _split_part(block: int, *, ref: StoreRef, n_item_blocks: int, n_items: int, user_ids: Any, item_ids: Any,
-                method: str, fraction: float, k: int, seed: int, test: bool) -> pd.DataFrame:
+                method: str, fraction: float, k: int, seed: int, test: bool, timed: bool) -> pd.DataFrame:
     rows, items, rating = block_triples(ref, "users", block, n_item_blocks)
-    mask = test_mask(rows, items, n_items, method, fraction, k, seed)
+    time = load_times(ref, block) if timed else None
+    mask = test_mask(rows, items, n_items, method, fraction, k, seed, time)
     keep = mask if test else ~mask
-    return pd.DataFrame({"user": user_ids[rows[keep]], "item": item_ids[items[keep]], "rating": rating[keep]})
+    frame = pd.DataFrame({"user": user_ids[rows[keep]], "item": item_ids[items[keep]], "rating": rating[keep]})
+    if timed:
+        frame["timestamp"] = time[keep]
+    return frame
 
 
 def split(
@@ -101,16 +110,21 @@ def split(
         raise InputError(f"fraction must be below 1, got {fraction:g}.")
     k = parse_int(k, "k", 1)
     seed = parse_int(seed, "seed", 0)
+    timed = store.has_timestamps
+    if method == "temporal" and not timed:
+        raise InputError(f"a temporal split needs timestamps; {store.path} was ingested without a timestamp column.")
     user_ids, item_ids = store.user_ids.to_numpy(), store.item_ids.to_numpy()
     out = []
     for path, test in ((train_path, False), (test_path, True)):
         meta = pd.DataFrame({"user": user_ids[:0], "item": item_ids[:0], "rating": np.zeros(0, np.float32)})
+        if timed:
+            meta["timestamp"] = np.zeros(0, np.int64)
         frame = dd.from_map(
             _split_part, range(store.n_user_blocks), ref=store.ref, n_item_blocks=store.n_item_blocks,
             n_items=store.n_items, user_ids=user_ids, item_ids=item_ids, method=method, fraction=fraction,
-            k=k, seed=seed, test=test, meta=meta, enforce_metadata=False,
+            k=k, seed=seed, test=test, timed=timed, meta=meta, enforce_metadata=False,
         )
-        out.append(ingest(frame, path, like=store, overwrite=overwrite))
+        out.append(ingest(frame, path, like=store, overwrite=overwrite, timestamp_col="timestamp" if timed else None))
     return out[0], out[1]
 
 

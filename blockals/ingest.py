@@ -30,7 +30,7 @@ import pandas as pd
 from blockals.errors import InputError, StoreError
 from blockals.partition import DEFAULT_BLOCK_BUDGET, assign_blocks, default_n_blocks, parse_n_blocks
 from blockals.routing import build_inblock
-from blockals.sources import check_partition, convert_ids, normalize_ratings, read_source
+from blockals.sources import check_partition, convert_ids, normalize_ratings, normalize_timestamps, read_source
 from blockals.store import (
     FORMAT,
     FORMAT_VERSION,
@@ -52,8 +52,9 @@ STAGING = "_staging"
 
 
 def combine_duplicates(
-    dst: np.ndarray, src: np.ndarray, rating: np.ndarray, row: np.ndarray, policy: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, tuple[int, int, int, int] | None]:
+    dst: np.ndarray, src: np.ndarray, rating: np.ndarray, row: np.ndarray, policy: str,
+    time: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, tuple[int, int, int, int] | None, np.ndarray | None]:
     """Resolve repeated (dst, src) pairs.
 
     Returns ``(dst, src, rating, n_duplicates, example)``; ``example`` is
@@ -61,30 +62,34 @@ def combine_duplicates(
     source (the earliest row that repeats an earlier one). With
     ``policy="error"`` and repeats present, the arrays are returned unresolved.
     ``"sum"`` adds the values (as Spark does silently), ``"mean"`` averages them,
-    ``"last"`` keeps the value of the latest source row.
+    ``"last"`` keeps the value of the latest source row. A combined pair keeps the
+    timestamp of its latest source row.
     """
     order = np.lexsort((row, src, dst))
     dst, src, rating, row = dst[order], src[order], rating[order], row[order]
+    time = None if time is None else time[order]
     first = np.ones(dst.shape[0], dtype=bool)
     first[1:] = (dst[1:] != dst[:-1]) | (src[1:] != src[:-1])
     n_dup = int(dst.shape[0] - first.sum())
     if n_dup == 0:
-        return dst, src, rating, 0, None
+        return dst, src, rating, 0, None, time
     repeats = np.flatnonzero(~first)
     group_start = np.maximum.accumulate(np.where(first, np.arange(dst.shape[0]), 0))
     earliest = repeats[np.argmin(row[repeats])]
     g = group_start[earliest]
     example = (int(dst[g]), int(src[g]), int(row[g]), int(row[earliest]))
     if policy == "error":
-        return dst, src, rating, n_dup, example
+        return dst, src, rating, n_dup, example, time
     starts = np.flatnonzero(first)
+    last = np.append(starts[1:], dst.shape[0]) - 1
+    time = None if time is None else time[last]
     if policy == "last":
-        values = rating[np.append(starts[1:], dst.shape[0]) - 1]
+        values = rating[last]
     else:
         values = np.add.reduceat(rating.astype(np.float64), starts)
         if policy == "mean":
             values /= np.diff(np.append(starts, dst.shape[0]))
-    return dst[starts], src[starts], values.astype(np.float32), n_dup, example
+    return dst[starts], src[starts], values.astype(np.float32), n_dup, example, time
 
 
 # -- tasks -----------------------------------------------------------------------
@@ -109,7 +114,10 @@ def _stage_partition(
     block = user_block[dst]
     order = np.argsort(block, kind="stable")
     group = open_group(path, "r+", storage_options).require_group(f"{STAGING}/parts/{index}")
-    for name, values in (("dst", dst), ("src", src), ("rating", rating), ("row", row)):
+    columns = [("dst", dst), ("src", src), ("rating", rating), ("row", row)]
+    if "timestamp" in part:
+        columns.append(("time", normalize_timestamps(part["timestamp"])[0]))
+    for name, values in columns:
         write_array(group, name, values[order])
     return np.searchsorted(block[order], np.arange(n_user_blocks + 1))
 
@@ -138,15 +146,16 @@ def _build_block(
     stages: Sequence[tuple[str, np.ndarray]],
     assignment: dict[str, tuple[np.ndarray, np.ndarray]],
     duplicates: str | None,
+    timed: bool = False,
 ) -> dict[str, Any]:
     """Build, write and (for users) restage one destination block; returns its stats."""
     root = open_group(path, "r+", storage_options)
     names = ("dst", "src", "rating", "row") if side == "users" else ("dst", "src", "rating")
-    data = _gather_staged(root, stages, block, names)
-    dst, src, rating = data["dst"], data["src"], data["rating"]
+    data = _gather_staged(root, stages, block, names + (("time",) if timed and side == "users" else ()))
+    dst, src, rating, time = data["dst"], data["src"], data["rating"], data.get("time")
     stats: dict[str, Any] = {"duplicates": 0, "example": None}
     if duplicates is not None:
-        dst, src, rating, n_dup, example = combine_duplicates(dst, src, rating, data["row"], duplicates)
+        dst, src, rating, n_dup, example, time = combine_duplicates(dst, src, rating, data["row"], duplicates, time)
         stats.update(duplicates=n_dup, example=example)
         if n_dup and duplicates == "error":
             return stats
@@ -154,6 +163,9 @@ def _build_block(
     src_block, src_local = assignment[other_side(side)]
     rows = np.flatnonzero(dst_block == block)
     n_src_blocks = int(src_block.max()) + 1
+    # In-block order (by row, then the other side's global index), so timestamps line up.
+    order = np.lexsort((src, dst_local[dst]))
+    dst, src, rating = dst[order], src[order], rating[order]
     inblock = build_inblock(
         dst_local[dst], src_block[src], src_local[src], src, rating, rows.shape[0], n_src_blocks
     )
@@ -161,6 +173,8 @@ def _build_block(
     write_array(group, "rows", rows)
     for name in inblock.__dataclass_fields__:
         write_array(group, name, getattr(inblock, name))
+    if time is not None:
+        write_array(group, "time", time[order])
     if side == "users":
         # Stage again, by item block, for the item-side pass.
         order = np.argsort(src_block[src], kind="stable")
@@ -239,6 +253,7 @@ def ingest(
     block_budget: int = DEFAULT_BLOCK_BUDGET,
     storage_options: dict | None = None,
     like: RatingStore | None = None,
+    timestamp_col: str | None = None,
 ) -> RatingStore:
     """Partition ratings into user and item blocks and write a ratings store.
 
@@ -261,6 +276,9 @@ def ingest(
         Bytes one block's solve may use when block counts are chosen automatically.
     storage_options : dict, optional
         Passed to fsspec for remote paths.
+    timestamp_col : str, optional
+        A column of timestamps (numbers or datetimes) to keep with the ratings, for
+        temporal splits; MovieLens files bring theirs.
     like : RatingStore, optional
         Reuse this store's id maps and block assignment (every id must be in it), so the
         new store lines up block for block with it: how train and test splits are made.
@@ -275,7 +293,8 @@ def ingest(
     for name, value in (("n_user_blocks", n_user_blocks), ("n_item_blocks", n_item_blocks)):
         if value is not None:
             parse_n_blocks(value, name, np.iinfo(np.int64).max)
-    src = read_source(source, user_col, item_col, rating_col)
+    src = read_source(source, user_col, item_col, rating_col, timestamp_col)
+    timed = "timestamp" in src.frame.columns
     _prepare_target(path, overwrite, storage_options, clear=False)
 
     partitions = src.frame.to_delayed()
@@ -327,6 +346,7 @@ def ingest(
         "n_item_blocks": n_blocks["items"],
         "duplicates": duplicates,
         "id_kinds": kinds,
+        "timestamps": timed,
     }
     meta = {
         "format": FORMAT,
@@ -365,7 +385,7 @@ def ingest(
         user_stats = dask.compute(
             *[
                 dask.delayed(_build_block)(
-                    path, storage_options, "users", b, part_stages, shared_assignment, duplicates
+                    path, storage_options, "users", b, part_stages, shared_assignment, duplicates, timed
                 )
                 for b in range(n_blocks["users"])
             ]

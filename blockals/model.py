@@ -290,9 +290,15 @@ class ALS:
             ids = pd.to_numeric(pd.Series(ids), errors="coerce").to_numpy()
         return known.get_indexer(ids)
 
-    def predict(self, users: Any, items: Any) -> np.ndarray:
-        """Predicted ratings ``x_u . y_i`` for pairs of original ids; NaN for unknown ids."""
+    def predict(self, users: Any, items: Any, cold_start: str = "nan") -> np.ndarray:
+        """Predicted ratings for pairs of original ids.
+
+        ``x_u . y_i``, plus ``mu + b_u + b_i`` for biased models. As Spark's
+        ``coldStartStrategy``: ``"nan"`` gives NaN where the user or the item is unknown,
+        ``"drop"`` leaves those pairs out.
+        """
         self._check_fitted()
+        cold_start = parse_choice(cold_start, "cold_start", ("nan", "drop"))
         u, i = self._index(users, "users"), self._index(items, "items")
         if u.shape != i.shape:
             raise InputError(f"users and items must have one length, got {u.shape[0]} and {i.shape[0]}.")
@@ -303,7 +309,7 @@ class ALS:
         if hasattr(self, "user_bias_"):
             scores += self.global_mean_ + self.user_bias_[u] + self.item_bias_[i]
         out[known] = scores
-        return out
+        return out[known] if cold_start == "drop" else out
 
     # -- recommendations ---------------------------------------------------------------
     def _seen_store(self, seen: Any) -> RatingStore | None:

@@ -23,7 +23,9 @@ import pandas as pd
 
 from blockals.errors import InputError
 
-__all__ = ["Source", "read_source", "check_partition", "convert_ids", "normalize_ratings", "PartitionCheck"]
+__all__ = [
+    "Source", "read_source", "check_partition", "convert_ids", "normalize_ratings", "normalize_timestamps", "PartitionCheck",
+]
 
 COLUMNS = ("user", "item", "rating")
 PARTITION_ROWS = 2_000_000
@@ -74,16 +76,19 @@ def _read_path(path: str) -> tuple[dd.DataFrame, dict[str, str] | None]:
 
 
 def read_source(
-    source: Any, user_col: str = "user", item_col: str = "item", rating_col: str = "rating"
+    source: Any, user_col: str = "user", item_col: str = "item", rating_col: str = "rating",
+    timestamp_col: str | None = None,
 ) -> Source:
-    """Open ``source`` as a Dask DataFrame with columns ``user``, ``item``, ``rating``.
+    """Open ``source`` as a Dask DataFrame with columns ``user``, ``item``, ``rating``
+    (and ``timestamp`` when ``timestamp_col`` is given, or the source is a MovieLens file
+    with timestamps).
 
     Parameters
     ----------
     source : pandas or Dask DataFrame, str or path, or (users, items, ratings)
         A path may be a CSV or Parquet file, a directory of Parquet files, a glob, or a
         MovieLens file (``u.data``, ``ratings.dat``, ``ratings.csv``), recognised by name.
-    user_col, item_col, rating_col : str
+    user_col, item_col, rating_col, timestamp_col : str
         Column names in the source (MovieLens files have theirs set automatically).
     """
     cols = {"user": user_col, "item": item_col, "rating": rating_col}
@@ -96,6 +101,8 @@ def read_source(
         if movielens is not None:
             frame = frame.rename(columns=movielens)
             cols = {c: c for c in COLUMNS}
+            if timestamp_col is None and "timestamp" in frame.columns:
+                timestamp_col = "timestamp"
         src = Source(frame, os.fspath(source))
     elif isinstance(source, Sequence) and len(source) == 3:
         arrays = [np.asarray(a) for a in source]
@@ -118,6 +125,8 @@ def read_source(
             f"source must be a DataFrame, a path or (users, items, ratings) arrays, "
             f"got {type(source).__name__}."
         )
+    if timestamp_col is not None:
+        cols["timestamp"] = timestamp_col
     present = list(src.frame.columns)
     for role, col in cols.items():
         if col not in present:
@@ -125,8 +134,8 @@ def read_source(
                 f"{role} column {col!r} is not in the source; its columns are "
                 f"{', '.join(map(repr, map(str, present)))} (pass {role}_col=...)."
             )
-    frame = src.frame[[cols[c] for c in COLUMNS]]
-    frame.columns = list(COLUMNS)
+    frame = src.frame[list(cols.values())]
+    frame.columns = list(cols)
     return Source(frame, src.description)
 
 
@@ -240,6 +249,21 @@ def normalize_ratings(values: pd.Series) -> tuple[np.ndarray, tuple[int, str] | 
     return r, None
 
 
+def normalize_timestamps(values: pd.Series) -> tuple[np.ndarray, tuple[int, str] | None]:
+    """Timestamps as int64 (datetimes become seconds since the epoch)."""
+    if values.dtype.kind == "M":
+        missing = values.isna().to_numpy()
+        if missing.any():
+            return np.empty(0), (_first(missing), "timestamp in row {row} is missing.")
+        return values.astype("datetime64[s]").astype(np.int64).to_numpy(), None
+    t = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(t) | (t != np.floor(t))
+    if bad.any():
+        row = _first(bad)
+        return np.empty(0), (row, f"timestamp in row {{row}} is {_describe(values.iloc[row])}, not a whole number.")
+    return t.astype(np.int64), None
+
+
 @dataclass
 class PartitionCheck:
     """What the first ingest pass learns from one partition."""
@@ -257,7 +281,8 @@ def check_partition(part: pd.DataFrame) -> PartitionCheck:
     user_kind, user_problem = id_kind(part["user"], "user")
     item_kind, item_problem = id_kind(part["item"], "item")
     rating_problem = normalize_ratings(part["rating"])[1]
-    found = [p for p in (user_problem, item_problem, rating_problem) if p is not None]
+    time_problem = normalize_timestamps(part["timestamp"])[1] if "timestamp" in part else None
+    found = [p for p in (user_problem, item_problem, rating_problem, time_problem) if p is not None]
     if found:
         return PartitionCheck(len(part), min(found), user_kind, item_kind, None, None)
     return PartitionCheck(

@@ -227,6 +227,12 @@ def block_triples(ref: StoreRef, side: Side, block: int, n_src_blocks: int) -> t
     return load_rows(ref, side, block)[inblock.row], others[inblock.col], inblock.rating
 
 
+def load_times(ref: StoreRef, block: int) -> np.ndarray:
+    """Timestamps of a user block's ratings, in in-block order (stores ingested with them)."""
+    group = open_group(ref.path, storage_options=ref.options)
+    return read_array(group, f"users/blocks/{block}/time", ref.path)
+
+
 class RatingStore:
     """A complete ratings store, opened for reading.
 
@@ -342,6 +348,10 @@ class RatingStore:
 
     def inblock(self, side: Side, block: int) -> InBlock:
         return load_inblock(self.ref, side, block)
+
+    @property
+    def has_timestamps(self) -> bool:
+        return bool(self.params.get("timestamps"))
 
     def triples(self, side: Side, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(row, other, rating)`` of a block's ratings, rows and others as global indices."""

@@ -137,3 +137,36 @@ def test_split_and_evaluate_refuse_bad_arguments(source, tmp_path):
     other = blockals.ingest(source[source["user"] != source["user"].iloc[0]], tmp_path / "other.zarr")
     with pytest.raises(blockals.InputError, match="is not in"):
         blockals.ingest(source, tmp_path / "c.zarr", like=other)
+
+
+def test_temporal_split_holds_out_each_users_latest_ratings(tmp_path):
+    frame = blockals.datasets.synthetic_frame(300, 120, 6000, seed=2)
+    frame["timestamp"] = frame["timestamp"] // 86400  # coarse days: ties between ratings happen
+    store = blockals.ingest(frame, tmp_path / "all.zarr", timestamp_col="timestamp", n_user_blocks=3, n_item_blocks=2)
+    assert store.has_timestamps
+    train, test = split(store, tmp_path / "train.zarr", tmp_path / "test.zarr", method="temporal", fraction=0.25)
+    assert train.has_timestamps and test.has_timestamps
+    held = set(triples(test))
+    is_test = np.array([(u, i) in held for u, i in zip(frame["user"], frame["item"])])
+    for user, group in frame.assign(test=is_test).groupby("user"):
+        n_test = int(np.floor(0.25 * len(group)))
+        assert group["test"].sum() == n_test
+        if n_test:
+            assert group.loc[group["test"], "timestamp"].min() >= group.loc[~group["test"], "timestamp"].max()
+
+
+def test_temporal_split_needs_timestamps_and_bad_timestamps_are_named(source, tmp_path):
+    store = blockals.ingest(source, tmp_path / "all.zarr")
+    with pytest.raises(blockals.InputError, match="temporal split needs timestamps"):
+        split(store, tmp_path / "a", tmp_path / "b", method="temporal")
+    bad = source.assign(timestamp=np.where(np.arange(len(source)) == 7, np.nan, 1.0e9))
+    with pytest.raises(blockals.InputError, match="timestamp in row 7 is nan, not a whole number"):
+        blockals.ingest(bad, tmp_path / "c.zarr", timestamp_col="timestamp")
+
+
+def test_movielens_files_bring_their_timestamps(tmp_path):
+    (tmp_path / "u.data").write_text("1\t10\t5\t881250949\n2\t10\t3\t891717742\n2\t11\t4\t878887116\n")
+    store = blockals.ingest(tmp_path / "u.data", tmp_path / "ml.zarr")
+    assert store.has_timestamps
+    times = np.concatenate([blockals.store.load_times(store.ref, b) for b in range(store.n_user_blocks)])
+    assert sorted(times) == [878887116, 881250949, 891717742]

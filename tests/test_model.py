@@ -130,6 +130,9 @@ def test_fit_accepts_a_dataframe_and_predicts_by_id(client2):
     assert list(model.user_ids_) == ["ann", "bob", "cid"]
     pred = model.predict(["ann", "zed", "cid"], [10, 10, 99])
     assert np.isfinite(pred[0]) and np.isnan(pred[1]) and np.isnan(pred[2])
+    np.testing.assert_array_equal(model.predict(["ann", "zed", "cid"], [10, 10, 99], cold_start="drop"), pred[:1])
+    with pytest.raises(blockals.InputError, match="cold_start must be one of"):
+        model.predict(["ann"], [10], cold_start="zero")
     manual = model.user_factors_[0].astype(float) @ model.item_factors_[0].astype(float)
     assert pred[0] == pytest.approx(manual)
 

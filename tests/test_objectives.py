@@ -239,3 +239,25 @@ def test_mode_parameters_validated(params, match, data):
     R, M, _ = data
     with pytest.raises(blockals.InputError, match=match):
         blockals.ALS(**params).fit(to_frame(R, M))
+
+
+@pytest.mark.parametrize("reg_scaling", ["count", "none"])
+@pytest.mark.parametrize("extra", [{"nonnegative": True}, {"solver": "cg", "cg_steps": 2}], ids=["nonnegative", "cg"])
+@pytest.mark.parametrize("mode", list(WEIGHTED_MODES))
+def test_reported_loss_is_the_formula_for_constrained_and_approximate_solves(mode, extra, reg_scaling, data, client2, tmp_path):
+    R, M = ratings_for(mode, data)
+    model = fit(R, M, tmp_path, client2, max_iter=3, reg=0.1, reg_scaling=reg_scaling, **WEIGHTED_MODES[mode], **extra)
+    W, T = weights_and_targets(R, M, mode, alpha=2.0, w0=0.3)
+    wu, wi = reg_counts(R, M, mode, reg_scaling)
+    expected = weighted_objective(W, T, model.user_factors_, model.item_factors_, 0.1, wu, wi)
+    assert model.history_[-1]["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_biased_half_step_is_optimal(data, client2, tmp_path):
+    R, M, _ = data
+    model = fit(R, M, tmp_path, client2, max_iter=2, reg=0.1, bias_reg=0.03, biases=True)
+    X, Y, bu, bi, mu = model.user_factors_, model.item_factors_, model.user_bias_, model.item_bias_, model.global_mean_
+    E = np.where(M, R - mu - bu[:, None] - bi[None, :] - X @ Y.T, 0.0)
+    n = M.sum(1)
+    assert np.abs(-2 * E @ Y + 2 * 0.1 * n[:, None] * X).max() < 1e-8
+    assert np.abs(-2 * E.sum(1) + 2 * 0.03 * n * bu).max() < 1e-8

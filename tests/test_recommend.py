@@ -167,3 +167,20 @@ def test_fold_in_refuses_unknown_items(trained):
     model = trained[3]["explicit"]
     with pytest.raises(blockals.InputError, match="item id in row 1 .* is not known"):
         model.fold_in(pd.DataFrame({"user": [1, 1], "item": [0, 1], "rating": [1.0, 2.0]}))
+
+
+def test_fold_in_items_equals_the_last_item_half_step(trained, tmp_path):
+    R, M, store, models = trained
+    # One iteration: the item factors were solved from the initial user factors, which
+    # the model no longer holds; refit with max_iter=1 and fold items in against X0.
+    from blockals.kernels import init_factors
+
+    from conftest import cluster_client
+
+    model = blockals.ALS(rank=4, max_iter=1, reg=0.1, dtype="float64").fit(store, cluster_client(2))
+    model.user_factors_ = init_factors(np.arange(R.shape[0]), 4, 0, "users", "float64")
+    j = np.array([0, 5, 11])
+    rows, cols = np.nonzero(M[:, j])
+    ratings = pd.DataFrame({"user": rows + 1000, "item": j[cols] * 3, "rating": R[rows, j[cols]]})
+    result = model.fold_in(ratings, side="items")
+    np.testing.assert_allclose(result.factors, model.item_factors_[j], atol=1e-8)
