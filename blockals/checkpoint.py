@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from blockals.errors import StoreError
-from blockals.store import Side, open_group, path_exists, read_array, write_array
+from blockals.store import Side, check_meta, open_group, path_exists, read_array, write_array
 
 __all__ = ["Checkpoint", "Committed", "write_block"]
 
@@ -64,13 +64,8 @@ class Checkpoint:
         if not path_exists(self.path, self.storage_options):
             return None
         meta = open_group(self.path, "r", self.storage_options).attrs.get("blockals")
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise StoreError(f"{self.path} is not a blockals checkpoint.")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise StoreError(
-                f"checkpoint {self.path} has format version {meta.get('format_version')}, "
-                f"but this blockals reads version {FORMAT_VERSION}."
-            )
+        # Commits, not a completion marker, say what a checkpoint holds.
+        check_meta(meta, self.path, FORMAT, FORMAT_VERSION, "checkpoint", complete=False)
         if meta.get("store_id") != self.store_id:
             raise StoreError(f"checkpoint {self.path} was made from another ratings store; it cannot be resumed here.")
         if meta.get("config") != self.config:

@@ -17,7 +17,7 @@ from blockals.config import ALSConfig, digest, parse_choice, parse_int
 from blockals.engine import Engine, connect
 from blockals.errors import InputError, StoreError
 from blockals.ingest import ingest
-from blockals.store import RatingStore, open_group, open_store, write_array, read_array
+from blockals.store import RatingStore, check_meta, open_group, open_store, read_array, write_array
 
 __all__ = ["ALS", "FoldIn"]
 
@@ -380,14 +380,14 @@ class ALS:
         Read the result with :func:`blockals.recommend.read_recommendations`.
         """
         from blockals.engine import connect
-        from blockals.recommend import recommend_block, write_recommendations
+        from blockals.recommend import RECS_FORMAT, RECS_FORMAT_VERSION, recommend_block, write_recommendations
 
         self._check_fitted()
         n = parse_int(n, "n", 1)
         store = self._seen_store(None)
         output = str(output)
         root = open_group(output, "w", storage_options)
-        meta = {"format": "blockals-recommendations", "format_version": 1, "n": n,
+        meta = {"format": RECS_FORMAT, "format_version": RECS_FORMAT_VERSION, "n": n,
                 "n_blocks": store.n_user_blocks, "complete": False}
         root.attrs["blockals"] = meta
         write_array(root, "user_ids", self.user_ids_)
@@ -482,16 +482,7 @@ class ALS:
     def load(cls, path: str, storage_options: dict | None = None) -> ALS:
         """Read a model written by :meth:`save`."""
         root = open_group(str(path), "r", storage_options)
-        meta = root.attrs.get("blockals")
-        if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-            raise StoreError(f"{path} is not a blockals model.")
-        if meta.get("format_version") != MODEL_FORMAT_VERSION:
-            raise StoreError(
-                f"model {path} has format version {meta.get('format_version')}, but this blockals "
-                f"reads version {MODEL_FORMAT_VERSION}."
-            )
-        if not meta.get("complete"):
-            raise StoreError(f"model {path} is incomplete: it was not completely written.")
+        meta = check_meta(root.attrs.get("blockals"), str(path), MODEL_FORMAT, MODEL_FORMAT_VERSION, "model")
         model = cls(**meta["params"])
         present = set(root.array_keys())
         for name in _LEARNED:

@@ -13,10 +13,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from blockals.store import RatingStore, Side, StoreRef, block_triples, load_rows, open_group, write_array
+from blockals.store import RatingStore, Side, StoreRef, block_triples, check_meta, load_rows, open_group, write_array
 
 __all__ = ["top_k", "recommend_block", "write_recommendations", "read_recommendations", "similar"]
 
+RECS_FORMAT = "blockals-recommendations"
+RECS_FORMAT_VERSION = 1
 # Bytes of scores one chunk of rows may hold.
 SCORE_BYTES = 32 * 2**20
 
@@ -126,14 +128,8 @@ def write_recommendations(path: str, storage_options: dict | None, block: int, u
 
 def read_recommendations(path: str, storage_options: dict | None = None) -> pd.DataFrame:
     """A recommendations store as a DataFrame with columns user, rank, item, score."""
-    from blockals.errors import StoreError
-
     root = open_group(str(path), "r", storage_options)
-    meta = root.attrs.get("blockals")
-    if not isinstance(meta, dict) or meta.get("format") != "blockals-recommendations":
-        raise StoreError(f"{path} is not a blockals recommendations store.")
-    if not meta.get("complete"):
-        raise StoreError(f"recommendations store {path} is incomplete: it was not completely written.")
+    meta = check_meta(root.attrs.get("blockals"), str(path), RECS_FORMAT, RECS_FORMAT_VERSION, "recommendations store")
     user_ids, item_ids = root["user_ids"][...], root["item_ids"][...]
     frames = []
     for b in range(meta["n_blocks"]):

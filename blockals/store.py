@@ -79,6 +79,23 @@ def open_group(path: str, mode: str = "r", storage_options: dict | None = None) 
         raise StoreError(f"{path} is not a blockals store: its Zarr metadata cannot be read ({exc}).") from exc
 
 
+def check_meta(meta: Any, path: str, fmt: str, version: int, kind: str, complete: bool = True) -> dict:
+    """The ``blockals`` attributes of a group, refused unless of the expected format and version.
+
+    With ``complete``, a group whose completion marker is missing is refused too.
+    """
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise StoreError(f"{path} is not a blockals {kind} (its attributes do not say {fmt!r}).")
+    if meta.get("format_version") != version:
+        raise StoreError(
+            f"{path} has format version {meta.get('format_version')}, but this blockals reads version "
+            f"{version}; upgrade blockals or write the {kind} again."
+        )
+    if complete and not meta.get("complete"):
+        raise StoreError(f"{path} is incomplete: it was not completely written (no completion marker); write it again.")
+    return meta
+
+
 def write_array(group: zarr.Group, name: str, data: np.ndarray) -> zarr.Array:
     """Write ``data`` as a checksummed, compressed 1-D or 2-D array."""
     data = np.asarray(data)
@@ -253,21 +270,7 @@ class RatingStore:
         self.path = absolute(str(path))
         self.storage_options = storage_options
         self._group = open_group(self.path, storage_options=storage_options)
-        meta = self._group.attrs.get("blockals")
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise StoreError(f"{self.path} is not a blockals ratings store (no blockals attributes).")
-        version = meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise StoreError(
-                f"{self.path} has format version {version}, but this blockals reads version "
-                f"{FORMAT_VERSION}; upgrade blockals or re-ingest the data."
-            )
-        if not meta.get("complete"):
-            raise StoreError(
-                f"{self.path} is incomplete: its ingest did not finish (no completion marker); "
-                f"run the ingest again."
-            )
-        self._meta = meta
+        self._meta = meta = check_meta(self._group.attrs.get("blockals"), self.path, FORMAT, FORMAT_VERSION, "ratings store")
         self.params: dict = meta["params"]
         self.stats: dict = meta["stats"]
         self._ids: dict[str, pd.Index] = {}
