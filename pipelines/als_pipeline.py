@@ -1,83 +1,152 @@
-"""The blockals pipeline: data -> ratings store -> ALS model, on a Dask cluster.
+"""The blockals pipeline: ingest -> split -> train -> evaluate -> recommend, on a Dask cluster.
+
+Every stage reads and writes stores under ``--data`` (``ratings.zarr``, ``train.zarr``,
+``test.zarr``, ``model.zarr``, ``metrics.json``, ``recommendations.zarr``), so any stage
+can be rerun alone (``--stages train,evaluate``) and training resumes from its checkpoint
+(``--resume``). Parameters come from a YAML file (``pipelines/configs/``: explicit,
+biased, implicit) and flags override them.
 
 With no arguments it runs the embedded default: a synthetic MovieLens-shaped data set
-(943 users x 1682 items, ~100k half-star ratings, made locally from a seed), ingested into
-``storage/data/demo/ratings.zarr`` and trained with Spark's explicit ALS objective on a
-LocalCluster started for the run. It prints the dashboard link, one line per iteration,
-and the final training and held-out RMSE, and writes the model to
-``storage/data/demo/model.zarr``.
+(943 users x 1682 items, ~100k half-star ratings, made locally from a seed) under
+``storage/data/demo/``, on a LocalCluster started for the run, with Spark's explicit
+objective. It prints the dashboard link first and a summary table last.
 
-    python pipelines/als_pipeline.py                      # embedded default
-    python pipelines/als_pipeline.py --source ratings.csv --rank 32 --max-iter 15
-    python pipelines/als_pipeline.py --scheduler tcp://10.0.0.5:8786
+    python pipelines/als_pipeline.py
+    python pipelines/als_pipeline.py --config pipelines/configs/implicit.yaml --rank 64
+    python pipelines/als_pipeline.py --source ratings.csv --data out/ --scheduler tcp://10.0.0.5:8786
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "pipelines" / "configs"
 DEFAULT_DATA = ROOT / "storage" / "data" / "demo"
+STAGES = ("ingest", "split", "train", "evaluate", "recommend")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", help="ratings to ingest (default: the synthetic MovieLens-shaped set)")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="directory for the store and the model")
-    p.add_argument("--rank", type=int, default=10)
-    p.add_argument("--max-iter", type=int, default=10)
-    p.add_argument("--reg", type=float, default=0.1)
-    p.add_argument("--reg-scaling", default="count", choices=["count", "none"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--holdout", type=float, default=0.1, help="fraction of the default data held out for RMSE")
-    p.add_argument("--scheduler", default=os.environ.get("DASK_SCHEDULER_ADDRESS"),
-                   help="attach to this Dask scheduler (default: $DASK_SCHEDULER_ADDRESS, else a LocalCluster)")
+    p.add_argument("--config", default=str(CONFIGS / "explicit.yaml"), help="YAML parameters (default: explicit.yaml)")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="directory of the stages' stores")
+    p.add_argument("--source", help="ratings to ingest (default: the config's, else the synthetic set)")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {', '.join(STAGES)}")
+    p.add_argument("--rank", type=int)
+    p.add_argument("--max-iter", type=int)
+    p.add_argument("--reg", type=float)
+    p.add_argument("--resume", action="store_true", help="continue training from its last checkpoint")
+    p.add_argument("--scheduler", default=os.environ.get("DASK_SCHEDULER_ADDRESS") or None,
+                   help="attach to this scheduler (default: $DASK_SCHEDULER_ADDRESS, else start a cluster)")
+    p.add_argument("--cluster", choices=["local", "kubernetes"], default="local",
+                   help="the cluster to start when no scheduler is given")
+    p.add_argument("--n-workers", type=int, default=2, help="workers of a Kubernetes cluster started here")
     return p.parse_args(argv)
+
+
+def load_config(args: argparse.Namespace) -> dict:
+    import yaml
+
+    from blockals.errors import InputError
+
+    try:
+        with open(args.config, encoding="utf-8") as fh:
+            config = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise InputError(f"config file {args.config} cannot be read: {exc.strerror}.") from exc
+    except yaml.YAMLError as exc:
+        raise InputError(f"config file {args.config} is not valid YAML ({exc.__class__.__name__}).") from exc
+    for section in ("data", "split", "model", "evaluate", "recommend"):
+        config.setdefault(section, {})
+    for flag, key in (("rank", "rank"), ("max_iter", "max_iter"), ("reg", "reg")):
+        if getattr(args, flag) is not None:
+            config["model"][key] = getattr(args, flag)
+    if args.source:
+        config["data"]["source"] = args.source
+    return config
+
+
+def connect_cluster(args: argparse.Namespace):
+    """A context giving the client: an existing scheduler, Kubernetes, or a LocalCluster."""
+    from blockals.engine import connect
+    from blockals.errors import InputError
+
+    if args.scheduler:
+        from distributed import Client
+
+        return connect(Client(args.scheduler))
+    if args.cluster == "kubernetes":
+        try:
+            from dask_kubernetes.operator import KubeCluster
+        except ImportError as exc:
+            raise InputError("--cluster kubernetes needs dask-kubernetes: pip install 'blockals[kubernetes]'.") from exc
+        from distributed import Client
+
+        cluster = KubeCluster(name="blockals", n_workers=args.n_workers)
+        return connect(Client(cluster))
+    return connect(None)
 
 
 def main(argv: list[str] | None = None) -> int:
     import blockals
-    from blockals.datasets import movielens_like
-    from blockals.engine import connect
+    from blockals.evaluation import evaluate, split
 
     args = parse_args(argv)
+    config = load_config(args)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise blockals.InputError(f"--stages has {unknown[0]!r}; stages are {', '.join(STAGES)}.")
     data = Path(args.data)
     data.mkdir(parents=True, exist_ok=True)
-    test = None
-    if args.source:
-        source = args.source
-    else:
-        frame = movielens_like(seed=args.seed)
-        held = np.random.default_rng(args.seed).random(len(frame)) < args.holdout
-        source, test = frame[~held], frame[held]
-        print(f"synthetic MovieLens-shaped data: {len(frame):,} ratings, {held.sum():,} held out")
+    paths = {name: str(data / name) for name in ("ratings.zarr", "train.zarr", "test.zarr", "model.zarr", "recommendations.zarr")}
+    summary: list[tuple[str, float, str]] = []
 
-    client = None
-    if args.scheduler:
-        from distributed import Client
+    def timed(stage: str, fn, describe) -> object:
+        t = time.perf_counter()
+        out = fn()
+        summary.append((stage, time.perf_counter() - t, describe(out)))
+        return out
 
-        client = Client(args.scheduler)
-    with connect(client) as c:
-        print(f"Dask dashboard: {c.dashboard_link}", flush=True)
-        store = blockals.ingest(source, data / "ratings.zarr", overwrite=True)
-        print(store.summary(), flush=True)
-        model = blockals.ALS(
-            rank=args.rank, max_iter=args.max_iter, reg=args.reg, reg_scaling=args.reg_scaling,
-            seed=args.seed, verbose=True,
-        ).fit(store, c)
-    model.save(data / "model.zarr")
-    print(f"final train RMSE {model.history_[-1]['train_rmse']:.4f}")
-    if test is not None:
-        pred = model.predict(test["user"].to_numpy(), test["item"].to_numpy())
-        known = ~np.isnan(pred)
-        rmse = np.sqrt(np.mean((pred[known] - test["rating"].to_numpy()[known]) ** 2))
-        print(f"held-out RMSE {rmse:.4f} on {known.sum():,} ratings ({(~known).sum()} with unseen ids skipped)")
-    print(f"model written to {data / 'model.zarr'}")
+    with connect_cluster(args) as client:
+        print(f"Dask dashboard: {client.dashboard_link}", flush=True)
+        if "ingest" in stages:
+            d = dict(config["data"])
+            source = d.pop("source", None)
+            if source is None:
+                source = blockals.datasets.movielens_like(seed=config["split"].get("seed", 0))
+                print(f"synthetic MovieLens-shaped data: {len(source):,} ratings")
+            store = timed("ingest", lambda: blockals.ingest(source, paths["ratings.zarr"], overwrite=True, **d),
+                          lambda s: f"{s.nnz:,} ratings, {s.n_users:,} users x {s.n_items:,} items, "
+                                    f"{s.n_user_blocks}x{s.n_item_blocks} blocks")
+            print(store.summary(), flush=True)
+        if "split" in stages:
+            timed("split", lambda: split(blockals.open_store(paths["ratings.zarr"]), paths["train.zarr"],
+                                         paths["test.zarr"], overwrite=True, **config["split"]),
+                  lambda tt: f"{tt[0].nnz:,} train / {tt[1].nnz:,} test ratings")
+        train = blockals.open_store(paths["train.zarr"]) if {"train", "evaluate"} & set(stages) else None
+        if "train" in stages:
+            model = timed("train", lambda: blockals.ALS(**config["model"], verbose=True).fit(train, client, resume=args.resume),
+                          lambda m: f"objective {m.history_[-1]['loss']:.6g}, train RMSE {m.history_[-1]['train_rmse']:.4f}")
+            model.save(paths["model.zarr"])
+        model = blockals.ALS.load(paths["model.zarr"]) if {"evaluate", "recommend"} & set(stages) else None
+        if "evaluate" in stages:
+            test = blockals.open_store(paths["test.zarr"])
+            metrics = timed("evaluate", lambda: evaluate(model, test, train, client=client, **config["evaluate"]),
+                            lambda m: ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
+            (data / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if "recommend" in stages:
+            timed("recommend", lambda: model.recommend_all(config["recommend"].get("n", 10), paths["recommendations.zarr"], client=client),
+                  lambda path: f"top {config['recommend'].get('n', 10)} for every user in {path}")
+    print("\n| stage | seconds | result |\n|---|---|---|")
+    for stage, seconds, text in summary:
+        print(f"| {stage} | {seconds:.1f} | {text} |")
+    print(f"\noutputs in {data}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 
 import blockals
+from blockals.recommend import read_recommendations
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,16 +78,47 @@ def test_bad_training_parameter(csv, tmp_path):
     assert done.returncode == 2 and "rank must be at least 1" in done.stderr and "Traceback" not in done.stderr
 
 
+PIPELINE = str(ROOT / "pipelines" / "als_pipeline.py")
+
+
 def test_pipeline_default_job(tmp_path):
     # The README's main job, on its embedded default, with a LocalCluster of its own.
     env = {**os.environ, "DASK_SCHEDULER_ADDRESS": ""}
-    done = run(str(ROOT / "pipelines" / "als_pipeline.py"), "--data", str(tmp_path), "--max-iter", "4", env=env)
+    done = run(PIPELINE, "--data", str(tmp_path), "--max-iter", "4", env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
-    assert "Dask dashboard: http://127.0.0.1:" in out
-    assert out.count("objective") == 4
-    held_out = float(out.split("held-out RMSE ")[1].split()[0])
-    # Better than predicting every rating with the training mean, by a clear margin.
+    assert out.splitlines()[0].startswith("Dask dashboard: http://127.0.0.1:")
+    assert sum(line.startswith("iteration ") for line in out.splitlines()) == 4
+    for stage in ("ingest", "split", "train", "evaluate", "recommend"):
+        assert f"| {stage} |" in out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    # Better than predicting every rating with one constant, by a clear margin.
     frame = blockals.datasets.movielens_like()
-    assert held_out < 0.85 * frame["rating"].std()
+    assert metrics["rmse"] < 0.85 * frame["rating"].std()
     assert blockals.ALS.load(tmp_path / "model.zarr").history_[-1]["iteration"] == 4
+    recs = read_recommendations(tmp_path / "recommendations.zarr")
+    assert recs["user"].nunique() == frame["user"].nunique()
+
+
+def test_pipeline_config_flags_and_single_stages(tmp_path):
+    env = {**os.environ, "DASK_SCHEDULER_ADDRESS": ""}
+    config = ROOT / "pipelines" / "configs" / "implicit.yaml"
+    done = run(PIPELINE, "--config", str(config), "--data", str(tmp_path), "--rank", "4", "--max-iter", "2",
+               "--stages", "ingest,split,train", env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = blockals.ALS.load(tmp_path / "model.zarr")
+    assert model.rank == 4 and model.implicit and model.solver == "cg"
+    assert not (tmp_path / "metrics.json").exists()
+    done = run(PIPELINE, "--config", str(config), "--data", str(tmp_path), "--stages", "evaluate", env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "metrics.json").read_text())["n_ranked_users"] > 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--stages", "train,deploy"], "--stages has 'deploy'"),
+    (["--config", "/nonexistent.yaml"], "config file /nonexistent.yaml cannot be read"),
+    (["--rank", "0", "--stages", "ingest,split,train"], "rank must be at least 1"),
+])
+def test_pipeline_bad_input(args, message, tmp_path):
+    done = run(PIPELINE, "--data", str(tmp_path), *args, env={**os.environ, "DASK_SCHEDULER_ADDRESS": ""})
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
