@@ -1,4 +1,4 @@
-"""The ``blockals`` command line: ingest, train, info.
+"""The ``blockals`` command line: ingest, split, train, evaluate, recommend, info.
 
 Every subcommand wraps the Python API with the same parameter names (dashes for
 underscores). Bad input ends with one sentence on stderr and exit status 2, never a
@@ -8,6 +8,8 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -15,65 +17,139 @@ from collections.abc import Sequence
 __all__ = ["main", "build_parser"]
 
 
+def _client(args: argparse.Namespace):
+    from blockals.engine import connect
+
+    if getattr(args, "scheduler", None):
+        from distributed import Client
+
+        return connect(Client(args.scheduler))
+    return connect(None)
+
+
 def _ingest(args: argparse.Namespace) -> int:
     import blockals
 
     store = blockals.ingest(
-        args.source,
-        args.store,
-        user_col=args.user_col,
-        item_col=args.item_col,
-        rating_col=args.rating_col,
-        n_user_blocks=args.n_user_blocks,
-        n_item_blocks=args.n_item_blocks,
-        duplicates=args.duplicates,
-        overwrite=args.overwrite,
+        args.source, args.store, user_col=args.user_col, item_col=args.item_col, rating_col=args.rating_col,
+        n_user_blocks=args.n_user_blocks, n_item_blocks=args.n_item_blocks, duplicates=args.duplicates,
+        overwrite=args.overwrite, timestamp_col=args.timestamp_col,
     )
     print(store.summary())
     return 0
 
 
+def _split(args: argparse.Namespace) -> int:
+    import blockals
+    from blockals.evaluation import split
+
+    train, test = split(blockals.open_store(args.store), args.train, args.test, method=args.method,
+                        fraction=args.fraction, k=args.k, seed=args.seed, overwrite=args.overwrite)
+    print(f"{train.nnz:,} ratings in {args.train}, {test.nnz:,} in {args.test}")
+    return 0
+
+
+MODEL_OPTIONS = ("rank", "max_iter", "reg", "reg_scaling", "implicit", "alpha", "biases", "bias_reg", "nonnegative",
+                 "solver", "cg_steps", "weighting", "unobserved_weight", "init", "seed", "dtype", "checkpoint_interval")
+
+
 def _train(args: argparse.Namespace) -> int:
     import blockals
-    from blockals.engine import connect
 
     store = blockals.open_store(args.store)
-    model = blockals.ALS(
-        rank=args.rank,
-        max_iter=args.max_iter,
-        reg=args.reg,
-        reg_scaling=args.reg_scaling,
-        seed=args.seed,
-        dtype=args.dtype,
-        checkpoint_interval=args.checkpoint_interval,
-        verbose=True,
-    )
-    client = None
-    if args.scheduler:
-        from distributed import Client
+    model = blockals.ALS(**{name: getattr(args, name) for name in MODEL_OPTIONS}, verbose=2 if args.progress else 1)
+    with _client(args) as client:
+        print(f"dashboard: {client.dashboard_link}", flush=True)
+        report = contextlib.nullcontext()
+        if args.report:
+            from distributed import performance_report
 
-        client = Client(args.scheduler)
-    with connect(client) as c:
-        print(f"dashboard: {c.dashboard_link}", flush=True)
-        model.fit(store, c, resume=args.resume)
+            report = performance_report(filename=args.report)
+        with report:
+            model.fit(store, client, resume=args.resume)
     model.save(args.model)
     last = model.history_[-1]
     print(f"final objective {last['loss']:.6g}, train RMSE {last['train_rmse']:.4f}; model written to {args.model}")
+    if args.plot:
+        _plot(model.history_, args.plot)
+    return 0
+
+
+def _plot(history: list[dict], path: str) -> None:
+    from blockals.errors import InputError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise InputError("--plot needs matplotlib: pip install 'blockals[plot]'.") from exc
+    it = [h["iteration"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.plot(it, [h["loss"] for h in history], marker="o")
+    left.set(xlabel="iteration", ylabel="objective", title="objective", yscale="log")
+    right.plot(it, [h["train_rmse"] for h in history], marker="o", color="tab:orange")
+    right.set(xlabel="iteration", ylabel="RMSE", title="training RMSE")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import blockals
+    from blockals.evaluation import evaluate
+
+    model = blockals.ALS.load(args.model)
+    train = blockals.open_store(args.train) if args.train else None
+    with _client(args) as client:
+        metrics = evaluate(model, blockals.open_store(args.test), train, k=args.k, relevance=args.relevance, client=client)
+    for name, value in metrics.items():
+        print(f"{name:>16} {value:.6g}" if isinstance(value, float) else f"{name:>16} {value}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(metrics, fh, indent=2)
+    return 0
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    import blockals
+
+    model = blockals.ALS.load(args.model)
+    if args.output:
+        with _client(args) as client:
+            model.recommend_all(args.n, args.output, exclude_seen=not args.include_seen, client=client)
+        print(f"top {args.n} items for every user written to {args.output}")
+        return 0
+    if not args.users:
+        raise blockals.InputError("recommend needs --users ID [ID ...] or --output PATH.")
+    # Command-line ids are text; the model reads them as its own id type.
+    print(model.recommend(args.users, n=args.n, exclude_seen=not args.include_seen).to_string(index=False))
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
     import blockals
+    from blockals.store import open_group
 
-    print(blockals.open_store(args.store).summary())
-    return 0
+    try:
+        print(blockals.open_store(args.store).summary())
+        return 0
+    except blockals.StoreError as exc:
+        if "incomplete" not in str(exc):
+            raise
+    meta = open_group(args.store).attrs.get("blockals", {})
+    print(f"blockals ratings store {args.store}\n  format version {meta.get('format_version')}, INCOMPLETE: "
+          f"its ingest did not finish, so it cannot be used; ingest again.")
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blockals",
         description="Train alternating least squares recommenders out-of-core on Dask.",
-        epilog="Typical use: blockals ingest ratings.csv ratings.zarr && blockals train ratings.zarr model.zarr",
+        epilog="Typical use: blockals ingest ratings.csv ratings.zarr && blockals split ratings.zarr train.zarr test.zarr "
+               "&& blockals train train.zarr model.zarr && blockals evaluate model.zarr test.zarr --train train.zarr",
     )
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -84,12 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user-col", default="user", help="user id column (default: user)")
     p.add_argument("--item-col", default="item", help="item id column (default: item)")
     p.add_argument("--rating-col", default="rating", help="rating column (default: rating)")
+    p.add_argument("--timestamp-col", help="timestamp column to keep, for temporal splits")
     p.add_argument("--n-user-blocks", type=int, help="user blocks (default: from the data size)")
     p.add_argument("--n-item-blocks", type=int, help="item blocks (default: from the data size)")
     p.add_argument("--duplicates", default="error", choices=["error", "sum", "last", "mean"],
                    help="what repeated (user, item) pairs mean (default: error)")
     p.add_argument("--overwrite", action="store_true", help="replace a complete store at STORE")
     p.set_defaults(run=_ingest)
+
+    p = sub.add_parser("split", help="split a store into train and test stores")
+    p.add_argument("store")
+    p.add_argument("train")
+    p.add_argument("test")
+    p.add_argument("--method", default="random", choices=["random", "leave_k_out", "ratio", "temporal"])
+    p.add_argument("--fraction", type=float, default=0.2, help="test fraction (random, ratio, temporal)")
+    p.add_argument("--k", type=int, default=1, help="ratings per user held out (leave_k_out)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_split)
 
     p = sub.add_parser("train", help="fit an ALS model on a ratings store")
     p.add_argument("store", help="ratings store written by 'blockals ingest'")
@@ -99,12 +187,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reg", type=float, default=0.1, help="regularization λ (default: 0.1)")
     p.add_argument("--reg-scaling", default="count", choices=["count", "none"],
                    help="multiply λ by each row's rating count, as Spark does (default: count)")
+    p.add_argument("--implicit", action="store_true", help="implicit feedback (Hu, Koren, Volinsky)")
+    p.add_argument("--alpha", type=float, default=1.0, help="implicit confidence scale: c = 1 + alpha |r|")
+    p.add_argument("--biases", action="store_true", help="learn user and item biases (explicit)")
+    p.add_argument("--bias-reg", type=float, help="λ of the biases (default: --reg)")
+    p.add_argument("--nonnegative", action="store_true", help="nonnegative factors")
+    p.add_argument("--solver", default="cholesky", choices=["cholesky", "cg"])
+    p.add_argument("--cg-steps", type=int, default=3, help="conjugate-gradient steps per half-step")
+    p.add_argument("--weighting", default="none", choices=["none", "wals"], help="'wals': TensorFlow's weighted ALS")
+    p.add_argument("--unobserved-weight", type=float, default=0.1, help="w0 of WALS")
+    p.add_argument("--init", default="normal", choices=["normal", "uniform"], help="initial factors")
     p.add_argument("--seed", type=int, default=0, help="initialization seed (default: 0)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="factor precision")
     p.add_argument("--checkpoint-interval", type=int, default=1, help="checkpoint every N iterations; 0 disables")
     p.add_argument("--resume", action="store_true", help="continue from the last committed checkpoint")
+    p.add_argument("--progress", action="store_true", help="a progress bar over the blocks of each iteration")
+    p.add_argument("--report", help="write Dask's performance report (HTML) of the training here")
+    p.add_argument("--plot", help="write the objective and RMSE curves (PNG) here; needs matplotlib")
     p.add_argument("--scheduler", help="address of a running Dask scheduler (default: start a LocalCluster)")
     p.set_defaults(run=_train)
+
+    p = sub.add_parser("evaluate", help="rating and ranking metrics of a model on a test store")
+    p.add_argument("model")
+    p.add_argument("test", help="test store (from 'blockals split')")
+    p.add_argument("--train", help="training store: its items are not ranking candidates")
+    p.add_argument("--k", type=int, default=10, help="cut-off of the ranking metrics (default: 10)")
+    p.add_argument("--relevance", type=float, default=0.0, help="test ratings above this are relevant (default: 0)")
+    p.add_argument("--json", help="also write the metrics as JSON here")
+    p.add_argument("--scheduler")
+    p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("recommend", help="top-n items for some users, or for every user into a store")
+    p.add_argument("model")
+    p.add_argument("--users", nargs="+", help="user ids to print recommendations for")
+    p.add_argument("--output", help="write recommendations for every user to this Zarr store")
+    p.add_argument("--n", type=int, default=10, help="items per user (default: 10)")
+    p.add_argument("--include-seen", action="store_true", help="do not exclude items rated in training")
+    p.add_argument("--scheduler")
+    p.set_defaults(run=_recommend)
 
     p = sub.add_parser("info", help="describe a ratings store: sizes, block balance, format, completeness")
     p.add_argument("store")

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from distributed import Client, Future, get_worker
+from distributed import Client, Future, as_completed, get_worker
 
 from blockals import kernels
 from blockals.checkpoint import Checkpoint, Committed, write_block
@@ -154,6 +154,8 @@ class Engine:
         Commit every this many iterations, and after the last.
     on_iteration : callable, optional
         Called with each iteration's history entry.
+    on_block : callable, optional
+        Called as ``on_block(iteration, done, total)`` each time a block's solve finishes.
     arrays : dict, optional
         User-given global arrays, in global-index order: ``"user_init"``, ``"item_init"``,
         ``"row_weights"``, ``"col_weights"``.
@@ -168,6 +170,7 @@ class Engine:
         checkpoint_interval: int = 1,
         on_iteration: Callable[[dict[str, Any]], None] | None = None,
         arrays: dict[str, np.ndarray] | None = None,
+        on_block: Callable[[int, int, int], None] | None = None,
     ) -> None:
         self.client = client
         self.store = store
@@ -177,6 +180,7 @@ class Engine:
         self.checkpoint = checkpoint
         self.checkpoint_interval = checkpoint_interval
         self.on_iteration = on_iteration
+        self.on_block = on_block
         self.run_id = uuid.uuid4().hex[:8]
         self.limits = blas_limits(client)
         self.per_block = self._split_arrays(arrays or {})
@@ -304,6 +308,10 @@ class Engine:
             t0 = time.perf_counter()
             Y, item_terms = self._half_step(it, "items", X, Y if warm else None)
             X, user_terms = self._half_step(it, "users", Y, X if warm else None)
+            if self.on_block is not None:
+                solved = Y + X
+                for done, _ in enumerate(as_completed(solved), start=1):
+                    self.on_block(it, done, len(solved))
             entry = {"iteration": it, **self._losses(user_terms, item_terms), "seconds": 0.0, "bytes_routed": self.bytes_routed()}
             del user_terms, item_terms
             history.append(entry)

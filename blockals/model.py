@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -101,8 +102,9 @@ class ALS:
     checkpoint_interval : int
         Write a checkpoint every this many iterations (and after the last); 0 disables
         checkpoints and with them ``resume``.
-    verbose : bool
-        Print one line per iteration.
+    verbose : int
+        1 (or True): print one line per iteration; 2: also a progress bar over the blocks
+        of each iteration (on standard error).
 
     Attributes
     ----------
@@ -140,7 +142,7 @@ class ALS:
         init: Any = "normal",
         dtype: str = "float32",
         checkpoint_interval: int = 1,
-        verbose: bool = False,
+        verbose: int = False,
     ) -> None:
         self.rank = rank
         self.max_iter = max_iter
@@ -249,7 +251,10 @@ class ALS:
             elif resume:
                 raise InputError("resume=True needs checkpoints; checkpoint_interval is 0.")
             with connect(client) as c:
-                engine = Engine(c, store, config, checkpoint, interval or 1, self._report if self.verbose else None, arrays)
+                engine = Engine(
+                    c, store, config, checkpoint, interval or 1, self._report if self.verbose else None, arrays,
+                    self._progress if self.verbose and self.verbose >= 2 else None,
+                )
                 result = engine.run(max_iter, resume=resume)
             users = _assemble(store, "users", result.blocks["users"], config.dtype)
             items = _assemble(store, "items", result.blocks["items"], config.dtype)
@@ -269,6 +274,12 @@ class ALS:
             if tmpdir is not None:
                 shutil.rmtree(tmpdir, ignore_errors=True)
         return self
+
+    @staticmethod
+    def _progress(iteration: int, done: int, total: int) -> None:
+        bar = "#" * (30 * done // total)
+        end = "\n" if done == total else ""
+        print(f"\riteration {iteration:>3} [{bar:<30}] {done}/{total} blocks", end=end, file=sys.stderr, flush=True)
 
     @staticmethod
     def _report(entry: dict[str, Any]) -> None:

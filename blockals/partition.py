@@ -82,6 +82,8 @@ def assign_blocks(counts: np.ndarray, n_blocks: int) -> tuple[np.ndarray, np.nda
     ([0, 0, 1, 1], [0, 1, 0, 1])
     """
     counts = np.asarray(counts)
+    if counts.dtype.kind in "ub":  # -counts would wrap around and deal empty rows first
+        counts = counts.astype(np.int64)
     n = counts.shape[0]
     # Stable sort: ties keep global order, so the deal is a function of the counts alone.
     order = np.argsort(-counts, kind="stable")

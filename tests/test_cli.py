@@ -50,6 +50,45 @@ def test_ingest_info_train(csv, tmp_path):
     assert model.user_factors_.shape == (pairs["user"].nunique(), 3)
 
 
+def test_split_train_evaluate_recommend(csv, tmp_path):
+    path, pairs = csv
+    s, tr, te, m = (str(tmp_path / n) for n in ("s.zarr", "train.zarr", "test.zarr", "m.zarr"))
+    assert blockals_cli("ingest", str(path), s).returncode == 0
+    done = blockals_cli("split", s, tr, te, "--method", "ratio", "--fraction", "0.25")
+    assert done.returncode == 0, done.stderr
+    done = blockals_cli("train", tr, m, "--rank", "3", "--max-iter", "3", "--implicit", "--alpha", "2",
+                        "--progress", "--report", str(tmp_path / "report.html"), "--plot", str(tmp_path / "loss.png"))
+    assert done.returncode == 0, done.stderr
+    blocks = blockals.open_store(tr).n_user_blocks + blockals.open_store(tr).n_item_blocks
+    assert done.stderr.count(f"{blocks}/{blocks} blocks") == 3  # the progress bar ends each iteration
+    assert (tmp_path / "report.html").stat().st_size > 1000
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = blockals.ALS.load(m)
+    assert model.implicit and model.alpha == 2.0 and len(model.history_) == 3
+    done = blockals_cli("evaluate", m, te, "--train", tr, "--k", "5", "--json", str(tmp_path / "metrics.json"))
+    assert done.returncode == 0, done.stderr
+    assert "precision@5" in done.stdout
+    assert json.loads((tmp_path / "metrics.json").read_text())["n_test_ratings"] > 0
+    user = str(pairs["user"].iloc[0])
+    done = blockals_cli("recommend", m, "--users", user, "--n", "4")
+    assert done.returncode == 0, done.stderr
+    expected = model.recommend([int(user)], n=4)
+    assert done.stdout.split()[4:] == expected.to_string(index=False).split()[4:]
+    done = blockals_cli("recommend", m, "--output", str(tmp_path / "recs.zarr"), "--n", "2")
+    assert done.returncode == 0 and read_recommendations(tmp_path / "recs.zarr")["rank"].max() == 2
+
+
+def test_info_reports_an_incomplete_store(csv, tmp_path):
+    path, _ = csv
+    store = tmp_path / "s.zarr"
+    assert blockals_cli("ingest", str(path), str(store)).returncode == 0
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["blockals"]["complete"] = False
+    (store / "zarr.json").write_text(json.dumps(meta))
+    done = blockals_cli("info", str(store))
+    assert done.returncode == 1 and "INCOMPLETE" in done.stdout and "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
