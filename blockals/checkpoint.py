@@ -1,8 +1,8 @@
 """Training checkpoints: factor blocks on disk, and the iteration they belong to.
 
-A checkpoint is a Zarr group with two slots. Iteration ``t`` writes every factor block
-into slot ``t % 2`` (the slot not holding the last committed iteration), then commits by
-rewriting the group's attributes: ``committed = {iteration, slot, history}``. A crash
+A checkpoint is a Zarr group with two slots. A checkpointed iteration writes every factor
+block into the slot not holding the last committed iteration, then commits by rewriting
+the group's attributes: ``committed = {iteration, slot, history}``. A crash
 while blocks are written leaves the committed slot untouched, so resuming always starts
 from a complete iteration.
 """

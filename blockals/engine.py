@@ -288,8 +288,9 @@ class Engine:
         sq_err = sum(p["sq_err"] for p in users)
         return {"loss": loss, "train_rmse": float(np.sqrt(sq_err / self.store.nnz))}
 
-    def _write_checkpoint(self, it: int, X: list[Future], Y: list[Future], history: list[dict]) -> None:
-        slot = it % 2
+    def _write_checkpoint(self, it: int, X: list[Future], Y: list[Future], history: list[dict]) -> int:
+        """Write both sides into the slot not holding the last commit, then commit; returns the slot."""
+        slot = 1 - self._committed_slot
         ckpt = self.checkpoint
         writes = [
             self._submit(write_block, ckpt.path, ckpt.storage_options, slot, side, b, f, key=self._key("checkpoint", side, it, b))
@@ -298,9 +299,13 @@ class Engine:
         ]
         self.client.gather(writes)  # waits, and raises if a write failed
         ckpt.commit(it, slot, history)
+        self._committed_slot = slot
+        return slot
 
     def run(self, max_iter: int, resume: bool = False) -> FitResult:
         X, Y, committed = self._start(resume)
+        # Slot 1 first on a fresh start; never the slot of the commit a resume relies on.
+        self._committed_slot = committed.slot if committed else 0
         history = list(committed.history) if committed else []
         first = committed.iteration + 1 if committed else 1
         warm = self.config.warm_start
@@ -317,12 +322,12 @@ class Engine:
             history.append(entry)
             if self.checkpoint is not None and (it % self.checkpoint_interval == 0 or it == max_iter):
                 entry["seconds"] = time.perf_counter() - t0
-                self._write_checkpoint(it, X, Y, history)
+                slot = self._write_checkpoint(it, X, Y, history)
                 # Restart from the checkpoint: the scheduler then forgets this iteration's
                 # lineage, so its graph does not grow with the iterations.
-                X = self._read_checkpoint(it, it % 2, "users")
+                X = self._read_checkpoint(it, slot, "users")
                 if warm:
-                    Y = self._read_checkpoint(it, it % 2, "items")
+                    Y = self._read_checkpoint(it, slot, "items")
             entry["seconds"] = time.perf_counter() - t0
             if self.on_iteration is not None:
                 self.on_iteration(entry)

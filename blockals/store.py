@@ -112,6 +112,8 @@ def write_array(group: zarr.Group, name: str, data: np.ndarray) -> zarr.Array:
         chunks=(rows, *data.shape[1:]),
         compressors=CODECS,
         overwrite=True,
+        # Every chunk gets a file (and a checksum): a lost file must fail, not read as zeros.
+        config={"write_empty_chunks": True},
     )
     if data.size:
         arr[...] = data
@@ -121,7 +123,8 @@ def write_array(group: zarr.Group, name: str, data: np.ndarray) -> zarr.Array:
 def read_array(group: zarr.Group, name: str, where: str) -> np.ndarray:
     """Read a whole array; a missing or corrupted one raises :class:`StoreError` naming it."""
     try:
-        return group[name][...]
+        array = group[name]
+        data = array[...]
     except KeyError as exc:
         raise StoreError(f"{where}/{name} is missing from the store.") from exc
     except ValueError as exc:
@@ -130,6 +133,11 @@ def read_array(group: zarr.Group, name: str, where: str) -> np.ndarray:
                 f"{where}/{name} is corrupted: a chunk's checksum does not match its bytes."
             ) from exc
         raise
+    # Every chunk is written (write_empty_chunks), so a missing one is damage, not zeros.
+    if array.nchunks_initialized != array.nchunks:
+        missing = array.nchunks - array.nchunks_initialized
+        raise StoreError(f"{where}/{name} is damaged: {missing} of its {array.nchunks} chunk files are missing.")
+    return data
 
 
 def absolute(path: str) -> str:

@@ -137,3 +137,22 @@ def test_dask_threads_times_blas_threads_never_exceed_the_cores(client):
     for address in workers:
         seen = client.submit(_blas_threads_in_task, limits, workers=[address], pure=False).result()
         assert seen == limits[address]
+
+
+def test_a_checkpoint_never_overwrites_the_commit_it_follows(store, client2, tmp_path):
+    path = str(tmp_path / "e")
+    config_of = lambda model: ALSConfig.parse(**{k: getattr(model, k) for k in (  # noqa: E731
+        "rank", "reg", "reg_scaling", "solver", "seed", "dtype")}).to_dict()
+    first = blockals.ALS(rank=5, max_iter=2, reg=0.05, seed=2, dtype="float64", checkpoint_interval=2)
+    first.fit(store, client2, checkpoint_path=path)
+    ckpt = Checkpoint(path, store.store_id, config_of(first))
+    before = ckpt.load()
+    # A crash while the next checkpoint (iteration 4) was being written: garbage in the other slot.
+    for b in range(store.n_user_blocks):
+        write_block(path, None, 1 - before.slot, "users", b, np.full((store.block_rows("users")[b], 5), 1e6))
+    resumed = blockals.ALS(rank=5, max_iter=4, reg=0.05, seed=2, dtype="float64", checkpoint_interval=2)
+    resumed.fit(store, client2, checkpoint_path=path, resume=True)
+    after = ckpt.load()
+    assert after.iteration == 4 and after.slot != before.slot
+    whole = fit(store, client2, 4, checkpoint_path=str(tmp_path / "f"))
+    np.testing.assert_allclose(resumed.user_factors_, whole.user_factors_, atol=1e-12)

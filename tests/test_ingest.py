@@ -813,3 +813,17 @@ def test_corrupted_chunk_is_detected(ratings, tmp_path):
     # Other blocks are intact.
     assert store.inblock("users", 1).nnz == store.block_nnz("users")[1]
     BLOCK_CACHE.clear()
+
+
+def test_a_deleted_chunk_file_is_an_error_not_zeros(tmp_path):
+    from blockals.store import BLOCK_CACHE
+
+    frame = pd.DataFrame({"user": [0, 0, 1], "item": [0, 1, 1], "rating": [0.0, 0.0, 0.0]})
+    store = blockals.ingest(frame, tmp_path / "z.zarr", n_user_blocks=1, n_item_blocks=1)
+    chunks = list((tmp_path / "z.zarr" / "users" / "blocks" / "0" / "rating" / "c").rglob("*"))
+    files = [c for c in chunks if c.is_file()]
+    assert files  # all-zero ratings still have their chunk written
+    files[0].unlink()
+    BLOCK_CACHE.clear()
+    with pytest.raises(blockals.StoreError, match=r"users/blocks/0/rating is damaged: 1 of its 1 chunk files"):
+        blockals.open_store(tmp_path / "z.zarr").inblock("users", 0)
