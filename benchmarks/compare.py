@@ -114,6 +114,7 @@ def run_spark(args, train: Path, test: Path) -> dict:
     spark = (SparkSession.builder.master(f"local[{args.cores}]").config("spark.ui.enabled", "false")
              .config("spark.driver.memory", "8g").getOrCreate())
     spark.sparkContext.setLogLevel("ERROR")
+    spark.sparkContext.setCheckpointDir(tempfile.mkdtemp(dir=DATA))  # bounds ALS lineage, as in real use
     df = spark.read.parquet(str(train)).selectExpr("cast(user as int) user", "cast(item as int) item", "cast(rating as float) rating").cache()
     df.count()
     times = {}

@@ -44,6 +44,7 @@ def main() -> None:
 
     spark = SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false").getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
+    spark.sparkContext.setCheckpointDir(tempfile.mkdtemp())
     rows = []
     with tempfile.TemporaryDirectory() as tmp, LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
                                                             dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:

@@ -25,12 +25,17 @@ SAMPLE = os.path.join(os.path.dirname(pyspark.__file__), "data", "mllib", "als",
 
 
 @pytest.fixture(scope="module")
-def spark():
+def spark(tmp_path_factory):
     from pyspark.sql import SparkSession
 
+    # Without a checkpoint directory Spark's ALS lineage grows with the iterations until
+    # serializing a task overflows the JVM stack; checkpoints (every checkpointInterval=10
+    # iterations by default) and a larger stack keep it well clear.
     session = (SparkSession.builder.master("local[2]").appName("blockals-parity")
-               .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "4").getOrCreate())
+               .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "4")
+               .config("spark.driver.extraJavaOptions", "-Xss16m").getOrCreate())
     session.sparkContext.setLogLevel("ERROR")
+    session.sparkContext.setCheckpointDir(str(tmp_path_factory.mktemp("spark-checkpoints")))
     yield session
     session.stop()
 
@@ -49,7 +54,7 @@ def spark_model(spark, train: pd.DataFrame, like: blockals.ALS, **params) -> blo
     from pyspark.ml.recommendation import ALS as SparkALS
 
     df = spark.createDataFrame(list(train.itertuples(index=False, name=None)), "user int, item int, rating float")
-    fitted = SparkALS(seed=0, numUserBlocks=4, numItemBlocks=4, **params).fit(df)
+    fitted = SparkALS(seed=0, numUserBlocks=4, numItemBlocks=4, checkpointInterval=5, **params).fit(df)
     model = blockals.ALS(rank=params["rank"])
     model.user_ids_, model.item_ids_ = like.user_ids_, like.item_ids_
     for side, ids, frame in (("user", like.user_ids_, fitted.userFactors), ("item", like.item_ids_, fitted.itemFactors)):
