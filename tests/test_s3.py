@@ -1,0 +1,53 @@
+"""Stores and models on S3: a real S3 API (moto's server) on 127.0.0.1, no local files."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import blockals
+
+s3fs = pytest.importorskip("s3fs", reason="S3 support is in the 's3' extra: pip install -e '.[s3]'")
+moto_server = pytest.importorskip("moto.server", reason="the S3 test needs moto[server] (test extra)")
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    options = {"key": "testing", "secret": "testing",
+               "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "eu-west-1"}}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("blockals-test")
+    yield fs, options
+    server.stop()
+
+
+def test_ingest_train_save_load_recommend_on_s3(s3, client2, tmp_path, monkeypatch):
+    fs, options = s3
+    monkeypatch.chdir(tmp_path)  # anything written locally by mistake would land here
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"user": rng.integers(0, 60, 900), "item": rng.integers(0, 40, 900)}).drop_duplicates()
+    frame["rating"] = rng.integers(1, 6, len(frame)).astype(float)
+    store = blockals.ingest(frame, "s3://blockals-test/ratings.zarr", n_user_blocks=3, n_item_blocks=2,
+                            storage_options=options)
+    assert fs.exists("blockals-test/ratings.zarr/zarr.json")
+    model = blockals.ALS(rank=3, max_iter=3, reg=0.1, dtype="float64").fit(store, client2)
+    assert fs.exists(f"blockals-test/ratings.zarr/checkpoints")
+    model.save("s3://blockals-test/model.zarr", storage_options=options)
+    loaded = blockals.ALS.load("s3://blockals-test/model.zarr", storage_options=options)
+    np.testing.assert_array_equal(loaded.user_factors_, model.user_factors_)
+    recs = loaded.recommend([0, 1], n=3, seen=store)
+    seen = frame.groupby("user")["item"].apply(set)
+    assert all(item not in seen[user] for user, item in zip(recs["user"], recs["item"]))
+    assert list(tmp_path.iterdir()) == []
+    # The same model trained from a local copy of the data.
+    local = blockals.ALS(rank=3, max_iter=3, reg=0.1, dtype="float64").fit(
+        blockals.ingest(frame, tmp_path / "local.zarr", n_user_blocks=3, n_item_blocks=2), client2)
+    np.testing.assert_allclose(local.user_factors_, model.user_factors_, atol=1e-10)
