@@ -1,7 +1,8 @@
 """The blockals pipeline: ingest -> split -> train -> evaluate -> recommend, on a Dask cluster.
 
 Every stage reads and writes stores under ``--data`` (``ratings.zarr``, ``train.zarr``,
-``test.zarr``, ``model.zarr``, ``metrics.json``, ``recommendations.zarr``), so any stage
+``test.zarr``, ``model.zarr``, ``metrics.json``, ``recommendations.zarr``; a local directory or
+an ``s3://`` URL), so any stage
 can be rerun alone (``--stages train,evaluate``) and training resumes from its checkpoint
 (``--resume``). Parameters come from a YAML file (``pipelines/configs/``: explicit,
 biased, implicit) and flags override them.
@@ -34,7 +35,9 @@ STAGES = ("ingest", "split", "train", "evaluate", "recommend")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(CONFIGS / "explicit.yaml"), help="YAML parameters (default: explicit.yaml)")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="directory of the stages' stores")
+    p.add_argument("--data", default=str(DEFAULT_DATA),
+                   help="directory or fsspec URL (s3://bucket/prefix) of the stages' stores; "
+                        "credentials come from the environment (AWS_* variables for S3)")
     p.add_argument("--source", help="ratings to ingest (default: the config's, else the synthetic set)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {', '.join(STAGES)}")
     p.add_argument("--rank", type=int)
@@ -93,6 +96,8 @@ def connect_cluster(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    import fsspec
+
     import blockals
     from blockals.evaluation import evaluate, split
 
@@ -102,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise blockals.InputError(f"--stages has {unknown[0]!r}; stages are {', '.join(STAGES)}.")
-    data = Path(args.data)
-    data.mkdir(parents=True, exist_ok=True)
-    paths = {name: str(data / name) for name in ("ratings.zarr", "train.zarr", "test.zarr", "model.zarr", "recommendations.zarr")}
+    data = args.data.rstrip("/")
+    if "://" not in data:
+        Path(data).mkdir(parents=True, exist_ok=True)
+    paths = {name: f"{data}/{name}" for name in ("ratings.zarr", "train.zarr", "test.zarr", "model.zarr", "recommendations.zarr")}
     summary: list[tuple[str, float, str]] = []
 
     def timed(stage: str, fn, describe) -> object:
@@ -139,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             test = blockals.open_store(paths["test.zarr"])
             metrics = timed("evaluate", lambda: evaluate(model, test, train, client=client, **config["evaluate"]),
                             lambda m: ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
-            (data / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            with fsspec.open(f"{data}/metrics.json", "w") as fh:
+                fh.write(json.dumps(metrics, indent=2))
         if "recommend" in stages:
             timed("recommend", lambda: model.recommend_all(config["recommend"].get("n", 10), paths["recommendations.zarr"], client=client),
                   lambda path: f"top {config['recommend'].get('n', 10)} for every user in {path}")

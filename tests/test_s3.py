@@ -51,3 +51,25 @@ def test_ingest_train_save_load_recommend_on_s3(s3, client2, tmp_path, monkeypat
     local = blockals.ALS(rank=3, max_iter=3, reg=0.1, dtype="float64").fit(
         blockals.ingest(frame, tmp_path / "local.zarr", n_user_blocks=3, n_item_blocks=2), client2)
     np.testing.assert_allclose(local.user_factors_, model.user_factors_, atol=1e-10)
+
+
+def test_pipeline_writes_every_stage_to_s3(s3, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fs, options = s3
+    endpoint = options["client_kwargs"]["endpoint_url"]
+    env = {**os.environ, "DASK_SCHEDULER_ADDRESS": "", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "eu-west-1"}
+    script = Path(__file__).resolve().parents[1] / "pipelines" / "als_pipeline.py"
+    done = subprocess.run([sys.executable, str(script), "--data", "s3://blockals-test/run", "--max-iter", "2"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("ratings.zarr", "train.zarr", "test.zarr", "model.zarr", "recommendations.zarr"):
+        assert fs.exists(f"blockals-test/run/{name}/zarr.json"), name
+    assert fs.exists("blockals-test/run/metrics.json")
+    model = blockals.ALS.load("s3://blockals-test/run/model.zarr", storage_options=options)
+    assert model.history_[-1]["iteration"] == 2
+    assert list(tmp_path.iterdir()) == []
