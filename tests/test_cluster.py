@@ -87,3 +87,38 @@ def test_a_worker_killed_mid_training_changes_nothing(process_cluster, tmp_path)
     assert killed and killed[0] not in process_cluster.run(os.getpid).values()  # it really died
     np.testing.assert_allclose(model.user_factors_, undisturbed.user_factors_, atol=1e-5)
     np.testing.assert_allclose(model.item_factors_, undisturbed.item_factors_, atol=1e-5)
+
+
+def test_driver_killed_mid_training_resumes_to_the_same_model(tmp_path):
+    """SIGKILL the training command after its third iteration; the rerun with --resume ends
+    where an uninterrupted run does (two copies of the data keep their checkpoints apart)."""
+    frame = blockals.datasets.synthetic_frame(3000, 1500, 150_000, seed=5)
+    for name in ("a", "b"):
+        blockals.ingest(frame, tmp_path / f"{name}.zarr", n_user_blocks=4, n_item_blocks=3)
+    env = {**os.environ, "DASK_SCHEDULER_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    train = [sys.executable, "-m", "blockals.cli", "train"]
+    options = ["--rank", "16", "--max-iter", "8", "--reg", "0.05", "--seed", "1", "--dtype", "float64"]
+    whole = subprocess.run([*train, str(tmp_path / "a.zarr"), str(tmp_path / "ma.zarr"), *options],
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    victim = subprocess.Popen([*train, str(tmp_path / "b.zarr"), str(tmp_path / "mb.zarr"), *options],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                              start_new_session=True)
+    for line in victim.stdout:
+        if line.startswith("iteration   3"):
+            os.killpg(victim.pid, signal.SIGKILL)  # the driver and the cluster it started
+            break
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL
+    assert not (tmp_path / "mb.zarr").exists()
+
+    resumed = subprocess.run([*train, str(tmp_path / "b.zarr"), str(tmp_path / "mb.zarr"), *options, "--resume"],
+                             capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "iteration   1" not in resumed.stdout and "iteration   4" in resumed.stdout  # it did resume
+    a = blockals.ALS.load(tmp_path / "ma.zarr")
+    b = blockals.ALS.load(tmp_path / "mb.zarr")
+    np.testing.assert_allclose(b.user_factors_, a.user_factors_, atol=1e-10)
+    np.testing.assert_allclose(b.item_factors_, a.item_factors_, atol=1e-10)
+    assert [h["iteration"] for h in b.history_] == list(range(1, 9))
