@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from blockals.errors import InputError
-from blockals.recommend import SCORE_BYTES, score_rows
+from blockals.recommend import SCORE_BYTES, group_by_row, score_rows
 from blockals.store import RatingStore, StoreRef, block_triples, load_rows, load_times
 
 __all__ = ["split", "evaluate", "ranking_metrics", "METRICS", "SPLITS"]
@@ -175,12 +175,6 @@ def ranking_metrics(scores: np.ndarray, relevant: list[np.ndarray], excluded: li
     return out
 
 
-def _group(rows: np.ndarray, values: np.ndarray, n: int) -> list[np.ndarray]:
-    order = np.argsort(rows, kind="stable")
-    bounds = np.searchsorted(rows[order], np.arange(n + 1))
-    return [values[order[bounds[r] : bounds[r + 1]]] for r in range(n)]
-
-
 def _evaluate_block(
     test: StoreRef, train: StoreRef | None, block: int, n_item_blocks: int, U: np.ndarray, V: np.ndarray,
     user_bias: np.ndarray | None, item_bias: np.ndarray | None, mu: float, k: int, relevance: float,
@@ -194,10 +188,10 @@ def _evaluate_block(
         pred += mu + user_bias[local] + item_bias[items]
     err = pred - rating
     sums: dict[str, Any] = {"n_ratings": err.size, "sse": float(err @ err), "sae": float(np.abs(err).sum())}
-    rel = _group(local[rating > relevance], items[rating > relevance], users.size)
+    rel = group_by_row(local[rating > relevance], items[rating > relevance], users.size)
     if train is not None:
         t_rows, t_items, _ = block_triples(train, "users", block, n_item_blocks)
-        seen = _group(np.searchsorted(users, t_rows), t_items, users.size)
+        seen = group_by_row(np.searchsorted(users, t_rows), t_items, users.size)
     else:
         seen = [np.zeros(0, dtype=np.int64)] * users.size
     active = np.flatnonzero([r.size > 0 for r in rel])

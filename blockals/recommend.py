@@ -100,6 +100,13 @@ def seen_items(store: RatingStore, users: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def group_by_row(rows: np.ndarray, values: np.ndarray, n: int) -> list[np.ndarray]:
+    """``values`` split by local row ``0 .. n-1`` (rows without values get empty arrays)."""
+    order = np.argsort(rows, kind="stable")
+    bounds = np.searchsorted(rows[order], np.arange(n + 1))
+    return [values[order[bounds[r] : bounds[r + 1]]] for r in range(n)]
+
+
 def recommend_block(
     ref: StoreRef, block: int, n_item_blocks: int, U: np.ndarray, V: np.ndarray,
     item_bias: np.ndarray | None, k: int, exclude_seen: bool,
@@ -109,10 +116,7 @@ def recommend_block(
     seen = None
     if exclude_seen:
         rows, items, _ = block_triples(ref, "users", block, n_item_blocks)
-        local = np.searchsorted(users, rows)
-        order = np.argsort(local, kind="stable")
-        bounds = np.searchsorted(local[order], np.arange(users.shape[0] + 1))
-        seen = [items[order[bounds[r] : bounds[r + 1]]] for r in range(users.shape[0])]
+        seen = group_by_row(np.searchsorted(users, rows), items, users.shape[0])
     idx, val = recommend_rows(U, V, k, item_bias, seen)
     return users, idx, val
 
