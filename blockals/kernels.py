@@ -1,4 +1,4 @@
-"""Block kernels: factor initialization and the batched solvers of a whole block's rows.
+"""Block kernels: factor initialization and the solvers of a whole block's rows.
 
 Every ALS mode (:mod:`blockals.objectives`) reduces a half-step to, for each row ``u`` of
 the destination block, the linear system::
@@ -8,14 +8,20 @@ the destination block, the linear system::
 
 where ``d_i`` is the design row built from the routed factor row of the rated item,
 ``a_ui`` and ``beta_ui`` come from the rating, ``G`` is an optional term shared by every row
-(``Y^T Y`` in implicit mode) and ``reg_u`` is the row's ridge diagonal. These functions
-solve all rows of a block at once: rows are bucketed by rating count, each bucket's design
-rows are gathered into a zero-padded ``(rows, L, w)`` tensor, and the systems are formed
-with batched matrix products (:func:`solve_cholesky`), or applied without forming them
-(:func:`solve_cg`), or solved under ``x >= 0`` (:func:`solve_nnls`).
+(``Y^T Y`` in implicit mode) and ``reg_u`` is the row's ridge diagonal.
 
-They are pure NumPy functions of one block; the engine calls them inside Dask tasks and
-the tests call them directly.
+The per-row loops are compiled with numba: per-row work is small (a rank-64 row with 100
+ratings is 400k multiply-adds), so NumPy's per-call dispatch on stacked small matrices
+cost more than the arithmetic (docs/performance.md has the measurements). Each row's
+``A_u`` is accumulated in the factors' precision straight from the routed rows, four
+ratings per pass so that the update of ``A_u`` stays in the vector units, then solved by
+a double-precision Cholesky (:func:`solve_cholesky`); or ``A_u`` is applied without being
+formed (:func:`solve_cg`); or the formed systems are solved under ``x >= 0``
+(:func:`solve_nnls`). The compiled functions release the GIL, so a multi-threaded Dask
+worker runs several blocks at once.
+
+They are pure functions of one block; the engine calls them inside Dask tasks and the
+tests call them directly.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
-from blockals.routing import InBlock
+from blockals.routing import InBlock, build_inblock
 
 __all__ = [
     "RowSystems",
@@ -34,13 +41,15 @@ __all__ = [
     "solve_cholesky",
     "solve_cg",
     "solve_nnls",
-    "bucket_lengths",
+    "precompile",
 ]
 
-# Bytes of gathered, padded design rows one batch may hold.
+# Bytes of formed float64 systems one batch may hold (NNLS and the minimum-norm fallback).
 BATCH_BYTES = 32 * 2**20
 SIDE_TAGS = {"users": 0, "items": 1}
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+# Reassociation lets the dot products vectorize; NaN and inf keep their IEEE meaning.
+_jit = numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz"})
 
 
 # -- initialization -----------------------------------------------------------------
@@ -127,157 +136,256 @@ class RowSystems:
     def width(self) -> int:
         return self.D.shape[1]
 
+    def kernel_args(self) -> tuple[np.ndarray, ...]:
+        """``(indptr, col, D, a, beta, G, reg)`` in the layouts and types the compiled loops take.
 
-def bucket_lengths(max_count: int) -> np.ndarray:
-    """Padded lengths 1, 2, 3, 4, 6, 8, 12, 16, ...: at most a third of a batch is padding."""
-    lengths = [1, 2, 3]
-    while lengths[-1] < max_count:
-        lengths.append(lengths[-2] * 2)
-    return np.array(lengths, dtype=np.int64)
+        Missing weights become ones and a missing ``G`` zeros, so each dtype of ``D``
+        compiles once.
+        """
+        D = np.ascontiguousarray(self.D)
+        nnz = self.col.shape[0]
+        a = np.ones(nnz, dtype=D.dtype) if self.a is None else np.ascontiguousarray(self.a, dtype=D.dtype)
+        G = np.zeros((self.width, self.width)) if self.G is None else np.ascontiguousarray(self.G, dtype=np.float64)
+        return (
+            self.inblock.indptr.astype(np.int64),
+            np.ascontiguousarray(self.col, dtype=np.int64),
+            D,
+            a,
+            np.ascontiguousarray(self.beta, dtype=np.float64),
+            G,
+            np.ascontiguousarray(self.reg, dtype=np.float64),
+        )
 
 
-def _batches(counts: np.ndarray, width: int, itemsize: int, batch_bytes: int) -> Iterator[tuple[np.ndarray, int]]:
-    """Groups of rows with similar counts, and the padded length of each group."""
-    nonempty = np.flatnonzero(counts)
-    if nonempty.size == 0:
-        return
-    lengths = bucket_lengths(int(counts.max()))
-    bucket = np.searchsorted(lengths, counts[nonempty])
-    order = np.argsort(bucket, kind="stable")
-    bounds = np.searchsorted(bucket[order], np.arange(lengths.size + 1))
-    for k in range(lengths.size):
-        rows = nonempty[order[bounds[k] : bounds[k + 1]]]
-        if rows.size == 0:
+# -- compiled per-row loops ------------------------------------------------------------
+
+
+@_jit
+def _add_gram(A, D, col, a, start, end):
+    """``A += sum_{p in [start, end)} a_p d_p d_p^T`` over the full square.
+
+    Four ratings per pass: each element of ``A`` is loaded and stored once for four
+    products, and the fixed-length inner loop vectorizes (a triangular loop with a
+    moving start does not, and costs more than the doubled arithmetic it saves).
+    """
+    w = A.shape[0]
+    p = start
+    while p + 4 <= end:
+        d0, d1, d2, d3 = D[col[p]], D[col[p + 1]], D[col[p + 2]], D[col[p + 3]]
+        a0, a1, a2, a3 = a[p], a[p + 1], a[p + 2], a[p + 3]
+        for j in range(w):
+            c0, c1, c2, c3 = a0 * d0[j], a1 * d1[j], a2 * d2[j], a3 * d3[j]
+            Aj = A[j]
+            for l in range(w):
+                Aj[l] += c0 * d0[l] + c1 * d1[l] + c2 * d2[l] + c3 * d3[l]
+        p += 4
+    while p < end:
+        d0 = D[col[p]]
+        for j in range(w):
+            c0 = a[p] * d0[j]
+            Aj = A[j]
+            for l in range(w):
+                Aj[l] += c0 * d0[l]
+        p += 1
+
+
+@_jit
+def _system(u, indptr, col, D, a, beta, G, reg, A, M, b):
+    """Row ``u``'s ``A_u`` into ``M`` and ``b_u`` into ``b`` (float64); ``A`` is scratch."""
+    w = A.shape[0]
+    start, end = indptr[u], indptr[u + 1]
+    A[:, :] = 0.0
+    _add_gram(A, D, col, a, start, end)
+    b[:] = 0.0
+    for p in range(start, end):
+        d = D[col[p]]
+        for j in range(w):
+            b[j] += beta[p] * d[j]
+    for j in range(w):
+        for l in range(w):
+            M[j, l] = A[j, l] + G[j, l]
+        M[j, j] += reg[u, j]
+
+
+@_jit
+def _cholesky_rows(rows, indptr, col, D, a, beta, G, reg, X, ok):
+    """Solve the systems of ``rows`` by Cholesky; ``ok[k]`` is False where it broke down."""
+    w = D.shape[1]
+    A = np.empty((w, w), dtype=D.dtype)
+    M = np.empty((w, w))
+    b = np.empty(w)
+    for k in range(rows.shape[0]):
+        u = rows[k]
+        _system(u, indptr, col, D, a, beta, G, reg, A, M, b)
+        try:
+            R = np.linalg.cholesky(M)
+        except Exception:
+            ok[k] = False
             continue
-        length = int(lengths[k])
-        per_batch = max(1, batch_bytes // (length * width * itemsize))
-        for start in range(0, rows.size, per_batch):
-            yield rows[start : start + per_batch], length
+        for j in range(w):  # R y = b
+            acc = b[j]
+            for i in range(j):
+                acc -= R[j, i] * b[i]
+            b[j] = acc / R[j, j]
+        for j in range(w - 1, -1, -1):  # R^T x = y
+            acc = b[j]
+            for i in range(j + 1, w):
+                acc -= R[i, j] * b[i]
+            b[j] = acc / R[j, j]
+        ok[k] = np.isfinite(b).all()
+        for j in range(w):
+            X[u, j] = b[j]
 
 
-@dataclass
-class _Batch:
-    rows: np.ndarray
-    pos: np.ndarray  # (n, L) rating positions, padding pointing at any rating
-    valid: np.ndarray  # (n, L) which positions are ratings
-    Dg: np.ndarray  # (n, L, w) design rows, zero-padded
-    ag: np.ndarray | None  # (n, L) Gram weights, zero-padded
-    bg: np.ndarray  # (n, L) right-hand-side coefficients, zero-padded
+@_jit
+def _form_rows(rows, indptr, col, D, a, beta, G, reg, Ms, bs):
+    """The float64 systems of ``rows`` into ``Ms[k]``, ``bs[k]``."""
+    A = np.empty((D.shape[1], D.shape[1]), dtype=D.dtype)
+    for k in range(rows.shape[0]):
+        _system(rows[k], indptr, col, D, a, beta, G, reg, A, Ms[k], bs[k])
 
 
-def _gathered(sys: RowSystems, batch_bytes: int) -> Iterator[_Batch]:
-    indptr = sys.inblock.indptr
-    # Padding gathers an appended zero row, so no masking pass over the batch is needed.
-    m = sys.D.shape[0]
-    D = np.vstack([sys.D, np.zeros((1, sys.width), dtype=sys.D.dtype)])
-    for rows, length in _batches(sys.inblock.counts, sys.width, sys.D.dtype.itemsize, batch_bytes):
-        pos = indptr[rows][:, None] + np.arange(length)
-        valid = pos < indptr[rows + 1][:, None]
-        pos = np.where(valid, pos, 0)  # padding points at any rating, masked below
-        Dg = D[np.where(valid, sys.col[pos], m)]
-        ag = None if sys.a is None else np.where(valid, sys.a[pos], 0).astype(sys.D.dtype)
-        bg = np.where(valid, sys.beta[pos], 0).astype(sys.D.dtype)
-        yield _Batch(rows, pos, valid, Dg, ag, bg)
+@_jit
+def _apply(u, p, indptr, col, D, a, G, reg, out):
+    """``out = A_u p`` without forming ``A_u``: ``G p + sum a (d . p) d + reg * p``."""
+    w = p.shape[0]
+    for j in range(w):
+        acc = reg[u, j] * p[j]
+        for l in range(w):
+            acc += G[j, l] * p[l]
+        out[j] = acc
+    for q in range(indptr[u], indptr[u + 1]):
+        d = D[col[q]]
+        t = 0.0
+        for j in range(w):
+            t += d[j] * p[j]
+        t *= a[q]
+        for j in range(w):
+            out[j] += t * d[j]
 
 
-def _add_loss(sys: RowSystems, batch: _Batch, x: np.ndarray, terms: dict[str, float] | None) -> None:
-    """Add a batch's observed-pair loss and squared error at the solution ``x``."""
+@_jit
+def _cg_rows(indptr, col, D, a, beta, G, reg, X0, steps, X):
+    w = D.shape[1]
+    x, r, p, Ap = np.empty(w), np.empty(w), np.empty(w), np.empty(w)
+    for u in range(indptr.shape[0] - 1):
+        if indptr[u] == indptr[u + 1]:
+            continue
+        for j in range(w):
+            x[j] = X0[u, j]
+        _apply(u, x, indptr, col, D, a, G, reg, Ap)
+        r[:] = -Ap
+        for q in range(indptr[u], indptr[u + 1]):
+            d = D[col[q]]
+            for j in range(w):
+                r[j] += beta[q] * d[j]
+        p[:] = r
+        rr = np.dot(r, r)
+        for _ in range(steps):
+            if rr <= 0.0:
+                break
+            _apply(u, p, indptr, col, D, a, G, reg, Ap)
+            pAp = np.dot(p, Ap)
+            if not pAp > 0.0:
+                break
+            alpha = rr / pAp
+            x += alpha * p
+            r -= alpha * Ap
+            rr_new = np.dot(r, r)
+            p[:] = r + (rr_new / rr) * p
+            rr = rr_new
+        for j in range(w):
+            X[u, j] = x[j]
+
+
+@_jit
+def _predictions(indptr, col, D, X, s):
+    """``s_p = d_p . x_u`` for every rating."""
+    for u in range(indptr.shape[0] - 1):
+        x = X[u]
+        for q in range(indptr[u], indptr[u + 1]):
+            d = D[col[q]]
+            acc = 0.0
+            for j in range(x.shape[0]):
+                acc += d[j] * x[j]
+            s[q] = acc
+
+
+# -- solvers of a block -----------------------------------------------------------------
+
+
+def _chunks(rows: np.ndarray, width: int, batch_bytes: int) -> Iterator[np.ndarray]:
+    per_batch = max(1, batch_bytes // (8 * width * (width + 1)))
+    for start in range(0, rows.size, per_batch):
+        yield rows[start : start + per_batch]
+
+
+def _formed(sys: RowSystems, args: tuple, rows: np.ndarray, batch_bytes: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The float64 systems of ``rows``, a batch at a time."""
+    for chunk in _chunks(rows, sys.width, batch_bytes):
+        Ms = np.empty((chunk.size, sys.width, sys.width))
+        bs = np.empty((chunk.size, sys.width))
+        _form_rows(chunk, *args, Ms, bs)
+        yield chunk, Ms, bs
+
+
+def _add_loss(sys: RowSystems, X: np.ndarray, terms: dict[str, float] | None) -> None:
+    """Add the block's observed-pair loss and squared error at the solution ``X``."""
     if terms is None:
         return
-    s = np.einsum("nlw,nw->nl", batch.Dg, x.astype(batch.Dg.dtype)).astype(np.float64)[batch.valid]
-    pos = batch.pos[batch.valid]
-    a = 1.0 if sys.a is None else sys.a[pos]
-    terms["observed"] = terms.get("observed", 0.0) + float(np.sum(a * s * s - 2 * sys.beta[pos] * s + sys.gamma[pos]))
-    terms["sq_err"] = terms.get("sq_err", 0.0) + float(np.sum((sys.tau[pos] - s) ** 2))
-
-
-def _form(sys: RowSystems, batch: _Batch) -> tuple[np.ndarray, np.ndarray]:
-    """``A`` and ``b`` of a batch's rows, in float64."""
-    DgT = batch.Dg.transpose(0, 2, 1)
-    weighted = batch.Dg if batch.ag is None else batch.Dg * batch.ag[..., None]
-    A = np.matmul(DgT, weighted).astype(np.float64)
-    b = np.matmul(DgT, batch.bg[..., None])[..., 0].astype(np.float64)
-    if sys.G is not None:
-        A += sys.G
-    diag = np.arange(sys.width)
-    A[:, diag, diag] += sys.reg[batch.rows]
-    return A, b
+    indptr, col, D = sys.kernel_args()[:3]
+    s = np.empty(col.shape[0])
+    _predictions(indptr, col, D, np.ascontiguousarray(X, dtype=np.float64), s)
+    a = 1.0 if sys.a is None else sys.a
+    terms["observed"] = terms.get("observed", 0.0) + float(np.sum(a * s * s - 2 * sys.beta * s + sys.gamma))
+    terms["sq_err"] = terms.get("sq_err", 0.0) + float(np.sum((sys.tau - s) ** 2))
 
 
 def _min_norm(A: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("nij,nj->ni", np.linalg.pinv(A, rcond=1e-10, hermitian=True), b)
 
 
-def _solve(A: np.ndarray, b: np.ndarray, regularized: np.ndarray) -> np.ndarray:
-    """Solve a batch of symmetric positive semi-definite systems.
-
-    Rows with a positive ridge diagonal are positive definite and solved directly. Rows
-    without one (``reg = 0``, or a count-scaled row without ratings) may be singular,
-    where LU returns garbage rather than failing; they get the minimum-norm solution.
-    """
-    x = np.empty_like(b)
-    if regularized.any():
-        try:
-            x[regularized] = np.linalg.solve(A[regularized], b[regularized][..., None])[..., 0]
-        except np.linalg.LinAlgError:
-            x[regularized] = _min_norm(A[regularized], b[regularized])
-    if not regularized.all():
-        x[~regularized] = _min_norm(A[~regularized], b[~regularized])
-    return x
+def _solve_batch(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve a batch of positive semi-definite systems, minimum-norm where LU breaks down."""
+    try:
+        return np.linalg.solve(A, b[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        return _min_norm(A, b)
 
 
 def solve_cholesky(sys: RowSystems, batch_bytes: int = BATCH_BYTES, terms: dict[str, float] | None = None) -> np.ndarray:
     """Exact solve of every row's system; rows without ratings get zeros.
 
-    Each batch's matrices are formed with one batched product ``D_g^T (a D_g)`` and
-    solved together in double precision. When ``terms`` is given, the observed-pair
-    loss and squared error at the solution are added to it from the same gathered rows.
+    Rows with a positive ridge diagonal are positive definite and solved by Cholesky.
+    Rows without one (``reg = 0``, or a count-scaled row with no positive rating) may be
+    singular, where a factorization returns garbage rather than failing; they, and any
+    row whose factorization breaks down, get the minimum-norm solution. When ``terms`` is
+    given, the observed-pair loss and squared error at the solution are added to it.
     """
+    args = sys.kernel_args()
     X = np.zeros((sys.inblock.n_rows, sys.width), dtype=sys.D.dtype)
-    for batch in _gathered(sys, batch_bytes):
-        A, b = _form(sys, batch)
-        x = _solve(A, b, (sys.reg[batch.rows] > 0).all(axis=1))
-        X[batch.rows] = x
-        _add_loss(sys, batch, x, terms)
+    nonempty = sys.inblock.counts > 0
+    regularized = (sys.reg > 0).all(axis=1)
+    rows = np.flatnonzero(nonempty & regularized)
+    ok = np.ones(rows.size, dtype=bool)
+    _cholesky_rows(rows, *args, X, ok)
+    singular = np.concatenate([rows[~ok], np.flatnonzero(nonempty & ~regularized)])
+    for chunk, Ms, bs in _formed(sys, args, singular, batch_bytes):
+        X[chunk] = _min_norm(Ms, bs)
+    _add_loss(sys, X, terms)
     return X
 
 
-def solve_cg(
-    sys: RowSystems, x0: np.ndarray, steps: int, batch_bytes: int = BATCH_BYTES, terms: dict[str, float] | None = None
-) -> np.ndarray:
+def solve_cg(sys: RowSystems, x0: np.ndarray, steps: int, terms: dict[str, float] | None = None) -> np.ndarray:
     """``steps`` conjugate-gradient steps per row, warm-started at ``x0``.
 
-    The matrices are never formed: ``A p = G p + D_g^T (a * (D_g p)) + reg * p`` costs
-    ``O(L w)`` per row instead of ``O(L w^2)``. With ``steps >= w`` it is exact (up to
-    rounding).
+    The matrices are never formed: ``A p = G p + sum a (d . p) d + reg * p`` costs
+    ``O(L w + w^2)`` per row instead of ``O(L w^2)``. With ``steps >= w`` it is exact (up
+    to rounding).
     """
     X = np.zeros((sys.inblock.n_rows, sys.width), dtype=sys.D.dtype)
-    for batch in _gathered(sys, batch_bytes):
-        reg = sys.reg[batch.rows].astype(sys.D.dtype)
-
-        def matvec(p: np.ndarray) -> np.ndarray:
-            t = np.einsum("nlw,nw->nl", batch.Dg, p)
-            if batch.ag is not None:
-                t *= batch.ag
-            out = np.einsum("nlw,nl->nw", batch.Dg, t) + reg * p
-            return out if sys.G is None else out + p @ sys.G.astype(p.dtype)
-
-        x = x0[batch.rows].astype(sys.D.dtype)
-        r = np.einsum("nlw,nl->nw", batch.Dg, batch.bg) - matvec(x)
-        p = r.copy()
-        rr = np.einsum("nw,nw->n", r, r)
-        for _ in range(steps):
-            Ap = matvec(p)
-            pAp = np.einsum("nw,nw->n", p, Ap)
-            alpha = np.divide(rr, pAp, out=np.zeros_like(rr), where=pAp > 0)
-            x += alpha[:, None] * p
-            r -= alpha[:, None] * Ap
-            rr_new = np.einsum("nw,nw->n", r, r)
-            beta = np.divide(rr_new, rr, out=np.zeros_like(rr), where=rr > 0)
-            p = r + beta[:, None] * p
-            rr = rr_new
-        X[batch.rows] = x
-        _add_loss(sys, batch, x, terms)
+    _cg_rows(*sys.kernel_args(), np.ascontiguousarray(x0, dtype=np.float64), steps, X)
+    _add_loss(sys, X, terms)
     return X
 
 
@@ -305,7 +413,7 @@ def _nnls_batch(A: np.ndarray, b: np.ndarray, x: np.ndarray, bounded: np.ndarray
         mask = free[:, :, None] & free[:, None, :]
         Af = np.where(mask, A, 0.0)
         Af[:, np.arange(w), np.arange(w)] += ~free
-        polished = _solve(Af, b * free, np.ones(n, dtype=bool))
+        polished = _solve_batch(Af, b * free)
         # Move toward the exact free-set solution as far as feasibility allows (the
         # Lawson-Hanson step): where it is feasible, all the way.
         blocked = bounded[None, :] & (polished < 0) & free
@@ -328,12 +436,11 @@ def solve_nnls(
 
     ``bounded`` marks the constrained coordinates (a learned bias stays free).
     """
+    args = sys.kernel_args()
     X = np.zeros((sys.inblock.n_rows, sys.width), dtype=sys.D.dtype)
-    for batch in _gathered(sys, batch_bytes):
-        A, b = _form(sys, batch)
-        x = _nnls_batch(A, b, x0[batch.rows].astype(np.float64), bounded, tol, max_rounds)
-        X[batch.rows] = x
-        _add_loss(sys, batch, x, terms)
+    for rows, A, b in _formed(sys, args, np.flatnonzero(sys.inblock.counts), batch_bytes):
+        X[rows] = _nnls_batch(A, b, x0[rows].astype(np.float64), bounded, tol, max_rounds)
+    _add_loss(sys, X, terms)
     return X
 
 
@@ -351,3 +458,18 @@ def solve(
     if solver == "cg":
         return solve_cg(sys, x0, cg_steps, terms=terms)
     return solve_cholesky(sys, terms=terms)
+
+
+def precompile() -> None:
+    """Compile the per-row loops for float32 and float64 factors, or load them from cache.
+
+    numba caches compiled code beside this module (or in ``NUMBA_CACHE_DIR``); images
+    call this once at build time so that workers start without compiling.
+    """
+    inblock = build_inblock(np.zeros(5, int), np.zeros(5, int), np.arange(5), np.arange(5), np.ones(5), 1, 1)
+    for dtype in (np.float32, np.float64):
+        ones = np.ones(5)
+        sys = RowSystems(inblock, np.eye(5, 2, dtype=dtype), inblock.col, ones, None, None, np.ones((1, 2)), ones, ones)
+        solve_cholesky(sys, terms={})
+        solve_cg(sys, np.zeros((1, 2)), 1)
+        solve_nnls(sys, np.zeros((1, 2)), np.ones(2, dtype=bool))

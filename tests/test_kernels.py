@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blockals.kernels import bucket_lengths, init_factors, solve_cg, solve_cholesky
+from blockals.kernels import RowSystems, init_factors, solve_cg, solve_cholesky
 from blockals.objectives import Objective
 from blockals.routing import build_inblock
 
@@ -91,15 +91,6 @@ def test_solves_report_the_loss_at_their_solution(reg_scaling):
     assert obj.penalty(X, inblock) == pytest.approx(0.5 * float(w @ (X**2).sum(1)))
 
 
-def test_bucket_lengths_bound_padding():
-    lengths = bucket_lengths(10_000)
-    assert lengths[0] == 1 and lengths[-1] >= 10_000
-    # Any count c lands in the first length >= c, wasting less than a third of the batch.
-    counts = np.arange(1, 10_001)
-    padded = lengths[np.searchsorted(lengths, counts)]
-    assert (padded >= counts).all() and ((padded - counts) / padded).max() < 1 / 3 + 1e-9
-
-
 def test_init_is_unit_norm_isotropic_and_a_function_of_the_row():
     X = init_factors(np.arange(20_000), 8, seed=5, side="users", dtype="float64")
     np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, rtol=1e-12)
@@ -110,3 +101,30 @@ def test_init_is_unit_norm_isotropic_and_a_function_of_the_row():
     np.testing.assert_array_equal(init_factors(rows, 8, 5, "users", "float64"), X[rows])
     assert not np.allclose(init_factors(rows, 8, 6, "users", "float64"), X[rows])
     assert not np.allclose(init_factors(rows, 8, 5, "items", "float64"), X[rows])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weighted_wide_systems_equal_dense_solves(dtype):
+    # Rank 64 with per-rating weights and a shared G (the implicit form), counts 1..150:
+    # every remainder of the four-ratings-per-pass Gram loop, short and long rows.
+    inblock, Y, (dst, src, rating), Y_src = random_block(150, 160, 64, seed=7, heavy=20)
+    rng = np.random.default_rng(8)
+    a = rng.random(inblock.nnz) * 3
+    G = Y_src.T @ Y_src / 10
+    reg = np.full((150, 64), 0.4)
+    beta = inblock.rating.astype(np.float64) * 2
+    systems = RowSystems(inblock, Y.astype(dtype), inblock.col, beta, a, G, reg, beta, beta)
+    # The in-block sorts each row's ratings by source; the same order as (dst, src) sorted.
+    order = np.lexsort((src, dst))
+    expected = np.zeros((150, 64))
+    for u in range(150):
+        in_row = dst[order] == u
+        m = order[in_row]
+        F = Y_src[src[m]].astype(dtype).astype(np.float64)
+        wts = a[np.flatnonzero(in_row)]
+        A = G + F.T @ (wts[:, None] * F) + 0.4 * np.eye(64)
+        expected[u] = np.linalg.solve(A, F.T @ (2 * rating[m]))
+    tol = 1e-3 if dtype == np.float32 else 1e-9
+    np.testing.assert_allclose(solve_cholesky(systems), expected, rtol=tol, atol=tol)
+    x0 = rng.standard_normal((150, 64))
+    np.testing.assert_allclose(solve_cg(systems, x0, 100), expected, rtol=10 * tol, atol=10 * tol)
