@@ -19,12 +19,21 @@ __all__ = ["main", "build_parser"]
 
 def _client(args: argparse.Namespace):
     from blockals.engine import connect
+    from blockals.tls import TLSFiles
 
-    if getattr(args, "scheduler", None):
-        from distributed import Client
+    tls = TLSFiles.parse(args.tls_ca_file, args.tls_cert, args.tls_key)
+    return connect(scheduler=args.scheduler, dashboard_address=args.dashboard_address,
+                   security=tls.security() if tls else None)
 
-        return connect(Client(args.scheduler))
-    return connect(None)
+
+def _add_cluster_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", help="address of a running Dask scheduler, tcp:// or tls:// (default: start a LocalCluster)")
+    p.add_argument("--dashboard-address", default="127.0.0.1:8787",
+                   help="where a started LocalCluster serves its dashboard (default: 127.0.0.1:8787, loopback only; "
+                        "the dashboard has no authentication)")
+    p.add_argument("--tls-ca-file", help="TLS for the Dask comm: the CA certificate (PEM) that signed the cluster's certificates")
+    p.add_argument("--tls-cert", help="TLS: this client's certificate (PEM), also used by a started LocalCluster")
+    p.add_argument("--tls-key", help="TLS: the certificate's private key (PEM), unless --tls-cert holds it")
 
 
 def _ingest(args: argparse.Namespace) -> int:
@@ -55,19 +64,27 @@ MODEL_OPTIONS = ("rank", "max_iter", "reg", "reg_scaling", "implicit", "alpha", 
 
 def _train(args: argparse.Namespace) -> int:
     import blockals
+    from blockals.lock import Lease
+    from blockals.model import MODEL_FORMAT
+    from blockals.store import writable_meta
 
     store = blockals.open_store(args.store)
+    writable_meta(args.model, MODEL_FORMAT, "model")  # refused before the training, not after it
     model = blockals.ALS(**{name: getattr(args, name) for name in MODEL_OPTIONS}, verbose=2 if args.progress else 1)
-    with _client(args) as client:
-        print(f"dashboard: {client.dashboard_link}", flush=True)
-        report = contextlib.nullcontext()
-        if args.report:
-            from distributed import performance_report
+    model._check_params()  # a bad parameter is refused before a cluster starts
+    # Held from start to save: a second training of this model path is refused before it
+    # starts a cluster, not after it has trained.
+    with Lease(args.model, "model", break_lease=args.break_lease):
+        with _client(args) as client:
+            print(f"dashboard: {client.dashboard_link}", flush=True)
+            report = contextlib.nullcontext()
+            if args.report:
+                from distributed import performance_report
 
-            report = performance_report(filename=args.report)
-        with report:
-            model.fit(store, client, resume=args.resume)
-    model.save(args.model)
+                report = performance_report(filename=args.report)
+            with report:
+                model.fit(store, client, resume=args.resume, break_lease=args.break_lease)
+        model.save(args.model)
     last = model.history_[-1]
     print(f"final objective {last['loss']:.6g}, train RMSE {last['train_rmse']:.4f}; model written to {args.model}")
     if args.plot:
@@ -124,6 +141,12 @@ def _recommend(args: argparse.Namespace) -> int:
     if not args.users:
         raise blockals.InputError("recommend needs --users ID [ID ...] or --output PATH.")
     # Command-line ids are text; the model reads them as its own id type.
+    unknown = [user for user, row in zip(args.users, model._index(args.users, "users")) if row < 0]
+    if unknown:
+        raise blockals.InputError(
+            f"--users: {len(unknown)} of the {len(args.users)} ids are not users of the model {args.model}, "
+            f"the first being {unknown[0]!r}."
+        )
     print(model.recommend(args.users, n=args.n, exclude_seen=not args.include_seen).to_string(index=False))
     return 0
 
@@ -204,7 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="a progress bar over the blocks of each iteration")
     p.add_argument("--report", help="write Dask's performance report (HTML) of the training here")
     p.add_argument("--plot", help="write the objective and RMSE curves (PNG) here; needs matplotlib")
-    p.add_argument("--scheduler", help="address of a running Dask scheduler (default: start a LocalCluster)")
+    p.add_argument("--break-lease", action="store_true",
+                   help="take over the model's and checkpoint's leases left on an object store by a training that "
+                        "died (local leases of dead processes free themselves)")
+    _add_cluster_options(p)
     p.set_defaults(run=_train)
 
     p = sub.add_parser("evaluate", help="rating and ranking metrics of a model on a test store")
@@ -214,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10, help="cut-off of the ranking metrics (default: 10)")
     p.add_argument("--relevance", type=float, default=0.0, help="test ratings above this are relevant (default: 0)")
     p.add_argument("--json", help="also write the metrics as JSON here")
-    p.add_argument("--scheduler")
+    _add_cluster_options(p)
     p.set_defaults(run=_evaluate)
 
     p = sub.add_parser("recommend", help="top-n items for some users, or for every user into a store")
@@ -223,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write recommendations for every user to this Zarr store")
     p.add_argument("--n", type=int, default=10, help="items per user (default: 10)")
     p.add_argument("--include-seen", action="store_true", help="do not exclude items rated in training")
-    p.add_argument("--scheduler")
+    _add_cluster_options(p)
     p.set_defaults(run=_recommend)
 
     p = sub.add_parser("info", help="describe a ratings store: sizes, block balance, format, completeness")

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 from distributed import Client, Future, as_completed, get_worker
+from distributed.security import Security
 
 from blockals import kernels
 from blockals.checkpoint import Checkpoint, Committed, write_block
@@ -336,25 +337,55 @@ class Engine:
 
 
 class connect:
-    """Context giving a Dask client: the one passed, the current one, or a LocalCluster.
+    """Context giving a Dask client: the one passed, one to ``scheduler``, the current one, or a LocalCluster.
 
     A LocalCluster started here has one single-threaded worker process per core (BLAS
-    gets one thread each), binds to 127.0.0.1, and is closed on exit.
+    gets one thread each), listens on 127.0.0.1 only, and is closed on exit.
+
+    Parameters
+    ----------
+    client : distributed.Client, optional
+        Used as it is and left open.
+    scheduler : str, optional
+        Address of a running scheduler (``tcp://host:8786``, ``tls://host:8786``); the
+        client made for it is closed on exit.
+    dashboard_address : str
+        Where a LocalCluster started here serves its dashboard. The dashboard has no
+        authentication and shows the cluster's tasks, logs and workers, so the default
+        keeps it on loopback; ``"0.0.0.0:8787"`` exposes it to the network.
+    security : distributed.security.Security, optional
+        TLS for the Dask comm (:meth:`blockals.tls.TLSFiles.security` makes one from
+        certificate files): used by a started LocalCluster's scheduler and workers, and by
+        the client to ``scheduler``. With it, the current client is not adopted.
     """
 
-    def __init__(self, client: Client | None = None) -> None:
+    def __init__(
+        self,
+        client: Client | None = None,
+        *,
+        scheduler: str | None = None,
+        dashboard_address: str = "127.0.0.1:8787",
+        security: Security | None = None,
+    ) -> None:
         self.client = client
+        self.scheduler = scheduler
+        self.dashboard_address = dashboard_address
+        self.security = security
         self._cluster = None
+        self._owned = False
 
     def __enter__(self) -> Client:
         if self.client is not None:
             return self.client
-        try:
-            from distributed import get_client
+        if self.scheduler:
+            return self._attach()
+        if self.security is None:  # a current client may not use TLS: start a cluster that does
+            try:
+                from distributed import get_client
 
-            return get_client()
-        except ValueError:
-            pass
+                return get_client()
+            except ValueError:
+                pass
         from distributed import LocalCluster
 
         cores = len(os.sched_getaffinity(0))
@@ -363,14 +394,33 @@ class connect:
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address="127.0.0.1:8787",
+            dashboard_address=self.dashboard_address,
+            security=self.security,
         )
-        self.client = Client(self._cluster)
-        log.info("started a LocalCluster with %d workers; dashboard: %s", cores, self.client.dashboard_link)
+        self.client = Client(self._cluster, security=self.security)
+        self._owned = True
+        log.info("started a LocalCluster with %d workers at %s; dashboard: %s", cores, self._cluster.scheduler_address,
+                 self.client.dashboard_link)
+        return self.client
+
+    def _attach(self) -> Client:
+        from blockals.errors import InputError
+
+        try:
+            self.client = Client(self.scheduler, security=self.security)
+        except (OSError, TypeError) as exc:  # TypeError: a tls:// address without a Security
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InputError(
+                f"cannot connect to the Dask scheduler at {self.scheduler} ({reason}); check the address and, "
+                f"for a tls:// scheduler, the TLS certificate options."
+            ) from None
+        self._owned = True
         return self.client
 
     def __exit__(self, *exc: object) -> None:
-        if self._cluster is not None:
+        if self._owned:
             self.client.close()
-            self._cluster.close()
+            if self._cluster is not None:
+                self._cluster.close()
             self.client = self._cluster = None
+            self._owned = False

@@ -6,7 +6,7 @@ so the command-line interface can print it as it is, without a traceback.
 
 from __future__ import annotations
 
-__all__ = ["BlockalsError", "InputError", "StoreError"]
+__all__ = ["BlockalsError", "InputError", "StoreError", "LeaseError"]
 
 
 class BlockalsError(Exception):
@@ -19,3 +19,7 @@ class InputError(BlockalsError, ValueError):
 
 class StoreError(BlockalsError, OSError):
     """A ratings store, checkpoint or model on disk is missing, incomplete or of an unknown version."""
+
+
+class LeaseError(StoreError):
+    """A model or checkpoint path is being written by another training (see :mod:`blockals.lock`)."""

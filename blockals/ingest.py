@@ -27,10 +27,10 @@ import dask
 import numpy as np
 import pandas as pd
 
-from blockals.errors import InputError, StoreError
+from blockals.errors import InputError
 from blockals.partition import DEFAULT_BLOCK_BUDGET, assign_blocks, default_n_blocks, parse_n_blocks
 from blockals.routing import build_inblock
-from blockals.sources import check_partition, convert_ids, normalize_ratings, normalize_timestamps, read_source
+from blockals.sources import check_partition, convert_ids, normalize_ratings, normalize_timestamps, read_source, reading
 from blockals.store import (
     FORMAT,
     FORMAT_VERSION,
@@ -40,8 +40,8 @@ from blockals.store import (
     new_store_id,
     open_group,
     other_side,
-    path_exists,
     remove_path,
+    writable_meta,
     write_array,
 )
 
@@ -203,26 +203,13 @@ def _prepare_target(path: str, overwrite: bool, storage_options: dict | None, cl
     With ``clear=False`` only refuse: nothing is removed until the source has passed its
     checks, so a bad source does not cost the store it was meant to replace.
     """
-    if not path_exists(path, storage_options):
+    meta = writable_meta(path, FORMAT, "store", storage_options)
+    if meta is None:
         return
-    try:
-        meta = open_group(path, "r", storage_options).attrs.get("blockals")
-    except (StoreError, ValueError):  # no group, or unreadable metadata (bad zarr.json)
-        meta = None
-    if isinstance(meta, dict) and meta.get("format") == FORMAT:
-        if meta.get("complete") and not overwrite:
-            raise InputError(
-                f"{path} already holds a complete ratings store; pass overwrite=True to replace it."
-            )
-        if clear:
-            remove_path(path, storage_options)  # ours: complete (overwrite) or left half-written
-        return
-    import fsspec
-
-    fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    if fs.isdir(p) and not fs.ls(p):
-        return
-    raise InputError(f"{path} exists and is not a blockals store; refusing to write over it.")
+    if meta.get("complete") and not overwrite:
+        raise InputError(f"{path} already holds a complete ratings store; pass overwrite=True to replace it.")
+    if clear:
+        remove_path(path, storage_options)  # ours: complete (overwrite) or left half-written
 
 
 def _combine_counts(parts: Sequence[pd.Series], kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -266,7 +253,9 @@ def ingest(
     user_col, item_col, rating_col : str
         Column names in the source.
     n_user_blocks, n_item_blocks : int, optional
-        Block counts; by default chosen so one block's solve fits ``block_budget`` bytes.
+        Block counts, each at most the number of users (items): a larger count is refused
+        rather than clamped, since a block needs at least one row. By default chosen so one
+        block's solve fits ``block_budget`` bytes.
     duplicates : {"error", "sum", "last", "mean"}
         What a repeated (user, item) pair means. ``"error"`` refuses the source, naming
         the count and the first repeated pair; Spark sums repeats silently (``"sum"``).
@@ -298,7 +287,8 @@ def ingest(
     _prepare_target(path, overwrite, storage_options, clear=False)
 
     partitions = src.frame.to_delayed()
-    checks = dask.compute(*[dask.delayed(check_partition)(p) for p in partitions])
+    with reading(src.description):  # a malformed row deep in a file fails inside its partition
+        checks = dask.compute(*[dask.delayed(check_partition)(p) for p in partitions])
     offsets = np.concatenate([[0], np.cumsum([c.n_rows for c in checks])])
     for check, offset in zip(checks, offsets):
         if check.problem is not None:
@@ -357,8 +347,8 @@ def ingest(
     }
     _prepare_target(path, overwrite, storage_options)
     try:
-        root = open_group(path, "w", storage_options)
-        root.attrs["blockals"] = meta
+        # Created with its attributes in one write: never a group that does not say it is ours.
+        root = open_group(path, "w", storage_options, attributes={"blockals": meta})
         for side in SIDES:
             group = root.require_group(side)
             write_array(group, "ids", ids[side].to_numpy())

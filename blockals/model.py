@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -18,7 +19,10 @@ from blockals.config import ALSConfig, digest, parse_choice, parse_int
 from blockals.engine import Engine, connect
 from blockals.errors import InputError, StoreError
 from blockals.ingest import ingest
-from blockals.store import RatingStore, check_meta, open_group, open_store, read_array, write_array
+from blockals.lock import Lease
+from blockals.store import (
+    RatingStore, check_meta, open_group, open_store, read_array, remove_path, writable_meta, write_array,
+)
 
 __all__ = ["ALS", "FoldIn"]
 
@@ -60,7 +64,7 @@ class ALS:
     rank : int
         Number of latent factors.
     max_iter : int
-        Iterations; each solves all item factors, then all user factors (Spark's order).
+        Iterations, at least 1; each solves all item factors, then all user factors (Spark's order).
     reg : float
         λ, the regularization strength.
     reg_scaling : {"count", "none"}
@@ -197,6 +201,15 @@ class ALS:
                 arrays[key] = value
         return arrays
 
+    def _check_params(self) -> tuple[int, int]:
+        """Check every parameter before any data is read (or a cluster started).
+
+        Returns ``max_iter`` and ``checkpoint_interval``. ``max_iter=0`` is refused rather
+        than returning the initial factors, which fit nothing.
+        """
+        self._config({})
+        return parse_int(self.max_iter, "max_iter", 1), parse_int(self.checkpoint_interval, "checkpoint_interval", 0)
+
     def _config(self, arrays: dict[str, np.ndarray]) -> ALSConfig:
         params = {name: getattr(self, name) for name in (
             "rank", "reg", "reg_scaling", "implicit", "alpha", "biases", "bias_reg", "weighting",
@@ -214,6 +227,7 @@ class ALS:
         resume: bool = False,
         checkpoint_path: str | None = None,
         storage_options: dict | None = None,
+        break_lease: bool = False,
     ) -> ALS:
         """Train on a ratings store (or anything :func:`blockals.ingest` accepts).
 
@@ -227,10 +241,11 @@ class ALS:
             Continue from the last committed iteration of this configuration's checkpoint.
         checkpoint_path : str, optional
             Where checkpoints go; by default ``<store>/checkpoints/<config fingerprint>``.
+        break_lease : bool
+            Take over the checkpoint's lease (:mod:`blockals.lock`) left on an object store
+            by a training that died; a second training of one checkpoint is otherwise refused.
         """
-        self._config({})  # parameters are checked before any data is read
-        max_iter = parse_int(self.max_iter, "max_iter", 1)
-        interval = parse_int(self.checkpoint_interval, "checkpoint_interval", 0)
+        max_iter, interval = self._check_params()
         tmpdir = None
         try:
             if isinstance(ratings, RatingStore):
@@ -244,13 +259,15 @@ class ALS:
             config = self._config(arrays)
             if config.rank > min(store.n_users, store.n_items):
                 log.warning("rank %d exceeds min(n_users, n_items); extra factors are unidentified", config.rank)
-            checkpoint = None
+            checkpoint, lease = None, contextlib.nullcontext()
             if interval:
                 path = checkpoint_path or f"{store.path}/checkpoints/{config.fingerprint()}"
                 checkpoint = Checkpoint(path, store.store_id, config.to_dict(), store.storage_options)
+                # Taken before a cluster starts, so a second training is refused at once.
+                lease = Lease(path, "checkpoint", store.storage_options, break_lease)
             elif resume:
                 raise InputError("resume=True needs checkpoints; checkpoint_interval is 0.")
-            with connect(client) as c:
+            with lease, connect(client) as c:
                 engine = Engine(
                     c, store, config, checkpoint, interval or 1, self._report if self.verbose else None, arrays,
                     self._progress if self.verbose and self.verbose >= 2 else None,
@@ -323,15 +340,30 @@ class ALS:
         return out[known] if cold_start == "drop" else out
 
     # -- recommendations ---------------------------------------------------------------
-    def _seen_store(self, seen: Any) -> RatingStore | None:
+    def _seen_store(self, seen: Any) -> RatingStore:
+        """The training ratings, refused unless its id maps are the model's.
+
+        Rows are matched by global index, so a store with other ids (or one re-ingested
+        at the training path) would silently pair users with other users' ratings. The
+        model may hold more ids than the store: :meth:`fold_in` appends new ones after them.
+        """
         if seen is not None:
-            return seen if isinstance(seen, RatingStore) else open_store(seen)
-        if getattr(self, "store_path_", None) is None:
+            store = seen if isinstance(seen, RatingStore) else open_store(seen)
+        elif getattr(self, "store_path_", None) is None:
             raise InputError(
                 "exclude_seen=True needs the training ratings: this model was not fitted on a "
                 "saved store, so pass seen=<store> or exclude_seen=False."
             )
-        return open_store(self.store_path_)
+        else:
+            store = open_store(self.store_path_)
+        for side, ids in (("users", self.user_ids_), ("items", self.item_ids_)):
+            stored = store.ids(side).to_numpy()
+            if len(stored) > len(ids) or not np.array_equal(stored, ids[: len(stored)]):
+                raise InputError(
+                    f"the {side[:-1]} ids of {store.path} are not the model's; use the store the model was "
+                    f"trained on, or a split of it."
+                )
+        return store
 
     def _item_bias(self) -> np.ndarray | None:
         return getattr(self, "item_bias_", None)
@@ -397,6 +429,7 @@ class ALS:
         n = parse_int(n, "n", 1)
         store = self._seen_store(None)
         output = str(output)
+        writable_meta(output, RECS_FORMAT, "recommendations store", storage_options)
         root = open_group(output, "w", storage_options)
         meta = {"format": RECS_FORMAT, "format_version": RECS_FORMAT_VERSION, "n": n,
                 "n_blocks": store.n_user_blocks, "complete": False}
@@ -476,18 +509,27 @@ class ALS:
         setattr(self, f"{prefix}_ids_", np.concatenate([ids, np.asarray(result.ids)[new].astype(ids.dtype)]))
 
     # -- persistence --------------------------------------------------------------------
-    def save(self, path: str, storage_options: dict | None = None) -> None:
-        """Write the model as a Zarr group with JSON attributes (no pickle)."""
+    def save(self, path: str, storage_options: dict | None = None, *, break_lease: bool = False) -> None:
+        """Write the model as a Zarr group with JSON attributes (no pickle).
+
+        The model's lease (:mod:`blockals.lock`) is held while it is written, so a save
+        while another training writes the same path is refused with
+        :class:`~blockals.errors.LeaseError` instead of mixing the two models' arrays.
+        ``break_lease`` takes over a lease left on an object store by a training that died.
+        """
         self._check_fitted()
-        root = open_group(str(path), "w", storage_options)
-        params = {k: v for k, v in self.get_params().items() if isinstance(v, (str, int, float, bool, type(None)))}
-        meta = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "params": params, "complete": False}
-        root.attrs["blockals"] = meta
-        for name in _LEARNED:
-            if hasattr(self, name):
-                write_array(root, name.rstrip("_"), np.atleast_1d(getattr(self, name)))
-        extra = {"config": getattr(self, "config_", None), "store_path": getattr(self, "store_path_", None)}
-        root.attrs["blockals"] = {**meta, **extra, "history": self.history_, "complete": True}
+        with Lease(str(path), "model", storage_options, break_lease):
+            writable_meta(str(path), MODEL_FORMAT, "model", storage_options)  # mode "w" empties what is there
+            # An older model is marked incomplete before its arrays go: a save cut short never reads as complete.
+            remove_path(str(path), storage_options)
+            params = {k: v for k, v in self.get_params().items() if isinstance(v, (str, int, float, bool, type(None)))}
+            meta = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "params": params, "complete": False}
+            root = open_group(str(path), "w", storage_options, attributes={"blockals": meta})
+            for name in _LEARNED:
+                if hasattr(self, name):
+                    write_array(root, name.rstrip("_"), np.atleast_1d(getattr(self, name)))
+            extra = {"config": getattr(self, "config_", None), "store_path": getattr(self, "store_path_", None)}
+            root.attrs["blockals"] = {**meta, **extra, "history": self.history_, "complete": True}
 
     @classmethod
     def load(cls, path: str, storage_options: dict | None = None) -> ALS:
@@ -495,7 +537,10 @@ class ALS:
         root = open_group(str(path), "r", storage_options)
         meta = check_meta(root.attrs.get("blockals"), str(path), MODEL_FORMAT, MODEL_FORMAT_VERSION, "model")
         model = cls(**meta["params"])
-        present = set(root.array_keys())
+        try:
+            present = set(root.array_keys())
+        except ValueError as exc:  # an array's metadata Zarr cannot parse, e.g. a planted pickle codec
+            raise StoreError(f"{path} cannot be read ({exc}).") from exc
         for name in _LEARNED:
             if name.rstrip("_") in present:
                 setattr(model, name, read_array(root, name.rstrip("_"), str(path)))

@@ -87,14 +87,20 @@ def recommend_rows(
 
 
 def seen_items(store: RatingStore, users: np.ndarray) -> list[np.ndarray]:
-    """Item global indices each given user (global index) rated in ``store``."""
+    """Item global indices each given user (global index) rated in ``store``.
+
+    Users beyond the store's (folded in after training) rated nothing in it.
+    """
     block, _ = store.assignment("users")
     out: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * users.shape[0]
-    for b in np.unique(block[users]):
+    user_block = np.full(users.shape[0], -1)
+    stored = users < block.shape[0]
+    user_block[stored] = block[users[stored]]
+    for b in np.unique(user_block[stored]):
         rows, items, _ = store.triples("users", int(b))
         order = np.argsort(rows, kind="stable")
         rows, items = rows[order], items[order]
-        for pos in np.flatnonzero(block[users] == b):
+        for pos in np.flatnonzero(user_block == b):
             lo, hi = np.searchsorted(rows, [users[pos], users[pos] + 1])
             out[pos] = items[lo:hi]
     return out

@@ -8,11 +8,12 @@ not counted).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,17 +21,36 @@ import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from blockals.errors import InputError
 
 __all__ = [
-    "Source", "read_source", "check_partition", "convert_ids", "normalize_ratings", "normalize_timestamps", "PartitionCheck",
+    "Source", "read_source", "reading", "check_partition", "convert_ids", "normalize_ratings", "normalize_timestamps",
+    "PartitionCheck",
 ]
 
 COLUMNS = ("user", "item", "rating")
 PARTITION_ROWS = 2_000_000
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 MOVIELENS_COLUMNS = ["user", "item", "rating", "timestamp"]
+# The file names Dask's Parquet reader takes from a directory.
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+# How the CSV and Parquet readers fail on malformed files (ragged rows, bad encodings,
+# files that are not Parquet), at open or later inside a partition's task.
+READ_ERRORS = (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, pa.ArrowInvalid)
+
+
+@contextlib.contextmanager
+def reading(description: str) -> Iterator[None]:
+    """Turn a reader's failure on a malformed source file into one sentence naming the source."""
+    try:
+        yield
+    except READ_ERRORS as exc:
+        # Dask prefixes the reader's message with its own; keep the last sentence of the
+        # reader's first line, which says what is wrong ("Expected 3 fields in line 7, saw 4").
+        reason = str(exc).split("Original Message:")[-1].strip().splitlines()[0].rstrip(". ").split(". ")[-1]
+        raise InputError(f"source {description!r} cannot be read: {reason}.") from exc
 
 
 @dataclass(frozen=True)
@@ -55,9 +75,14 @@ def _read_path(path: str) -> tuple[dd.DataFrame, dict[str, str] | None]:
     files = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
     if not files or not all(os.path.exists(f) for f in files):
         raise InputError(f"source {path!r} does not exist.")
+    empty = next((f for f in files if os.path.isfile(f) and os.path.getsize(f) == 0), None)
+    if empty is not None:
+        raise InputError(f"source file {empty!r} is empty: it has no header and no ratings.")
     first = files[0]
     name = os.path.basename(first).lower()
-    if os.path.isdir(first) or name.endswith((".parquet", ".pq")):
+    if os.path.isdir(first) and not any(f.lower().endswith(PARQUET_SUFFIXES) for *_, fs in os.walk(first) for f in fs):
+        raise InputError(f"source {first!r} is a directory with no Parquet files ({', '.join(PARQUET_SUFFIXES)}) in it.")
+    if os.path.isdir(first) or name.endswith(PARQUET_SUFFIXES):
         return dd.read_parquet(files if len(files) > 1 else first), None
     if name == "u.data":
         return dd.read_csv(files, sep="\t", header=None, names=MOVIELENS_COLUMNS, dtype=str), {}
@@ -97,7 +122,8 @@ def read_source(
     elif isinstance(source, dd.DataFrame):
         src = Source(source, "Dask DataFrame")
     elif isinstance(source, (str, os.PathLike)):
-        frame, movielens = _read_path(os.fspath(source))
+        with reading(os.fspath(source)):
+            frame, movielens = _read_path(os.fspath(source))
         if movielens is not None:
             frame = frame.rename(columns=movielens)
             cols = {c: c for c in COLUMNS}
@@ -148,6 +174,8 @@ def _first(mask: np.ndarray) -> int:
 
 
 _INT_TEXT = re.compile(r"\s*[-+]?\d+\s*")
+_NUMBER_TEXT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
+_EXACT_FLOAT_INT = 2.0**53  # beyond this, a number read through float64 may not be the integer written
 _INT64_MIN, _INT64_END = -(2**63), 2**63
 
 
@@ -176,8 +204,8 @@ def id_kind(values: pd.Series, role: str) -> tuple[str, tuple[int, str] | None]:
 
     Returns the kind and the first problem as ``(row, sentence)``, or None. Numeric
     columns must hold whole numbers within int64. A text column (CSV files are read as
-    text) is integer when every value is written as an integer, else string. A column of
-    Python objects must not mix numbers and strings.
+    text) is integer when every value is a number, else string; see :func:`_text_id_kind`.
+    A column of Python objects must not mix numbers and strings.
     """
     missing = values.isna().to_numpy()
     if missing.any():
@@ -193,12 +221,7 @@ def id_kind(values: pd.Series, role: str) -> tuple[str, tuple[int, str] | None]:
         empty = np.fromiter((not x.strip() for x in v), bool, len(v))
         if empty.any():
             return "str", (_first(empty), f"{role} id in row {{row}} is an empty string.")
-        as_int = all(_INT_TEXT.fullmatch(x) for x in v)
-        if as_int:
-            big = np.fromiter((not _INT64_MIN <= int(x) < _INT64_END for x in v), bool, len(v))
-            if big.any():
-                return "int", (_first(big), f"{role} id in row {{row}} is larger than int64 allows.")
-        return ("int" if as_int else "str"), None
+        return _text_id_kind(v, role)
     is_int = np.fromiter((isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v), bool, len(v))
     if is_int.all():
         big = np.fromiter((not _INT64_MIN <= int(x) < _INT64_END for x in v), bool, len(v))
@@ -214,13 +237,42 @@ def id_kind(values: pd.Series, role: str) -> tuple[str, tuple[int, str] | None]:
     )
 
 
+def _text_id_kind(v: np.ndarray, role: str) -> tuple[str, tuple[int, str] | None]:
+    """Ids given as text: integers when every value is a number, else strings.
+
+    Numbers may be written like ``1.0`` (as pandas writes a float column), so a CSV and a
+    Parquet file of one frame give the same ids; a number with a fraction is refused, as
+    in a numeric column.
+    """
+    is_int = np.fromiter((_INT_TEXT.fullmatch(x) is not None for x in v), bool, len(v))
+    if not is_int.all() and not all(_NUMBER_TEXT.fullmatch(x) for x in v):
+        return "str", None
+    big = np.fromiter((ok and not _INT64_MIN <= int(x) < _INT64_END for ok, x in zip(is_int, v)), bool, len(v))
+    value = np.array([0.0 if ok else float(x) for ok, x in zip(is_int, v)])
+    fraction = value != np.floor(value)
+    inexact = np.abs(value) >= _EXACT_FLOAT_INT
+    problems = [
+        (_first(big), f"{role} id in row {{row}} is larger than int64 allows.") if big.any() else None,
+        (_first(fraction), f"{role} id in row {{row}} is {v[_first(fraction)].strip()!r}, which is not a whole number; "
+                           f"in a column of numbers, ids must be integers.") if fraction.any() else None,
+        (_first(inexact), f"{role} id in row {{row}} is {v[_first(inexact)].strip()!r}, too large to read exactly "
+                          f"unless written as an integer.") if inexact.any() else None,
+    ]
+    return "int", min((p for p in problems if p is not None), default=None)
+
+
 def convert_ids(values: pd.Series | pd.Index, kind: str) -> np.ndarray:
     """Ids in their final type: int64, or (object array of) the text as written."""
     values = pd.Series(values)
     if kind == "int":
         if values.dtype.kind in "iuf":
             return values.to_numpy(dtype=np.int64)
-        return pd.to_numeric(values.astype(str).str.strip()).to_numpy(dtype=np.int64)
+        text = values.astype(str).str.strip()
+        numbers = pd.to_numeric(text)
+        if numbers.dtype.kind == "f":
+            # Some ids are written like 1.0: convert one by one, so large integers stay exact.
+            return np.array([int(x) if _INT_TEXT.fullmatch(x) else int(float(x)) for x in text], dtype=np.int64)
+        return numbers.to_numpy(dtype=np.int64)
     if values.dtype.kind in "iuf":
         values = values.astype(np.int64)
     return values.astype(str).to_numpy(dtype=object)

@@ -34,7 +34,7 @@ import pandas as pd
 import zarr
 import zarr.codecs
 
-from blockals.errors import StoreError
+from blockals.errors import InputError, StoreError
 from blockals.routing import InBlock
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "read_array",
     "remove_path",
     "path_exists",
+    "writable_meta",
     "new_store_id",
 ]
 
@@ -70,9 +71,10 @@ def new_store_id() -> str:
     return uuid.uuid4().hex
 
 
-def open_group(path: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
+def open_group(path: str, mode: str = "r", storage_options: dict | None = None, attributes: dict | None = None) -> zarr.Group:
+    """Open a Zarr group; ``attributes`` are written with a created group's metadata, in one write."""
     try:
-        return zarr.open_group(store=path, mode=mode, storage_options=storage_options)
+        return zarr.open_group(store=path, mode=mode, storage_options=storage_options, attributes=attributes)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreError(f"{path} is not a blockals store: there is no Zarr group there.") from exc
     except ValueError as exc:  # unreadable or foreign metadata
@@ -132,7 +134,8 @@ def read_array(group: zarr.Group, name: str, where: str) -> np.ndarray:
             raise StoreError(
                 f"{where}/{name} is corrupted: a chunk's checksum does not match its bytes."
             ) from exc
-        raise
+        # E.g. metadata naming a codec Zarr does not know, such as a planted pickle codec.
+        raise StoreError(f"{where}/{name} cannot be read ({exc}).") from exc
     # Every chunk is written (write_empty_chunks), so a missing one is damage, not zeros.
     if array.nchunks_initialized != array.nchunks:
         missing = array.nchunks - array.nchunks_initialized
@@ -156,9 +159,50 @@ def path_exists(path: str, storage_options: dict | None = None) -> bool:
     return fs.exists(p)
 
 
-def remove_path(path: str, storage_options: dict | None = None) -> None:
-    """Delete a store or checkpoint tree, local or remote; absent paths are fine."""
+def writable_meta(path: str, fmt: str, kind: str, storage_options: dict | None = None) -> dict | None:
+    """What a writer of a ``fmt`` group finds at ``path``, refusing to destroy anything else.
+
+    Returns the ``blockals`` attributes of a group of format ``fmt`` (any version, complete
+    or not), or None when nothing or an empty directory is there. Anything else (a file,
+    another Zarr group, a directory with content) raises :class:`InputError`: writing a
+    group with mode ``"w"`` would empty the directory.
+    """
+    if not path_exists(path, storage_options):
+        return None
+    try:
+        meta = open_group(path, "r", storage_options).attrs.get("blockals")
+    except (StoreError, ValueError):  # no group, or unreadable metadata (bad zarr.json)
+        meta = None
+    if isinstance(meta, dict) and meta.get("format") == fmt:
+        return meta
     fs, p = _fs(path, storage_options)
+    if fs.isdir(p) and not fs.ls(p):
+        return None
+    raise InputError(f"{path} exists and is not a blockals {kind}; refusing to write over it.")
+
+
+def remove_path(path: str, storage_options: dict | None = None) -> None:
+    """Delete a store or checkpoint tree, local or remote; absent paths are fine.
+
+    Safe to interrupt: a complete blockals group is first marked incomplete, and its root
+    ``zarr.json`` is deleted last, so a removal cut short (``kill -9`` of an ingest
+    replacing a store) leaves a group that reads as incomplete, never as complete with
+    arrays missing, and that the next ingest recognises as its own and removes.
+    """
+    fs, p = _fs(path, storage_options)
+    if not fs.exists(p):
+        return
+    try:
+        root = open_group(path, "r+", storage_options)
+        meta = root.attrs.get("blockals")
+    except (OSError, ValueError):  # not a Zarr group (StoreError), or not a directory
+        meta = None
+    if isinstance(meta, dict) and meta.get("complete"):
+        root.attrs["blockals"] = {**meta, "complete": False}
+    marker = f"{p.rstrip('/')}/zarr.json"
+    files = [f for f in fs.find(p) if f != marker]
+    if files:
+        fs.rm(files)
     if fs.exists(p):
         fs.rm(p, recursive=True)
 

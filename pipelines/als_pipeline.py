@@ -49,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cluster", choices=["local", "kubernetes"], default="local",
                    help="the cluster to start when no scheduler is given")
     p.add_argument("--n-workers", type=int, default=2, help="workers of a Kubernetes cluster started here")
+    p.add_argument("--dashboard-address", default="127.0.0.1:8787",
+                   help="where a started LocalCluster serves its dashboard (default: loopback only; it has no authentication)")
+    p.add_argument("--tls-ca-file", help="TLS for the Dask comm: the CA certificate (PEM) that signed the cluster's certificates")
+    p.add_argument("--tls-cert", help="TLS: this client's certificate (PEM), also used by a started LocalCluster")
+    p.add_argument("--tls-key", help="TLS: the certificate's private key (PEM), unless --tls-cert holds it")
     return p.parse_args(argv)
 
 
@@ -78,12 +83,16 @@ def connect_cluster(args: argparse.Namespace):
     """A context giving the client: an existing scheduler, Kubernetes, or a LocalCluster."""
     from blockals.engine import connect
     from blockals.errors import InputError
+    from blockals.tls import TLSFiles
 
+    tls = TLSFiles.parse(args.tls_ca_file, args.tls_cert, args.tls_key)
+    security = tls.security() if tls else None
     if args.scheduler:
-        from distributed import Client
-
-        return connect(Client(args.scheduler))
+        return connect(scheduler=args.scheduler, security=security)
     if args.cluster == "kubernetes":
+        if tls:
+            raise InputError("--tls-* options apply to --scheduler and local clusters; the Kubernetes operator "
+                             "configures a cluster's TLS in its manifests.")
         try:
             from dask_kubernetes.operator import KubeCluster
         except ImportError as exc:
@@ -92,7 +101,7 @@ def connect_cluster(args: argparse.Namespace):
 
         cluster = KubeCluster(name="blockals", n_workers=args.n_workers)
         return connect(Client(cluster))
-    return connect(None)
+    return connect(dashboard_address=args.dashboard_address, security=security)
 
 
 def main(argv: list[str] | None = None) -> int:

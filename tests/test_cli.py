@@ -143,8 +143,10 @@ def test_pipeline_config_flags_and_single_stages(tmp_path):
     env = {**os.environ, "DASK_SCHEDULER_ADDRESS": ""}
     config = ROOT / "pipelines" / "configs" / "implicit.yaml"
     done = run(PIPELINE, "--config", str(config), "--data", str(tmp_path), "--rank", "4", "--max-iter", "2",
-               "--stages", "ingest,split,train", env=env)
+               "--stages", "ingest,split,train", "--dashboard-address", "127.0.0.1:0", env=env)
     assert done.returncode == 0, done.stderr[-2000:]
+    dashboard = done.stdout.splitlines()[0]
+    assert dashboard.startswith("Dask dashboard: http://127.0.0.1:") and ":8787/" not in dashboard
     model = blockals.ALS.load(tmp_path / "model.zarr")
     assert model.rank == 4 and model.implicit and model.solver == "cg"
     assert not (tmp_path / "metrics.json").exists()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from distributed import Client
 
@@ -112,6 +113,7 @@ def test_driver_killed_mid_training_resumes_to_the_same_model(tmp_path):
     victim.wait(timeout=60)
     assert victim.returncode == -signal.SIGKILL
     assert not (tmp_path / "mb.zarr").exists()
+    assert (tmp_path / "mb.zarr.lock").exists()  # the dead training's lease: left behind, but free
 
     resumed = subprocess.run([*train, str(tmp_path / "b.zarr"), str(tmp_path / "mb.zarr"), *options, "--resume"],
                              capture_output=True, text=True, timeout=600, env=env)
@@ -122,3 +124,109 @@ def test_driver_killed_mid_training_resumes_to_the_same_model(tmp_path):
     np.testing.assert_allclose(b.user_factors_, a.user_factors_, atol=1e-10)
     np.testing.assert_allclose(b.item_factors_, a.item_factors_, atol=1e-10)
     assert [h["iteration"] for h in b.history_] == list(range(1, 9))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "blockals.cli", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "DASK_SCHEDULER_ADDRESS": ""})
+
+
+def _finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def _one_sentence(done: subprocess.CompletedProcess, message: str) -> str:
+    """The refusal the CLI printed: exit 2, one line on stderr, no traceback."""
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert message in lines[0], lines[0]
+    return lines[0]
+
+
+def test_ingest_killed_midway_is_refused_then_rerun_from_scratch(tmp_path):
+    """SIGKILL `blockals ingest` while it builds its blocks: the half-written store never
+    opens, and the same command run again writes exactly the source's ratings and ids."""
+    frame = blockals.datasets.synthetic_frame(8000, 3000, 500_000, seed=11)[["user", "item", "rating"]]
+    (tmp_path / "src").mkdir()
+    for k, part in enumerate(np.array_split(np.arange(len(frame)), 5)):
+        frame.iloc[part].to_csv(tmp_path / "src" / f"part{k}.csv", index=False)
+    store = tmp_path / "r.zarr"
+    command = [sys.executable, "-m", "blockals.cli", "ingest", str(tmp_path / "src" / "*.csv"), str(store),
+               "--n-user-blocks", "6", "--n-item-blocks", "4"]
+
+    victim = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staged_users = store / "_staging" / "users"
+    while victim.poll() is None and not (staged_users.is_dir() and any(staged_users.iterdir())):
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)  # some user blocks written, the item blocks not yet
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL
+    assert (store / "users" / "blocks" / "0").is_dir()  # really half-written
+
+    with pytest.raises(blockals.StoreError, match="is incomplete"):
+        blockals.open_store(store)
+    _one_sentence(_cli("train", str(store), str(tmp_path / "m.zarr")), "is incomplete")
+    assert not (tmp_path / "m.zarr").exists()
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    done = blockals.open_store(store)
+    assert not (store / "_staging").exists()
+    # The source read again, independently, by pandas.
+    source = pd.concat([pd.read_csv(f) for f in sorted((tmp_path / "src").glob("*.csv"))], ignore_index=True)
+    np.testing.assert_array_equal(done.user_ids.to_numpy(), np.unique(source["user"]))
+    np.testing.assert_array_equal(done.item_ids.to_numpy(), np.unique(source["item"]))
+    expected = source.sort_values(["user", "item"], ignore_index=True)
+    for side, n_blocks in (("users", done.n_user_blocks), ("items", done.n_item_blocks)):
+        rows, others, ratings = (np.concatenate(a) for a in zip(*(done.triples(side, b) for b in range(n_blocks))))
+        users, items = (rows, others) if side == "users" else (others, rows)
+        stored = pd.DataFrame({"user": done.user_ids.to_numpy()[users], "item": done.item_ids.to_numpy()[items],
+                               "rating": ratings}).sort_values(["user", "item"], ignore_index=True)
+        np.testing.assert_array_equal(stored["user"], expected["user"])
+        np.testing.assert_array_equal(stored["item"], expected["item"])
+        np.testing.assert_array_equal(stored["rating"], expected["rating"].astype(np.float32))
+
+
+def test_a_second_training_of_one_path_is_refused_while_the_first_runs(tmp_path, client2):
+    """Training A holds its model's and its checkpoint's leases; B (same model path, other
+    seed) and C (same store and parameters, other model path) are refused with one sentence
+    while A runs, and A's model is saved whole, equal to the same training run alone."""
+    frame = blockals.datasets.synthetic_frame(2000, 1000, 60_000, seed=4)
+    store = blockals.ingest(frame, tmp_path / "r.zarr", n_user_blocks=3, n_item_blocks=3)
+    model = tmp_path / "m.zarr"
+    options = ["--rank", "8", "--max-iter", "4", "--reg", "0.05", "--dtype", "float64"]
+    env = {**os.environ, "DASK_SCHEDULER_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    a_err = tmp_path / "a.err"  # a file, not a pipe: nobody reads A's stderr while it runs
+    with a_err.open("w") as err:
+        a = subprocess.Popen([sys.executable, "-m", "blockals.cli", "train", str(store.path), str(model), *options,
+                              "--seed", "1", "--dashboard-address", "127.0.0.1:0"],
+                             stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    try:
+        printed = []
+        for line in a.stdout:
+            printed.append(line)
+            if line.startswith("iteration   1"):
+                break
+        assert printed[0].startswith("dashboard: http://127.0.0.1:") and ":8787/" not in printed[0]
+        # Frozen mid-training: alive, holding both leases, for as long as B and C take.
+        os.kill(a.pid, signal.SIGSTOP)
+        both = [subprocess.Popen([sys.executable, "-m", "blockals.cli", "train", str(store.path), str(path), *options,
+                                  "--seed", seed], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                for path, seed in [(model, "2"), (tmp_path / "c.zarr", "1")]]
+        b, c = map(_finish, both)
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    a.communicate(timeout=600)
+    assert a.returncode == 0, a_err.read_text()[-2000:]
+    assert f"process {a.pid} " in _one_sentence(b, f"model {model} is being written by another training")
+    assert f"process {a.pid} " in _one_sentence(c, "is being written by another training")
+    assert "checkpoint" in c.stderr and not (tmp_path / "c.zarr").exists()
+    assert not list(tmp_path.glob("*.lock")) and not list((tmp_path / "r.zarr" / "checkpoints").glob("*.lock"))
+
+    saved = blockals.ALS.load(model)
+    alone = blockals.ALS(rank=8, max_iter=4, reg=0.05, dtype="float64", seed=1).fit(
+        store, client2, checkpoint_path=str(tmp_path / "alone"))
+    assert saved.seed == 1 and [h["iteration"] for h in saved.history_] == [1, 2, 3, 4]
+    np.testing.assert_allclose(saved.user_factors_, alone.user_factors_, atol=1e-10)
+    np.testing.assert_allclose(saved.item_factors_, alone.item_factors_, atol=1e-10)

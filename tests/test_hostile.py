@@ -1,0 +1,536 @@
+"""Hostile input, through the Python API and the command line alike.
+
+Every bad input must give one sentence naming the row, column, parameter or path at
+fault: a :class:`blockals.BlockalsError` from the API, and from the CLI exit status 2 with
+that sentence alone on stderr. A refused ingest leaves nothing behind, and a refused
+write leaves what was at the path untouched. Degenerate data that is allowed (negative
+ratings, rows with one rating or none, rank above the number of items, λ = 0) must give
+finite factors, checked against closed forms or a dense NumPy reference written here or
+in ``tests/reference.py``.
+
+Most CLI cases run ``blockals.cli.main`` in-process (training ones against the session
+cluster through ``--scheduler``); a few run ``python -m blockals.cli`` in a subprocess to
+show that no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import blockals
+from blockals.cli import main
+from blockals.evaluation import evaluate
+from blockals.kernels import init_factors
+from conftest import cluster_client
+from reference import dense_explicit_als, dense_weighted_als, reg_counts, weights_and_targets
+from test_model import random_ratings, to_frame
+
+HEADER = "user,item,rating\n"
+GOOD_ROWS = "1,10,4\n2,10,3\n2,11,5\n"
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def one_sentence(message: str) -> None:
+    """One line, one sentence: it ends with a full stop and no full stop starts another."""
+    assert "\n" not in message.strip() and message.rstrip().endswith("."), message
+    assert re.search(r"\.\s+[A-Z]", message) is None, message
+
+
+def cli_fails(capsys: pytest.CaptureFixture[str], *args: object) -> str:
+    """Run the CLI in-process; it must exit with status 2, print nothing on stdout (no work
+    was reported done) and one sentence on stderr, which is returned."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    assert "Traceback" not in captured.err and captured.out == "", captured
+    line = captured.err.strip()
+    assert line.startswith("blockals: error: "), captured.err
+    one_sentence(line)
+    return line
+
+
+def cli_ok(capsys: pytest.CaptureFixture[str], *args: object) -> str:
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+def api_fails(error: type[Exception], match: str, call: Callable[..., object], *args: object, **kwargs: object) -> str:
+    with pytest.raises(error, match=match) as info:
+        call(*args, **kwargs)
+    assert isinstance(info.value, blockals.BlockalsError)
+    one_sentence(str(info.value))
+    return str(info.value)
+
+
+def scheduler() -> str:
+    return cluster_client(2).scheduler.address
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def set_format_version(path: Path, version: int) -> None:
+    meta_path = path / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["blockals"]["format_version"] = version
+    meta_path.write_text(json.dumps(meta))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame, blockals.RatingStore, blockals.ALS]:
+    """A small store (users 0..5, items 10..13, every pair rated) and a model saved from it."""
+    root = tmp_path_factory.mktemp("trained")
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"user": np.repeat(np.arange(6), 4), "item": np.tile(np.arange(10, 14), 6),
+                          "rating": rng.integers(1, 6, 24).astype(float)})
+    store = blockals.ingest(frame, root / "s.zarr", n_user_blocks=2, n_item_blocks=2)
+    model = blockals.ALS(rank=2, max_iter=2, dtype="float64").fit(store, cluster_client(2))
+    model.save(root / "m.zarr")
+    return root, frame, store, model
+
+
+# -- 1. sources that cannot be ingested ----------------------------------------------------
+
+BAD_SOURCES = [
+    # (case, file contents, the sentence's essential part)
+    ("empty-file", "", r"source file '.*r\.csv' is empty: it has no header and no ratings\."),
+    ("header-only", HEADER, r"the source .*r\.csv has no ratings\."),
+    ("missing-column", "user,item\n1,10\n", r"rating column 'rating' is not in the source; its columns are 'user', 'item'"),
+    ("misnamed-columns", "uid,iid,stars\n1,10,4\n",
+     r"user column 'user' is not in the source; its columns are 'uid', 'iid', 'stars' \(pass user_col=\.\.\.\)\."),
+    ("non-numeric-rating", HEADER + GOOD_ROWS + "3,12,four\n", r"rating in row 3 is 'four', which is not a number\."),
+    ("nan-rating", HEADER + GOOD_ROWS + "3,12,NaN\n", r"rating in row 3 is missing \(NaN\)"),
+    ("inf-rating", HEADER + "3,12,-inf\n" + GOOD_ROWS, r"rating in row 0 is -inf; ratings must be finite float32 numbers\."),
+    ("huge-rating", HEADER + GOOD_ROWS + "3,12,1e300\n", r"rating in row 3 is 1e\+300; ratings must be finite float32"),
+    ("duplicate-pair", HEADER + GOOD_ROWS + "3,12,1\n2,10,5\n",
+     r"the source has 1 duplicate \(user, item\) pair, the first being user 2 and item 10 in rows 1 and 4; "
+     r"pass duplicates='sum', 'last' or 'mean'"),
+    ("fraction-id", HEADER + GOOD_ROWS + "3.5,12,1\n", r"user id in row 3 is '3\.5', which is not a whole number"),
+    ("empty-id", HEADER + "1,,4\n" + GOOD_ROWS, r"item id in row 0 is missing\."),
+    ("blank-id", HEADER + GOOD_ROWS + "  ,12,1\n", r"user id in row 3 is an empty string\."),
+    ("id-beyond-int64", HEADER + GOOD_ROWS + "9223372036854775808,12,1\n", r"user id in row 3 is larger than int64 allows\."),
+    ("ragged-row", HEADER + "1,10,4\n2,10,3,7\n", r"source '.*r\.csv' cannot be read: .*Expected 3 fields in line 3, saw 4\."),
+]
+
+
+@pytest.mark.parametrize("text,match", [pytest.param(*c[1:], id=c[0]) for c in BAD_SOURCES])
+def test_bad_source_file(text, match, tmp_path, capsys):
+    (tmp_path / "r.csv").write_text(text)
+    api_fails(blockals.InputError, match, blockals.ingest, tmp_path / "r.csv", tmp_path / "api.zarr")
+    line = cli_fails(capsys, "ingest", tmp_path / "r.csv", tmp_path / "cli.zarr")
+    assert re.search(match, line)
+    # Refused before or after writing began: nothing is left that could pass for a store.
+    assert not (tmp_path / "api.zarr").exists() and not (tmp_path / "cli.zarr").exists()
+
+
+def test_malformed_row_deep_in_a_glob_is_one_sentence(tmp_path, capsys):
+    # The reader samples the first file only: the second fails inside its partition's task.
+    (tmp_path / "part-0.csv").write_text(HEADER + GOOD_ROWS)
+    (tmp_path / "part-1.csv").write_text(HEADER + "4,12,1\n5,12,2,9\n")
+    pattern = str(tmp_path / "part-*.csv")
+    match = r"cannot be read: .*Expected 3 fields in line 3, saw 4\."
+    api_fails(blockals.InputError, match, blockals.ingest, pattern, tmp_path / "api.zarr")
+    assert re.search(match, cli_fails(capsys, "ingest", pattern, tmp_path / "cli.zarr"))
+    assert not (tmp_path / "api.zarr").exists() and not (tmp_path / "cli.zarr").exists()
+
+
+def test_directory_without_ratings_as_source(tmp_path, capsys):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "notes.txt").write_text("not ratings")
+    match = r"source '.*dir' is a directory with no Parquet files \(\.parquet, \.parq, \.pq\) in it\."
+    api_fails(blockals.InputError, match, blockals.ingest, tmp_path / "dir", tmp_path / "api.zarr")
+    # fit() takes a path that is not a store as a source, and says so in the same words.
+    api_fails(blockals.InputError, match, blockals.ALS().fit, tmp_path / "dir")
+    assert re.search(match, cli_fails(capsys, "ingest", tmp_path / "dir", tmp_path / "cli.zarr"))
+    assert (tmp_path / "dir" / "notes.txt").read_text() == "not ratings"
+
+
+# -- 2. ids --------------------------------------------------------------------------------
+
+
+def test_whole_numbers_written_as_decimals_are_integer_ids(tmp_path, capsys):
+    # pandas writes a float id column as 1.0, 2.0: the CSV and the Parquet file of one frame
+    # give the same integer ids (an exactly written large integer stays exact beside them).
+    frame = pd.DataFrame({"user": [1.0, 2.0, 2.0, 7.0], "item": [10, 10, 11, 11], "rating": [4.0, 3.0, 5.0, 1.0]})
+    frame.to_csv(tmp_path / "r.csv", index=False)
+    frame.to_parquet(tmp_path / "r.parquet")
+    from_csv = blockals.ingest(tmp_path / "r.csv", tmp_path / "csv.zarr", n_user_blocks=1, n_item_blocks=1)
+    from_parquet = blockals.ingest(tmp_path / "r.parquet", tmp_path / "pq.zarr", n_user_blocks=1, n_item_blocks=1)
+    assert list(from_csv.user_ids) == list(from_parquet.user_ids) == [1, 2, 7]
+    assert np.asarray(from_csv.user_ids).dtype == np.int64
+    (tmp_path / "big.csv").write_text(HEADER + "1.0,10,4\n9007199254740993,10,3\n")
+    cli_ok(capsys, "ingest", tmp_path / "big.csv", tmp_path / "big.zarr")
+    assert list(blockals.open_store(tmp_path / "big.zarr").user_ids) == [1, 9007199254740993]
+    # "1" and "1.0" are one user, so the pair repeats.
+    (tmp_path / "dup.csv").write_text(HEADER + "1,10,4\n1.0,10,3\n")
+    match = r"duplicate \(user, item\) pair, the first being user 1 and item 10 in rows 0 and 1"
+    api_fails(blockals.InputError, match, blockals.ingest, tmp_path / "dup.csv", tmp_path / "dup.zarr")
+    # A decimal beyond float64's exact integers is refused rather than rounded.
+    (tmp_path / "inexact.csv").write_text(HEADER + GOOD_ROWS + "9007199254740993.0,12,1\n")
+    match = r"user id in row 3 is '9007199254740993\.0', too large to read exactly unless written as an integer\."
+    assert re.search(match, cli_fails(capsys, "ingest", tmp_path / "inexact.csv", tmp_path / "inexact.zarr"))
+
+
+def test_fractional_ids_in_numeric_columns(tmp_path, capsys):
+    frame = pd.DataFrame({"user": [1.0, 2.5, 3.0], "item": [10, 10, 11], "rating": [4.0, 3.0, 5.0]})
+    match = r"user id in row 1 is 2\.5, which is not a whole number; ids must be integers or strings\."
+    api_fails(blockals.InputError, match, blockals.ingest, frame, tmp_path / "api.zarr")
+    frame.to_parquet(tmp_path / "r.parquet")
+    assert re.search(match, cli_fails(capsys, "ingest", tmp_path / "r.parquet", tmp_path / "cli.zarr"))
+    assert not (tmp_path / "api.zarr").exists() and not (tmp_path / "cli.zarr").exists()
+
+
+def test_mixed_id_types(tmp_path, capsys):
+    # Python objects of both kinds are refused ...
+    frame = pd.DataFrame({"user": pd.Series([1, 2, "x"], dtype=object), "item": [10, 10, 11], "rating": [4.0, 3.0, 5.0]})
+    match = r"user id in row 2 is 'x' of type str, but the column mixes types; ids must be all integers or all strings\."
+    api_fails(blockals.InputError, match, blockals.ingest, frame, tmp_path / "api.zarr")
+    # ... while a text column (a CSV's) holding numbers and words is a column of strings, as
+    # documented: "10" then sorts before "9".
+    (tmp_path / "r.csv").write_text(HEADER + "10,1,4\n9,1,3\nx,2,5\n")
+    cli_ok(capsys, "ingest", tmp_path / "r.csv", tmp_path / "cli.zarr")
+    assert list(blockals.open_store(tmp_path / "cli.zarr").user_ids) == ["10", "9", "x"]
+
+
+def test_ids_beyond_int64_in_a_parquet_file(tmp_path, capsys):
+    frame = pd.DataFrame({"user": np.array([1, 2, 2**63 + 5], dtype=np.uint64), "item": [10, 10, 11], "rating": 1.0})
+    frame.to_parquet(tmp_path / "r.parquet")
+    match = r"user id in row 2 is larger than int64 allows\."
+    api_fails(blockals.InputError, match, blockals.ingest, tmp_path / "r.parquet", tmp_path / "api.zarr")
+    assert re.search(match, cli_fails(capsys, "ingest", tmp_path / "r.parquet", tmp_path / "cli.zarr"))
+
+
+# -- 3. parameters -------------------------------------------------------------------------
+
+BAD_TRAINING = [
+    # (case, ALS keyword arguments, CLI options, sentence)
+    ("rank-zero", {"rank": 0}, ["--rank", "0"], r"rank must be at least 1, got 0\."),
+    ("rank-negative", {"rank": -3}, ["--rank", "-3"], r"rank must be at least 1, got -3\."),
+    ("reg-negative", {"reg": -0.5}, ["--reg", "-0.5"], r"reg must be at least 0, got -0\.5\."),
+    ("alpha-negative", {"implicit": True, "alpha": -1.0}, ["--implicit", "--alpha", "-1"], r"alpha must be at least 0, got -1\."),
+    # Documented choice: zero iterations would return the random initial factors, so it is refused.
+    ("max-iter-zero", {"max_iter": 0}, ["--max-iter", "0"], r"max_iter must be at least 1, got 0\."),
+]
+
+
+@pytest.mark.parametrize("params,options,match", [pytest.param(*c[1:], id=c[0]) for c in BAD_TRAINING])
+def test_bad_training_parameter(params, options, match, trained, tmp_path, capsys):
+    root, _, store, _ = trained
+    api_fails(blockals.InputError, match, blockals.ALS(**params).fit, store, cluster_client(2))
+    line = cli_fails(capsys, "train", store.path, tmp_path / "m.zarr", *options, "--scheduler", scheduler())
+    assert re.search(match, line)
+    assert not (tmp_path / "m.zarr").exists()
+
+
+BAD_BLOCKS = [
+    ("user-blocks-zero", "n_user_blocks", 0, r"n_user_blocks must be a positive integer, got 0\."),
+    ("user-blocks-negative", "n_user_blocks", -2, r"n_user_blocks must be a positive integer, got -2\."),
+    ("item-blocks-zero", "n_item_blocks", 0, r"n_item_blocks must be a positive integer, got 0\."),
+    # Documented choice: more blocks than rows is refused, not clamped (a block needs a row).
+    ("user-blocks-above-users", "n_user_blocks", 4,
+     r"n_user_blocks=4 is larger than the number of users \(3\); a block needs at least one row\."),
+    ("item-blocks-above-items", "n_item_blocks", 99, r"n_item_blocks=99 is larger than the number of items \(2\)"),
+]
+
+
+@pytest.mark.parametrize("name,value,match", [pytest.param(*c[1:], id=c[0]) for c in BAD_BLOCKS])
+def test_bad_block_count(name, value, match, tmp_path, capsys):
+    (tmp_path / "r.csv").write_text(HEADER + GOOD_ROWS + "3,11,1\n")  # 3 users, 2 items
+    api_fails(blockals.InputError, match, blockals.ingest, tmp_path / "r.csv", tmp_path / "api.zarr", **{name: value})
+    line = cli_fails(capsys, "ingest", tmp_path / "r.csv", tmp_path / "cli.zarr", f"--{name.replace('_', '-')}", value)
+    assert re.search(match, line)
+    assert not (tmp_path / "api.zarr").exists() and not (tmp_path / "cli.zarr").exists()
+
+
+# -- 4. paths that are not what they should be ---------------------------------------------
+
+
+@pytest.fixture
+def foreign(tmp_path) -> Path:
+    """A directory with someone's files in it."""
+    path = tmp_path / "mine"
+    (path / "sub").mkdir(parents=True)
+    (path / "notes.txt").write_text("precious")
+    (path / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    return path
+
+
+def test_path_that_is_not_a_store_as_input(foreign, trained, capsys):
+    root, _, store, _ = trained
+    match = r"mine is not a blockals store: there is no Zarr group there\."
+    api_fails(blockals.StoreError, match, blockals.open_store, foreign)
+    api_fails(blockals.StoreError, match, blockals.ALS.load, foreign)
+    for args in (["info", foreign], ["train", foreign, root / "unused.zarr"], ["recommend", foreign, "--users", "1"]):
+        assert re.search(match, cli_fails(capsys, *args))
+    # A ratings store is not a model.
+    match = r"s\.zarr is not a blockals model \(its attributes do not say 'blockals-model'\)\."
+    api_fails(blockals.StoreError, match, blockals.ALS.load, store.path)
+    assert re.search(match, cli_fails(capsys, "evaluate", store.path, store.path))
+
+
+def test_path_that_is_not_a_store_as_output(foreign, trained, tmp_path, capsys):
+    _, _, store, model = trained
+    before = tree(foreign)
+    match = r"mine exists and is not a blockals (store|model|recommendations store); refusing to write over it\."
+    # Ingest, save, training and recommendations all refuse to empty the directory (Zarr's
+    # mode "w" would); training refuses before it trains (cli_fails: nothing on stdout).
+    (tmp_path / "r.csv").write_text(HEADER + GOOD_ROWS)
+    assert re.search(match, cli_fails(capsys, "ingest", tmp_path / "r.csv", foreign))
+    api_fails(blockals.InputError, match, model.save, foreign)
+    api_fails(blockals.InputError, match, model.recommend_all, 2, foreign, client=cluster_client(2))
+    assert re.search(match, cli_fails(capsys, "train", store.path, foreign, "--scheduler", scheduler()))
+    assert tree(foreign) == before
+    # Saving a model over the ratings store it was trained on is refused too.
+    api_fails(blockals.InputError, r"s\.zarr exists and is not a blockals model", model.save, store.path)
+    assert blockals.open_store(store.path).nnz == store.nnz
+
+
+def test_newer_format_versions_are_refused(trained, tmp_path, capsys):
+    root, _, store, _ = trained
+    shutil.copytree(store.path, tmp_path / "s.zarr")
+    shutil.copytree(root / "m.zarr", tmp_path / "m.zarr")
+    set_format_version(tmp_path / "s.zarr", 2)
+    set_format_version(tmp_path / "m.zarr", 2)
+    store_match = r"s\.zarr has format version 2, but this blockals reads version 1; upgrade blockals or write the ratings store again\."
+    model_match = r"m\.zarr has format version 2, but this blockals reads version 1; upgrade blockals or write the model again\."
+    api_fails(blockals.StoreError, store_match, blockals.open_store, tmp_path / "s.zarr")
+    api_fails(blockals.StoreError, store_match, blockals.ALS(max_iter=1).fit, tmp_path / "s.zarr", cluster_client(2))
+    api_fails(blockals.StoreError, model_match, blockals.ALS.load, tmp_path / "m.zarr")
+    for args, match in ((["info", tmp_path / "s.zarr"], store_match),
+                        (["train", tmp_path / "s.zarr", tmp_path / "new.zarr"], store_match),
+                        (["recommend", tmp_path / "m.zarr", "--users", "1"], model_match),
+                        (["evaluate", tmp_path / "m.zarr", store.path], model_match)):
+        assert re.search(match, cli_fails(capsys, *args))
+    assert not (tmp_path / "new.zarr").exists()
+
+
+# -- 5. models and ids -----------------------------------------------------------------------
+
+
+def test_model_applied_to_a_store_with_other_ids(trained, tmp_path, capsys):
+    root, frame, store, model = trained
+    # Same shape and blocks, other user ids: every index would line up, every id is wrong.
+    other = blockals.ingest(frame.assign(user=frame["user"] + 100), tmp_path / "other.zarr",
+                            n_user_blocks=2, n_item_blocks=2)
+    match = r"the test store's ids differ from the model's; evaluate on stores split from the training store\."
+    api_fails(blockals.InputError, match, evaluate, model, other, client=cluster_client(2))
+    assert re.search(match, cli_fails(capsys, "evaluate", root / "m.zarr", other.path, "--scheduler", scheduler()))
+    match = r"the user ids of .*other\.zarr are not the model's; use the store the model was trained on"
+    api_fails(blockals.InputError, match, model.recommend, [0], n=2, seen=other)
+    # Fewer ids than the model is not a prefix of them either.
+    fewer = blockals.ingest(frame[frame["user"] > 0], tmp_path / "fewer.zarr")
+    api_fails(blockals.InputError, r"the user ids of .*fewer\.zarr are not the model's", model.recommend, [5], seen=fewer)
+
+    # The training store re-ingested at its path with other ids: recommend_all refuses it and
+    # writes nothing (the model itself is loaded from disk: it remembers the store's path).
+    copy = tmp_path / "train.zarr"
+    shutil.copytree(store.path, copy)
+    moved = blockals.ALS.load(root / "m.zarr")
+    moved.store_path_ = str(copy)
+    moved.save(tmp_path / "m.zarr")
+    recs = tmp_path / "recs.zarr"
+    assert blockals.ALS.load(tmp_path / "m.zarr").recommend_all(1, recs, client=cluster_client(2)) == str(recs)
+    shutil.rmtree(recs)
+    blockals.ingest(frame.assign(item=frame["item"] * 2), copy, overwrite=True)
+    match = r"the item ids of .*train\.zarr are not the model's"
+    api_fails(blockals.InputError, match, blockals.ALS.load(tmp_path / "m.zarr").recommend_all, 1, recs,
+              client=cluster_client(2))
+    assert re.search(match, cli_fails(capsys, "recommend", tmp_path / "m.zarr", "--output", recs, "--scheduler", scheduler()))
+    assert not recs.exists()
+
+
+def test_folded_in_users_keep_working_with_the_training_store(trained):
+    # fold_in(update=True) appends ids after the store's: the store's ids are still the
+    # model's first ones, so excluding the training store's items works for old and new users.
+    model = blockals.ALS.load(trained[0] / "m.zarr")
+    model.fold_in(pd.DataFrame({"user": [50, 50], "item": [10, 11], "rating": [5.0, 1.0]}), update=True)
+    recs = model.recommend([0, 50], n=4)
+    assert (recs["user"] == 0).sum() == 0  # user 0 rated every item in the training store
+    assert sorted(recs.loc[recs["user"] == 50, "item"]) == [10, 11, 12, 13]  # user 50 rated none there
+
+
+def test_unknown_ids(trained, capsys):
+    root, frame, _, model = trained
+    # Documented: NaN for a pair with an unknown user or item, whatever the id's type.
+    pred = model.predict([0, 99, "zed", 2.5, 1, 1], [10, 10, 10, 10, 77, "x"])
+    assert np.isfinite(pred[0]) and np.isnan(pred[1:]).all()
+    x, y = model.user_factors_[0], model.item_factors_[0]
+    assert pred[0] == pytest.approx(float(x @ y))
+    np.testing.assert_array_equal(model.predict([0, 99], [10, 10], cold_start="drop"), pred[:1])
+    assert model.recommend([99, "zed"], n=3, exclude_seen=False).empty  # unknown users are left out
+    api_fails(blockals.InputError, r"users and items must have one length, got 2 and 1\.", model.predict, [0, 1], [10])
+    # The CLI names them instead of printing an empty table.
+    line = cli_fails(capsys, "recommend", root / "m.zarr", "--users", "0", "99", "zed")
+    assert re.search(r"--users: 2 of the 3 ids are not users of the model .*m\.zarr, the first being '99'\.", line)
+
+
+# -- 6. degenerate data that is allowed --------------------------------------------------------
+
+
+def test_negative_ratings_in_explicit_mode_are_ordinary_values(tmp_path, capsys):
+    # Documented (docs/objectives.md): explicit modes fit the ratings as given.
+    R, M = random_ratings(12, 8, 0.5, seed=4)
+    R = np.where(M, R - 3.0, 0.0)
+    assert (R[M] < 0).mean() > 0.3
+    store = blockals.ingest(to_frame(R, M), tmp_path / "r.zarr", n_user_blocks=2, n_item_blocks=2)
+    assert store.stats["rating_min"] == R[M].min()
+    model = blockals.ALS(rank=3, max_iter=4, reg=0.05, seed=2, dtype="float64").fit(store, cluster_client(2))
+    X, Y = dense_explicit_als(R, M, init_factors(np.arange(12), 3, 2, "users", "float64"), 4, 0.05)
+    np.testing.assert_allclose(model.user_factors_, X, atol=1e-6)
+    np.testing.assert_allclose(model.item_factors_, Y, atol=1e-6)
+    to_frame(R, M).to_csv(tmp_path / "r.csv", index=False)
+    cli_ok(capsys, "ingest", tmp_path / "r.csv", tmp_path / "cli.zarr")
+    cli_ok(capsys, "train", tmp_path / "cli.zarr", tmp_path / "m.zarr", "--rank", "3", "--max-iter", "2",
+           "--scheduler", scheduler())
+    loaded = blockals.ALS.load(tmp_path / "m.zarr")
+    assert np.isfinite(loaded.user_factors_).all() and np.isfinite(loaded.item_factors_).all()
+    assert loaded.history_[-1]["train_rmse"] < np.sqrt(np.mean(R[M] ** 2))  # it fits them
+
+
+def test_negative_ratings_in_implicit_mode_are_confident_zeros(tmp_path, capsys):
+    # Closed form: with only negative values every preference is 0, so the first item solve
+    # has a zero right-hand side and gives Y = 0, and then X = 0.
+    users, items = np.repeat(np.arange(5), 3), np.tile(np.arange(3), 5)
+    negative = pd.DataFrame({"user": users, "item": items, "rating": -1.0 - np.arange(15) % 4})
+    store = blockals.ingest(negative, tmp_path / "neg.zarr", n_user_blocks=2, n_item_blocks=1)
+    model = blockals.ALS(rank=2, max_iter=2, implicit=True, alpha=3.0, dtype="float64").fit(store, cluster_client(2))
+    assert not model.user_factors_.any() and not model.item_factors_.any()
+    # The objective is then sum c (0 - 0)^2 over all pairs plus no regularization: 0.
+    assert model.history_[-1]["loss"] == 0.0
+    cli_ok(capsys, "train", store.path, tmp_path / "m.zarr", "--implicit", "--rank", "2", "--max-iter", "1",
+           "--scheduler", scheduler())
+    assert not blockals.ALS.load(tmp_path / "m.zarr").item_factors_.any()
+
+    # Mixed signs: the dense weighted least squares over every pair, c = 1 + alpha |r|, p = [r > 0].
+    R, M = random_ratings(10, 7, 0.5, seed=8)
+    R = np.where(M, np.round(R) - 3.0, 0.0)  # negative, zero and positive values
+    assert (R[M] < 0).any() and (R[M] == 0).any() and (R[M] > 0).any()
+    store = blockals.ingest(to_frame(R, M), tmp_path / "mixed.zarr", n_user_blocks=2, n_item_blocks=2)
+    model = blockals.ALS(rank=3, max_iter=3, reg=0.1, implicit=True, alpha=2.0, seed=5, dtype="float64").fit(
+        store, cluster_client(2))
+    W, T = weights_and_targets(R, M, "implicit", alpha=2.0)
+    X, Y = dense_weighted_als(W, T, init_factors(np.arange(10), 3, 5, "users", "float64"), 3, 0.1,
+                              *reg_counts(R, M, "implicit", "count"))
+    np.testing.assert_allclose(model.user_factors_, X, atol=1e-6)
+    np.testing.assert_allclose(model.item_factors_, Y, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def sparse_rows() -> pd.DataFrame:
+    """Users 0..7 rate most of items 0..5; user 100 rates item 0 only, item 50 is rated by user 1 only."""
+    R, M = random_ratings(8, 6, 0.6, seed=9)
+    u, i = np.nonzero(M)
+    frame = pd.DataFrame({"user": u, "item": i, "rating": R[u, i]})
+    extra = pd.DataFrame({"user": [100, 1], "item": [0, 50], "rating": [4.5, 2.0]})
+    return pd.concat([frame, extra], ignore_index=True)
+
+
+@pytest.mark.parametrize("reg", [0.3, 0.0])
+def test_rows_with_a_single_rating(reg, sparse_rows, tmp_path):
+    store = blockals.ingest(sparse_rows, tmp_path / "r.zarr", n_user_blocks=2, n_item_blocks=2)
+    model = blockals.ALS(rank=3, max_iter=3, reg=reg, dtype="float64").fit(store, cluster_client(2))
+    assert np.isfinite(model.user_factors_).all() and np.isfinite(model.item_factors_).all()
+    # Closed form of the last (user) half-step for user 100's one rating r of item 0:
+    # x = argmin (r - x.y)^2 + reg |x|^2 (count scaling: weight 1) = r y / (|y|^2 + reg),
+    # so the prediction is r |y|^2 / (|y|^2 + reg): exactly r when reg = 0.
+    y = model.item_factors_[list(model.item_ids_).index(0)]
+    expected = 4.5 * (y @ y) / (y @ y + reg)
+    assert model.predict([100], [0])[0] == pytest.approx(expected, rel=1e-9)
+    assert np.isfinite(model.predict([1], [50])).all()
+
+
+def test_items_and_users_never_rated(sparse_rows, tmp_path, capsys):
+    # A store made with like= keeps every id of the original, rated or not (as splits do).
+    full = blockals.ingest(sparse_rows, tmp_path / "full.zarr", n_user_blocks=2, n_item_blocks=2)
+    rated = sparse_rows[(sparse_rows["item"] != 50) & (sparse_rows["user"] != 100)]
+    store = blockals.ingest(rated, tmp_path / "part.zarr", like=full)
+    assert store.n_items == full.n_items and store.nnz == len(rated)
+    for params in ({}, {"reg_scaling": "none"}, {"implicit": True}):
+        model = blockals.ALS(rank=3, max_iter=2, reg=0.1, dtype="float64", **params).fit(store, cluster_client(2))
+        # Closed form: a row without ratings minimizes reg w |y|^2 (plus, in implicit mode,
+        # y' X'X y): its factors are 0, with w = 0 (count scaling) as with w = 1.
+        assert not model.item_factors_[list(model.item_ids_).index(50)].any(), params
+        assert not model.user_factors_[list(model.user_ids_).index(100)].any(), params
+        assert np.isfinite(model.user_factors_).all() and np.isfinite(model.item_factors_).all()
+        assert np.isfinite(model.history_[-1]["loss"])
+    cli_ok(capsys, "train", store.path, tmp_path / "m.zarr", "--rank", "3", "--max-iter", "1", "--scheduler", scheduler())
+    loaded = blockals.ALS.load(tmp_path / "m.zarr")
+    assert np.isfinite(loaded.item_factors_).all() and not loaded.item_factors_[list(loaded.item_ids_).index(50)].any()
+
+
+def test_rank_larger_than_the_number_of_items(tmp_path, caplog, capsys):
+    R, M = random_ratings(9, 3, 0.7, seed=6)
+    store = blockals.ingest(to_frame(R, M), tmp_path / "r.zarr", n_user_blocks=2, n_item_blocks=1)
+    with caplog.at_level(logging.WARNING, logger="blockals"):
+        model = blockals.ALS(rank=5, max_iter=3, reg=0.1, seed=1, dtype="float64").fit(store, cluster_client(2))
+    assert "rank 5 exceeds min(n_users, n_items)" in caplog.text
+    X, Y = dense_explicit_als(R, M, init_factors(np.arange(9), 5, 1, "users", "float64"), 3, 0.1)
+    np.testing.assert_allclose(model.user_factors_, X, atol=1e-6)
+    np.testing.assert_allclose(model.item_factors_, Y, atol=1e-6)
+    cli_ok(capsys, "train", store.path, tmp_path / "m.zarr", "--rank", "5", "--max-iter", "2", "--scheduler", scheduler())
+    assert np.isfinite(blockals.ALS.load(tmp_path / "m.zarr").user_factors_).all()
+
+
+def test_no_regularization_with_fewer_ratings_than_rank(tmp_path):
+    # User u rates 1 + u % 3 of 6 items (fewer than the rank, 4), starting at item u % 6 so
+    # every item is rated; with reg 0 every user's system is singular.
+    M = np.zeros((12, 6), dtype=bool)
+    for u in range(12):
+        M[u, (u + 2 * np.arange(1 + u % 3)) % 6] = True
+    R = np.where(M, np.random.default_rng(12).integers(1, 11, M.shape) / 2.0, 0.0)
+    assert M.any(0).all() and (M.sum(1) < 4).all()
+    store = blockals.ingest(to_frame(R, M), tmp_path / "r.zarr", n_user_blocks=3, n_item_blocks=2)
+    model = blockals.ALS(rank=4, max_iter=3, reg=0.0, dtype="float64").fit(store, cluster_client(2))
+    X, Y = model.user_factors_, model.item_factors_
+    assert np.isfinite(X).all() and np.isfinite(Y).all() and np.isfinite(model.history_[-1]["loss"])
+    # Documented: the minimum-norm solution, i.e. each user's x = pinv(Y_obs) r_obs,
+    # computed here by NumPy's least squares from the model's final item factors.
+    for u in range(12):
+        obs = np.flatnonzero(M[u])
+        expected = np.linalg.lstsq(Y[obs], R[u, obs], rcond=None)[0]
+        np.testing.assert_allclose(X[u], expected, atol=1e-8 * max(1.0, np.abs(expected).max()))
+
+
+# -- 7. the real command line: no traceback reaches the user ------------------------------------
+
+
+def test_subprocess_cli_prints_one_sentence(trained, tmp_path):
+    root, _, store, _ = trained
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "p-0.csv").write_text(HEADER + GOOD_ROWS)
+    (tmp_path / "p-1.csv").write_text(HEADER + "4,12,x\n")
+    runs = [
+        (["ingest", tmp_path / "empty.csv", tmp_path / "a.zarr"], r"empty\.csv' is empty"),
+        (["ingest", tmp_path / "p-*.csv", tmp_path / "b.zarr"], r"rating in row 3 is 'x', which is not a number\."),
+        (["train", store.path, tmp_path / "m.zarr", "--reg", "-1"], r"reg must be at least 0, got -1\."),
+        (["recommend", root / "m.zarr", "--users", "404"], r"the first being '404'\."),
+    ]
+    # Started together: each spends its few seconds importing, on its own core if there is one.
+    procs = [subprocess.Popen([sys.executable, "-m", "blockals.cli", *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args, _ in runs]
+    for proc, (args, match) in zip(procs, runs):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (args, err)
+        assert "Traceback" not in err and out == ""
+        line = err.strip()
+        assert line.startswith("blockals: error: ") and re.search(match, line), line
+        one_sentence(line)
+    assert not any((tmp_path / name).exists() for name in ("a.zarr", "b.zarr", "m.zarr"))
