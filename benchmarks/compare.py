@@ -12,8 +12,15 @@ process tree (workers and JVM included) is measured alike. Per-iteration seconds
 Quality: test RMSE (explicit) or precision@10 over a sample of users (implicit), on a
 random 20% of the ratings held out.
 
+Also printed for blockals: the rate of the normal-equation build (``nnz * k^2``
+multiply-adds of each side's largest block, rebuilt from the trained factors on one
+thread) against this machine's float32 GEMM rate on one thread, and the bytes routed per
+iteration against broadcasting each side's whole factor matrix to every block of the
+other.
+
     python benchmarks/compare.py --ratings 1000000 --users 6000 --items 4000 --rank 10
     python benchmarks/compare.py --mode implicit --rank 64 --peers implicit
+    python benchmarks/compare.py --shape ml20m --rank 64 --peers spark,implicit
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "storage" / "data" / "bench"
+# (users, items, ratings) of the issue's two datasets.
+SHAPES = {"1m": (6000, 4000, 1_000_000), "ml20m": (138_000, 27_000, 20_000_000)}
 
 
 def dataset(args) -> tuple[Path, Path]:
@@ -78,6 +87,55 @@ def precision_at_10(U, V, user_index, item_index, train: pd.DataFrame, test: pd.
     return float(np.mean(hits))
 
 
+# -- kernel rates ----------------------------------------------------------------------------
+
+
+def gemm_rate(n: int = 2000, repeats: int = 5) -> float:
+    """float32 GFLOP/s of one ``n x n`` matrix product on one thread (best of ``repeats``)."""
+    from threadpoolctl import threadpool_limits
+
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    with threadpool_limits(1):
+        a @ a
+        best = min(_timed(lambda: a @ a) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def build_rate(model, store) -> float:
+    """GFLOP/s (``2 nnz k^2`` per build) of forming every row's system of each side's largest
+    block, on one thread, with the trained factors routed as in training."""
+    from blockals import kernels
+    from blockals.objectives import Objective
+
+    factors = {"users": model.user_factors_, "items": model.item_factors_}
+    flops = seconds = 0.0
+    for side, other in (("users", "items"), ("items", "users")):
+        block = int(np.argmax(store.block_nnz(side)))
+        inblock = store.inblock(side, block)
+        messages = [factors[other][store.rows(other, src)[inblock.out_block(src)]] for src in range(store.n_blocks(other))]
+        M = np.ascontiguousarray(np.concatenate(messages), dtype=np.float32)
+        k = M.shape[1]
+        systems = Objective(k, 0.1, "count").systems(inblock, M, None, None)
+        args = systems.kernel_args()
+        rows = np.flatnonzero(inblock.counts)
+        Ms, bs = np.empty((rows.size, k, k)), np.empty((rows.size, k))
+        kernels._form_rows(rows[:1], *args, Ms, bs)  # compile or load outside the timing
+        seconds += min(_timed(lambda: kernels._form_rows(rows, *args, Ms, bs)) for _ in range(3))
+        flops += 2.0 * inblock.nnz * k * k
+    return flops / seconds / 1e9
+
+
+def broadcast_bytes(store, width: int) -> int:
+    """Bytes one iteration would ship if every block received the other side's whole matrix."""
+    return 4 * width * (store.n_user_blocks * store.n_items + store.n_item_blocks * store.n_users)
+
+
 # -- the implementations, each run in a child process ---------------------------------------
 
 
@@ -95,9 +153,11 @@ def run_blockals(args, train: Path, test: Path) -> dict:
         if args.mode == "implicit":
             params.update(implicit=True, alpha=args.alpha, reg_scaling="none", solver=args.solver)
         model = blockals.ALS(**params).fit(store, client)
-    secs = [h["seconds"] for h in model.history_]
-    out = {"per_iter": float(np.median(secs[1:] if len(secs) > 1 else secs)), "ingest_s": ingest_s,
-           "bytes_routed": model.history_[-1]["bytes_routed"]}
+        secs = [h["seconds"] for h in model.history_]
+        out = {"per_iter": float(np.median(secs[1:] if len(secs) > 1 else secs)), "ingest_s": ingest_s,
+               "bytes_routed": model.history_[-1]["bytes_routed"], "bytes_broadcast": broadcast_bytes(store, args.rank),
+               "blocks": [store.n_user_blocks, store.n_item_blocks], "build_gflops": build_rate(model, store),
+               "gemm_gflops": gemm_rate()}
     te = pd.read_parquet(test)
     if args.mode == "explicit":
         out["quality"] = rmse(model.predict(te["user"].to_numpy(), te["item"].to_numpy()), te["rating"].to_numpy())
@@ -193,6 +253,7 @@ def measure(name: str, argv: list[str]) -> dict:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), help="preset users, items and ratings")
     p.add_argument("--users", type=int, default=6000)
     p.add_argument("--items", type=int, default=4000)
     p.add_argument("--ratings", type=int, default=1_000_000)
@@ -209,7 +270,10 @@ def parse(argv=None):
     p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--peers", default="spark", help="comma-separated: spark, implicit")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.shape:
+        args.users, args.items, args.ratings = SHAPES[args.shape]
+    return args
 
 
 def main(argv=None) -> None:
@@ -232,7 +296,11 @@ def main(argv=None) -> None:
         ratio = "" if name == "blockals" else f"{base / r['per_iter']:.2f}"
         print(f"| {name} | {r['per_iter']:.3f} | {r['peak_rss_gb']:.2f} | {r['quality']:.4f} | {ratio} |")
     b = results["blockals"]
-    print(f"blockals ingest {b['ingest_s']:.1f} s; bytes routed per iteration {b['bytes_routed'] / 2**20:.1f} MiB")
+    print(f"blockals: {b['blocks'][0]} x {b['blocks'][1]} blocks, ingest {b['ingest_s']:.1f} s; "
+          f"normal-equation build {b['build_gflops']:.1f} GFLOP/s per core = {b['build_gflops'] / b['gemm_gflops']:.0%} "
+          f"of float32 GEMM ({b['gemm_gflops']:.1f} GFLOP/s on one thread); routed per iteration "
+          f"{b['bytes_routed'] / 2**20:.1f} MiB vs {b['bytes_broadcast'] / 2**20:.1f} MiB broadcast "
+          f"({b['bytes_routed'] / b['bytes_broadcast']:.0%})")
 
 
 if __name__ == "__main__":

@@ -321,7 +321,8 @@ def ingest(
     nnz_upper = int(offsets[-1])
     for side in SIDES:
         if n_blocks[side] is None:
-            n_blocks[side] = default_n_blocks(len(ids[side]), nnz_upper, block_budget)
+            other = "items" if side == "users" else "users"
+            n_blocks[side] = default_n_blocks(len(ids[side]), nnz_upper, block_budget, len(ids[other]))
     if like is None:
         assignment = {side: assign_blocks(counts[side], n_blocks[side]) for side in SIDES}
     else:

@@ -12,8 +12,6 @@ depend on how the other blocks were cut.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from blockals.errors import InputError
@@ -22,25 +20,45 @@ __all__ = [
     "assign_blocks",
     "default_n_blocks",
     "parse_n_blocks",
+    "block_bytes",
     "BYTES_PER_RATING",
 ]
 
-# Bytes one stored rating costs a solve task: the factor row it gathers (rank 64,
-# float32), its value and its two routing indices, with room for the padded batch.
-BYTES_PER_RATING = 64 * 4 * 2 + 16
+# Bytes a block's solve spends per rating it holds: value, routing, the coefficients of
+# its system and its loss terms (see blockals/kernels.py).
+BYTES_PER_RATING = 80
+# Bytes per factor row a block receives: rank 64, float32, held twice (as received and
+# concatenated). A block receives at most one row per rating, and at most every row of
+# the other side.
+BYTES_PER_MESSAGE_ROW = 2 * 64 * 4
 
 # Default working-set budget of one block solve; small enough that several blocks fit
 # in a 2 GiB worker at once, large enough that per-task overhead stays negligible.
 DEFAULT_BLOCK_BUDGET = 256 * 2**20
 
 
-def default_n_blocks(n_rows: int, nnz: int, budget: int = DEFAULT_BLOCK_BUDGET) -> int:
-    """Blocks needed for one side so that a block's solve fits in ``budget`` bytes.
+def block_bytes(nnz: int, n_other: int) -> int:
+    """Working set of a block solve over ``nnz`` ratings, the other side having ``n_other`` rows."""
+    return nnz * BYTES_PER_RATING + min(nnz, n_other) * BYTES_PER_MESSAGE_ROW
 
-    At least two blocks (so two workers have something to do) when there are two rows.
+
+def default_n_blocks(n_rows: int, nnz: int, budget: int = DEFAULT_BLOCK_BUDGET, n_other: int | None = None) -> int:
+    """Fewest blocks for one side whose solves, of ``ceil(nnz / blocks)`` ratings each, fit ``budget``.
+
+    Fewer, larger blocks mean fewer tasks and less routing, so the smallest count that
+    fits is the best. ``n_other`` (rows of the other side; default: unbounded) caps the
+    routed rows a block can receive. At least two blocks (so two workers have something to
+    do) when there are two rows, and never more blocks than rows.
     """
-    by_memory = math.ceil(nnz * BYTES_PER_RATING / budget)
-    return int(max(1, min(n_rows, max(2, by_memory))))
+    n_other = nnz if n_other is None else n_other
+    lo, hi = 1, max(1, n_rows)  # block_bytes(ceil(nnz / b)) does not grow with b
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if block_bytes(-(-nnz // mid), n_other) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return int(max(1, min(n_rows, max(2, lo))))
 
 
 def parse_n_blocks(value: object, name: str, n_rows: int) -> int:

@@ -431,8 +431,8 @@ def test_default_block_counts(tmp_path):
     for side, n in (("users", small["user"].nunique()), ("items", small["item"].nunique())):
         assert 1 <= store.n_blocks(side) <= n
 
-    # With a small budget, more ratings need more blocks; each side gets at least
-    # ceil(nnz * bytes per rating / budget) blocks, capped by its number of rows.
+    # With a small budget, more ratings need more blocks; each side gets at least as many
+    # as the per-rating cost alone needs, capped by its number of rows.
     budget = 1000 * BYTES_PER_RATING
     big = make_ratings(200, 150, 6000, seed=6)
     stores = {

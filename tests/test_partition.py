@@ -112,19 +112,25 @@ def test_docstring_example():
 @pytest.mark.parametrize("n_rows", [0, 1, 2, 3, 100, 10**6])
 @pytest.mark.parametrize("nnz", [0, 1, 10**3, 10**6, 10**8])
 @pytest.mark.parametrize("budget", [2**20, 256 * 2**20])
-def test_default_block_count(n_rows, nnz, budget):
-    n = default_n_blocks(n_rows, nnz, budget)
+@pytest.mark.parametrize("n_other", [None, 1000, 10**6])
+def test_default_block_count(n_rows, nnz, budget, n_other):
+    n = default_n_blocks(n_rows, nnz, budget, n_other)
     assert isinstance(n, int)
     assert 1 <= n <= max(1, n_rows)  # never more blocks than rows
     if n_rows >= 2:
         assert n >= 2  # two workers have something to do
-    working_set = nnz * BYTES_PER_RATING
+
+    def working_set(blocks):  # ratings, plus routed rows: one per rating at most, and no more than the other side has
+        per_block = math.ceil(nnz / blocks)
+        rows_in = per_block if n_other is None else min(per_block, n_other)
+        return per_block * BYTES_PER_RATING + rows_in * 2 * 64 * 4
+
     if n < n_rows:
-        assert working_set / n <= budget  # a block's solve fits the budget...
+        assert working_set(n) <= budget  # a block's solve fits the budget...
     if n > 2:
-        assert working_set / (n - 1) > budget  # ...and one block fewer would not
+        assert working_set(n - 1) > budget  # ...and one block fewer would not
     # The module default is the one ingest uses.
-    assert default_n_blocks(n_rows, nnz) == default_n_blocks(n_rows, nnz, 256 * 2**20)
+    assert default_n_blocks(n_rows, nnz, n_other=n_other) == default_n_blocks(n_rows, nnz, 256 * 2**20, n_other)
 
 
 @pytest.mark.parametrize("name,side", [("n_user_blocks", "users"), ("n_item_blocks", "items")])
