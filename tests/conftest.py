@@ -24,6 +24,15 @@ def cluster_client(n_workers: int) -> Client:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _compiled_kernels():
+    """Compile the solver loops once, into numba's cache, before any worker or CLI process
+    needs them: otherwise every process started before the cache exists compiles them."""
+    from blockals.kernels import precompile
+
+    precompile()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _close_clusters():
     yield
     for cluster, client in _clusters.values():

@@ -139,6 +139,7 @@ def test_pipeline_default_job(tmp_path):
     assert recs["user"].nunique() == frame["user"].nunique()
 
 
+@pytest.mark.slow  # the default pipeline job above runs in CI
 def test_pipeline_config_flags_and_single_stages(tmp_path):
     env = {**os.environ, "DASK_SCHEDULER_ADDRESS": ""}
     config = ROOT / "pipelines" / "configs" / "implicit.yaml"

@@ -48,6 +48,7 @@ def process_cluster(tmp_path):
             p.kill()
 
 
+@pytest.mark.slow  # the kill tests below run on the same process cluster in CI
 def test_pipeline_on_process_cluster_matches_local_cluster(process_cluster, tmp_path):
     address = process_cluster.scheduler.address
     common = [str(ROOT / "pipelines" / "als_pipeline.py"), "--max-iter", "3", "--stages", "ingest,split,train"]

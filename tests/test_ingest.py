@@ -433,7 +433,7 @@ def test_default_block_counts(tmp_path):
 
     # With a small budget, more ratings need more blocks; each side gets at least as many
     # as the per-rating cost alone needs, capped by its number of rows.
-    budget = 1000 * BYTES_PER_RATING
+    budget = 2000 * BYTES_PER_RATING
     big = make_ratings(200, 150, 6000, seed=6)
     stores = {
         "small": blockals.ingest(small, tmp_path / "s2.zarr", block_budget=budget),

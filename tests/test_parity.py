@@ -65,7 +65,8 @@ def spark_model(spark, train: pd.DataFrame, like: blockals.ALS, **params) -> blo
     return model
 
 
-@pytest.fixture(scope="module", params=["synthetic-200k", "spark-sample"])
+# The 200k-rating comparison is the stronger one and takes most of the time: it runs with -m slow.
+@pytest.fixture(scope="module", params=[pytest.param("synthetic-200k", marks=pytest.mark.slow), "spark-sample"])
 def splits(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
     if request.param == "synthetic-200k":

@@ -53,6 +53,7 @@ def test_ingest_train_save_load_recommend_on_s3(s3, client2, tmp_path, monkeypat
     np.testing.assert_allclose(local.user_factors_, model.user_factors_, atol=1e-10)
 
 
+@pytest.mark.slow  # every pipeline stage over S3; the API round trip above runs in CI
 def test_pipeline_writes_every_stage_to_s3(s3, tmp_path):
     import os
     import subprocess
