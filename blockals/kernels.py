@@ -329,11 +329,14 @@ def _formed(sys: RowSystems, args: tuple, rows: np.ndarray, batch_bytes: int) ->
         yield chunk, Ms, bs
 
 
-def _add_loss(sys: RowSystems, X: np.ndarray, terms: dict[str, float] | None) -> None:
-    """Add the block's observed-pair loss and squared error at the solution ``X``."""
+def _add_loss(sys: RowSystems, args: tuple, X: np.ndarray, terms: dict[str, float] | None) -> None:
+    """Add the block's observed-pair loss and squared error at the solution ``X``.
+
+    ``args`` is ``sys.kernel_args()``, already made by the solver.
+    """
     if terms is None:
         return
-    indptr, col, D = sys.kernel_args()[:3]
+    indptr, col, D = args[:3]
     s = np.empty(col.shape[0])
     _predictions(indptr, col, D, np.ascontiguousarray(X, dtype=np.float64), s)
     a = 1.0 if sys.a is None else sys.a
@@ -372,7 +375,7 @@ def solve_cholesky(sys: RowSystems, batch_bytes: int = BATCH_BYTES, terms: dict[
     singular = np.concatenate([rows[~ok], np.flatnonzero(nonempty & ~regularized)])
     for chunk, Ms, bs in _formed(sys, args, singular, batch_bytes):
         X[chunk] = _min_norm(Ms, bs)
-    _add_loss(sys, X, terms)
+    _add_loss(sys, args, X, terms)
     return X
 
 
@@ -384,8 +387,9 @@ def solve_cg(sys: RowSystems, x0: np.ndarray, steps: int, terms: dict[str, float
     to rounding).
     """
     X = np.zeros((sys.inblock.n_rows, sys.width), dtype=sys.D.dtype)
-    _cg_rows(*sys.kernel_args(), np.ascontiguousarray(x0, dtype=np.float64), steps, X)
-    _add_loss(sys, X, terms)
+    args = sys.kernel_args()
+    _cg_rows(*args, np.ascontiguousarray(x0, dtype=np.float64), steps, X)
+    _add_loss(sys, args, X, terms)
     return X
 
 
@@ -440,7 +444,7 @@ def solve_nnls(
     X = np.zeros((sys.inblock.n_rows, sys.width), dtype=sys.D.dtype)
     for rows, A, b in _formed(sys, args, np.flatnonzero(sys.inblock.counts), batch_bytes):
         X[rows] = _nnls_batch(A, b, x0[rows].astype(np.float64), bounded, tol, max_rounds)
-    _add_loss(sys, X, terms)
+    _add_loss(sys, args, X, terms)
     return X
 
 
