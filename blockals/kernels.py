@@ -17,8 +17,9 @@ cost more than the arithmetic (docs/performance.md has the measurements). Each r
 ratings per pass so that the update of ``A_u`` stays in the vector units, then solved by
 a double-precision Cholesky (:func:`solve_cholesky`); or ``A_u`` is applied without being
 formed (:func:`solve_cg`); or the formed systems are solved under ``x >= 0``
-(:func:`solve_nnls`). The compiled functions release the GIL, so a multi-threaded Dask
-worker runs several blocks at once.
+(:func:`solve_nnls`). The loss at the solution is summed right after each row's solve,
+while its routed rows are still in cache. The compiled functions release the GIL, so a
+multi-threaded Dask worker runs several blocks at once.
 
 They are pure functions of one block; the engine calls them inside Dask tasks and the
 tests call them directly.
@@ -156,6 +157,15 @@ class RowSystems:
             np.ascontiguousarray(self.reg, dtype=np.float64),
         )
 
+    def loss_args(self, terms: dict[str, float] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(gamma, tau, acc)`` for the compiled loops; ``acc`` is empty when ``terms`` is None
+        (no loss wanted), else the two sums the loops add to."""
+        if terms is None:
+            empty = np.zeros(0)
+            return empty, empty, empty
+        return (np.ascontiguousarray(self.gamma, dtype=np.float64), np.ascontiguousarray(self.tau, dtype=np.float64),
+                np.zeros(2))
+
 
 # -- compiled per-row loops ------------------------------------------------------------
 
@@ -208,8 +218,31 @@ def _system(u, indptr, col, D, a, beta, G, reg, A, M, b):
 
 
 @_jit
-def _cholesky_rows(rows, indptr, col, D, a, beta, G, reg, X, ok):
-    """Solve the systems of ``rows`` by Cholesky; ``ok[k]`` is False where it broke down."""
+def _row_loss(u, x, indptr, col, D, a, beta, gamma, tau, acc):
+    """Add row ``u``'s ``sum (a s^2 - 2 beta s + gamma)`` to ``acc[0]`` and ``sum (tau - s)^2``
+    to ``acc[1]``, at predictions ``s = d . x`` (``x`` float64).
+
+    Called right after the row's solve, while its routed rows are still in cache.
+    """
+    w = x.shape[0]
+    observed = sq_err = 0.0
+    for p in range(indptr[u], indptr[u + 1]):
+        d = D[col[p]]
+        s = 0.0
+        for j in range(w):
+            s += d[j] * x[j]
+        observed += a[p] * s * s - 2.0 * beta[p] * s + gamma[p]
+        sq_err += (tau[p] - s) ** 2
+    acc[0] += observed
+    acc[1] += sq_err
+
+
+@_jit
+def _cholesky_rows(rows, indptr, col, D, a, beta, G, reg, gamma, tau, X, ok, acc):
+    """Solve the systems of ``rows`` by Cholesky; ``ok[k]`` is False where it broke down.
+
+    With a non-empty ``acc``, each solved row's loss terms are added to it.
+    """
     w = D.shape[1]
     A = np.empty((w, w), dtype=D.dtype)
     M = np.empty((w, w))
@@ -223,18 +256,23 @@ def _cholesky_rows(rows, indptr, col, D, a, beta, G, reg, X, ok):
             ok[k] = False
             continue
         for j in range(w):  # R y = b
-            acc = b[j]
+            v = b[j]
             for i in range(j):
-                acc -= R[j, i] * b[i]
-            b[j] = acc / R[j, j]
+                v -= R[j, i] * b[i]
+            b[j] = v / R[j, j]
         for j in range(w - 1, -1, -1):  # R^T x = y
-            acc = b[j]
+            v = b[j]
             for i in range(j + 1, w):
-                acc -= R[i, j] * b[i]
-            b[j] = acc / R[j, j]
+                v -= R[i, j] * b[i]
+            b[j] = v / R[j, j]
         ok[k] = np.isfinite(b).all()
+        if not ok[k]:
+            continue
         for j in range(w):
             X[u, j] = b[j]
+            b[j] = X[u, j]  # the loss is taken at the factors as stored
+        if acc.shape[0]:
+            _row_loss(u, b, indptr, col, D, a, beta, gamma, tau, acc)
 
 
 @_jit
@@ -265,7 +303,16 @@ def _apply(u, p, indptr, col, D, a, G, reg, out):
 
 
 @_jit
-def _cg_rows(indptr, col, D, a, beta, G, reg, X0, steps, X):
+def _loss_rows(rows, indptr, col, D, a, beta, gamma, tau, X, acc):
+    """The loss terms of ``rows`` at ``X``, into ``acc``."""
+    x = np.empty(D.shape[1])
+    for k in range(rows.shape[0]):
+        x[:] = X[rows[k]]
+        _row_loss(rows[k], x, indptr, col, D, a, beta, gamma, tau, acc)
+
+
+@_jit
+def _cg_rows(indptr, col, D, a, beta, G, reg, gamma, tau, X0, steps, X, acc):
     w = D.shape[1]
     x, r, p, Ap = np.empty(w), np.empty(w), np.empty(w), np.empty(w)
     for u in range(indptr.shape[0] - 1):
@@ -296,19 +343,9 @@ def _cg_rows(indptr, col, D, a, beta, G, reg, X0, steps, X):
             rr = rr_new
         for j in range(w):
             X[u, j] = x[j]
-
-
-@_jit
-def _predictions(indptr, col, D, X, s):
-    """``s_p = d_p . x_u`` for every rating."""
-    for u in range(indptr.shape[0] - 1):
-        x = X[u]
-        for q in range(indptr[u], indptr[u + 1]):
-            d = D[col[q]]
-            acc = 0.0
-            for j in range(x.shape[0]):
-                acc += d[j] * x[j]
-            s[q] = acc
+            x[j] = X[u, j]
+        if acc.shape[0]:
+            _row_loss(u, x, indptr, col, D, a, beta, gamma, tau, acc)
 
 
 # -- solvers of a block -----------------------------------------------------------------
@@ -329,19 +366,11 @@ def _formed(sys: RowSystems, args: tuple, rows: np.ndarray, batch_bytes: int) ->
         yield chunk, Ms, bs
 
 
-def _add_loss(sys: RowSystems, args: tuple, X: np.ndarray, terms: dict[str, float] | None) -> None:
-    """Add the block's observed-pair loss and squared error at the solution ``X``.
-
-    ``args`` is ``sys.kernel_args()``, already made by the solver.
-    """
-    if terms is None:
-        return
-    indptr, col, D = args[:3]
-    s = np.empty(col.shape[0])
-    _predictions(indptr, col, D, np.ascontiguousarray(X, dtype=np.float64), s)
-    a = 1.0 if sys.a is None else sys.a
-    terms["observed"] = terms.get("observed", 0.0) + float(np.sum(a * s * s - 2 * sys.beta * s + sys.gamma))
-    terms["sq_err"] = terms.get("sq_err", 0.0) + float(np.sum((sys.tau - s) ** 2))
+def _add_terms(terms: dict[str, float] | None, acc: np.ndarray) -> None:
+    """Add the loops' sums (observed-pair loss, squared error) to ``terms``."""
+    if terms is not None:
+        terms["observed"] = terms.get("observed", 0.0) + float(acc[0])
+        terms["sq_err"] = terms.get("sq_err", 0.0) + float(acc[1])
 
 
 def _min_norm(A: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -366,16 +395,19 @@ def solve_cholesky(sys: RowSystems, batch_bytes: int = BATCH_BYTES, terms: dict[
     given, the observed-pair loss and squared error at the solution are added to it.
     """
     args = sys.kernel_args()
+    gamma, tau, acc = sys.loss_args(terms)
     X = np.zeros((sys.inblock.n_rows, sys.width), dtype=sys.D.dtype)
     nonempty = sys.inblock.counts > 0
     regularized = (sys.reg > 0).all(axis=1)
     rows = np.flatnonzero(nonempty & regularized)
     ok = np.ones(rows.size, dtype=bool)
-    _cholesky_rows(rows, *args, X, ok)
+    _cholesky_rows(rows, *args, gamma, tau, X, ok, acc)
     singular = np.concatenate([rows[~ok], np.flatnonzero(nonempty & ~regularized)])
     for chunk, Ms, bs in _formed(sys, args, singular, batch_bytes):
         X[chunk] = _min_norm(Ms, bs)
-    _add_loss(sys, args, X, terms)
+    if acc.size and singular.size:
+        _loss_rows(singular, *args[:5], gamma, tau, X, acc)
+    _add_terms(terms, acc)
     return X
 
 
@@ -387,9 +419,9 @@ def solve_cg(sys: RowSystems, x0: np.ndarray, steps: int, terms: dict[str, float
     to rounding).
     """
     X = np.zeros((sys.inblock.n_rows, sys.width), dtype=sys.D.dtype)
-    args = sys.kernel_args()
-    _cg_rows(*args, np.ascontiguousarray(x0, dtype=np.float64), steps, X)
-    _add_loss(sys, args, X, terms)
+    gamma, tau, acc = sys.loss_args(terms)
+    _cg_rows(*sys.kernel_args(), gamma, tau, np.ascontiguousarray(x0, dtype=np.float64), steps, X, acc)
+    _add_terms(terms, acc)
     return X
 
 
@@ -442,9 +474,13 @@ def solve_nnls(
     """
     args = sys.kernel_args()
     X = np.zeros((sys.inblock.n_rows, sys.width), dtype=sys.D.dtype)
-    for rows, A, b in _formed(sys, args, np.flatnonzero(sys.inblock.counts), batch_bytes):
+    rated = np.flatnonzero(sys.inblock.counts)
+    for rows, A, b in _formed(sys, args, rated, batch_bytes):
         X[rows] = _nnls_batch(A, b, x0[rows].astype(np.float64), bounded, tol, max_rounds)
-    _add_loss(sys, args, X, terms)
+    gamma, tau, acc = sys.loss_args(terms)
+    if acc.size:
+        _loss_rows(rated, *args[:5], gamma, tau, X, acc)
+    _add_terms(terms, acc)
     return X
 
 

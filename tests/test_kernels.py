@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blockals.kernels import RowSystems, init_factors, solve_cg, solve_cholesky
+from blockals.kernels import RowSystems, init_factors, solve_cg, solve_cholesky, solve_nnls
 from blockals.objectives import Objective
 from blockals.routing import build_inblock
 
@@ -128,3 +128,49 @@ def test_weighted_wide_systems_equal_dense_solves(dtype):
     np.testing.assert_allclose(solve_cholesky(systems), expected, rtol=tol, atol=tol)
     x0 = rng.standard_normal((150, 64))
     np.testing.assert_allclose(solve_cg(systems, x0, 100), expected, rtol=10 * tol, atol=10 * tol)
+
+
+@pytest.mark.parametrize("width", [1, 7, 10])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unit-weights", "weighted"])
+def test_every_solver_reports_its_loss_for_any_row_length(width, weighted):
+    # Every remainder of the four-ratings-per-pass loop, long rows, an empty row, and
+    # widths that are not a multiple of the vector length.
+    lengths = np.array([1, 2, 3, 4, 5, 6, 7, 8, 127, 300, 0, 9])
+    rng = np.random.default_rng(11)
+    n_src = 320
+    dst = np.repeat(np.arange(lengths.size), lengths)
+    src = np.concatenate([rng.choice(n_src, n, replace=False) for n in lengths])
+    inblock = build_inblock(dst, np.zeros_like(src), src, src, rng.integers(1, 11, dst.size) / 2.0, lengths.size, 1)
+    Y_src = rng.standard_normal((n_src, width))
+    Y = Y_src[inblock.need_rows]
+    a = rng.random(inblock.nnz) * 2 if weighted else None
+    beta = inblock.rating.astype(np.float64) * 1.5
+    gamma, tau = rng.random(inblock.nnz), rng.random(inblock.nnz)
+    reg = np.full((lengths.size, width), 0.3)
+    systems = RowSystems(inblock, Y, inblock.col, beta, a, None, reg, gamma, tau)
+
+    wts = np.ones(inblock.nnz) if a is None else a
+    F = Y[inblock.col]
+    expected = np.zeros((lengths.size, width))
+    for u in np.flatnonzero(lengths):
+        m = inblock.row == u
+        A = F[m].T @ (wts[m, None] * F[m]) + 0.3 * np.eye(width)
+        expected[u] = np.linalg.solve(A, F[m].T @ beta[m])
+
+    def loss(X):
+        s = np.einsum("pj,pj->p", F, X[inblock.row])
+        return float(np.sum(wts * s * s - 2 * beta * s + gamma)), float(np.sum((tau - s) ** 2))
+
+    x0 = rng.standard_normal((lengths.size, width))
+    bounded = np.zeros(width, dtype=bool)  # no active bound: NNLS is the exact solve
+    for solved in (
+        lambda t: solve_cholesky(systems, terms=t),
+        lambda t: solve_cg(systems, x0, 3 * width, terms=t),
+        lambda t: solve_nnls(systems, x0, bounded, terms=t),
+    ):
+        terms: dict = {}
+        X = solved(terms)
+        np.testing.assert_allclose(X, expected, rtol=1e-8, atol=1e-8)
+        observed, sq_err = loss(X)
+        assert terms["observed"] == pytest.approx(observed, rel=1e-9)
+        assert terms["sq_err"] == pytest.approx(sq_err, rel=1e-9)
