@@ -78,6 +78,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--memory-limit", default="2GiB")
+    p.add_argument("--block-budget", help="ingest's block budget (default: half of --memory-limit; "
+                   "a worker runs one block at a time)")
     p.add_argument("--parquet", action="store_true", help="also write a Parquet source of the same ratings and ingest it")
     p.add_argument("--fresh", action="store_true", help="rebuild stored inputs")
     return p.parse_args(argv)
@@ -86,25 +88,27 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     import blockals
     from blockals.datasets import make_store, synthetic_ratings
+    from dask.utils import parse_bytes
     from distributed import Client, LocalCluster
 
     args = parse(argv)
+    budget = parse_bytes(args.block_budget or args.memory_limit) // (1 if args.block_budget else 2)
     name = f"{args.users}x{args.items}-{args.ratings}"
-    store_path, parquet_path = DATA / f"{name}.zarr", DATA / f"{name}.parquet"
+    store_path, parquet_path = DATA / f"{name}-b{budget >> 20}M.zarr", DATA / f"{name}.parquet"
     if args.fresh:
         for path in (store_path, parquet_path):
             shutil.rmtree(path, ignore_errors=True)
     DATA.mkdir(parents=True, exist_ok=True)
     shape = dict(n_users=args.users, n_items=args.items, n_ratings=args.ratings)
     report: dict = {"ratings": args.ratings, "users": args.users, "items": args.items, "rank": args.rank,
-                    "workers": args.workers, "memory_limit": args.memory_limit}
+                    "workers": args.workers, "memory_limit": args.memory_limit, "block_budget": budget}
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, memory_limit=args.memory_limit,
                       host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         if store_path.exists():
             store = blockals.open_store(str(store_path))
         else:
             with PeakRSS() as made:
-                store = make_store(str(store_path), **shape)
+                store = make_store(str(store_path), block_budget=budget, **shape)
             report.update(generate_s=made.seconds, generate_rss_gib=made.gib)
         report["blocks"] = [store.n_user_blocks, store.n_item_blocks]
         with PeakRSS() as trained:
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             target = DATA / f"{name}-from-parquet.zarr"
             shutil.rmtree(target, ignore_errors=True)
             with PeakRSS() as ingested:
-                blockals.ingest(str(parquet_path), str(target))
+                blockals.ingest(str(parquet_path), str(target), block_budget=budget)
             report.update(parquet_ingest_s=ingested.seconds, parquet_ingest_rss_gib=ingested.gib)
             shutil.rmtree(target)
     report.update(machine=f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "

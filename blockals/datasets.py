@@ -421,15 +421,15 @@ def movielens_like(seed: int = 0) -> pd.DataFrame:
 
 
 def make_store(path, *, n_user_blocks: int | None = None, n_item_blocks: int | None = None, overwrite: bool = False,
-               **kwargs: Any):
+               block_budget: int | None = None, **kwargs: Any):
     """Generate :func:`synthetic_ratings` straight into a ratings store, partition by partition.
 
     Parameters
     ----------
     path : str or path-like
         Where the store is written.
-    n_user_blocks, n_item_blocks, overwrite
-        Passed to :func:`blockals.ingest`.
+    n_user_blocks, n_item_blocks, overwrite, block_budget
+        Passed to :func:`blockals.ingest` (``block_budget``: its default when None).
     **kwargs
         Passed to :func:`synthetic_ratings`.
 
@@ -439,5 +439,6 @@ def make_store(path, *, n_user_blocks: int | None = None, n_item_blocks: int | N
     """
     from blockals.ingest import ingest
 
+    budget = {} if block_budget is None else {"block_budget": block_budget}
     return ingest(synthetic_ratings(**kwargs), path, n_user_blocks=n_user_blocks, n_item_blocks=n_item_blocks,
-                  overwrite=overwrite)
+                  overwrite=overwrite, **budget)

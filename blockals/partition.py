@@ -49,7 +49,15 @@ def default_n_blocks(n_rows: int, nnz: int, budget: int = DEFAULT_BLOCK_BUDGET, 
     fits is the best. ``n_other`` (rows of the other side; default: unbounded) caps the
     routed rows a block can receive. At least two blocks (so two workers have something to
     do) when there are two rows, and never more blocks than rows.
+
+    When every row of the other side would fill more than half the budget (say 1.4M
+    users at rank 64 for an item block), no block count fits short of blocks holding fewer
+    ratings than the other side has rows, and those route almost every rating's row to
+    its own block: tens of times the traffic. The count is then set by the ratings
+    alone, half the budget's worth per block, and the messages come on top (the two rules
+    agree where the messages fill exactly half).
     """
+    crowded = n_other is not None and n_other * BYTES_PER_MESSAGE_ROW > budget // 2
     n_other = nnz if n_other is None else n_other
     lo, hi = 1, max(1, n_rows)  # block_bytes(ceil(nnz / b)) does not grow with b
     while lo < hi:
@@ -58,6 +66,8 @@ def default_n_blocks(n_rows: int, nnz: int, budget: int = DEFAULT_BLOCK_BUDGET, 
             hi = mid
         else:
             lo = mid + 1
+    if crowded:
+        lo = min(lo, -(-nnz // max(1, budget // 2 // BYTES_PER_RATING)))
     return int(max(1, min(n_rows, max(2, lo))))
 
 

@@ -125,10 +125,19 @@ def test_default_block_count(n_rows, nnz, budget, n_other):
         rows_in = per_block if n_other is None else min(per_block, n_other)
         return per_block * BYTES_PER_RATING + rows_in * 2 * 64 * 4
 
-    if n < n_rows:
-        assert working_set(n) <= budget  # a block's solve fits the budget...
-    if n > 2:
-        assert working_set(n - 1) > budget  # ...and one block fewer would not
+    crowded = n_other is not None and n_other * 2 * 64 * 4 > budget / 2
+    if crowded:
+        # Every row of the other side fills over half the budget: blocks take half a
+        # budget of ratings each, and fewer blocks than fitting the budget would need.
+        if 2 < n < n_rows:
+            assert math.ceil(nnz / n) * BYTES_PER_RATING <= budget / 2 < math.ceil(nnz / (n - 1)) * BYTES_PER_RATING
+        fit = next((b for b in range(1, max(1, n_rows) + 1) if working_set(b) <= budget), max(1, n_rows))
+        assert n <= max(2, min(fit, max(1, n_rows)))
+    else:
+        if n < n_rows:
+            assert working_set(n) <= budget  # a block's solve fits the budget...
+        if n > 2:
+            assert working_set(n - 1) > budget  # ...and one block fewer would not
     # The module default is the one ingest uses.
     assert default_n_blocks(n_rows, nnz, n_other=n_other) == default_n_blocks(n_rows, nnz, 256 * 2**20, n_other)
 
