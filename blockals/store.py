@@ -227,8 +227,8 @@ class _BlockCache:
     entries.
     """
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = max_bytes  # None: cache_bytes() at each insertion
         self._items: OrderedDict[tuple, InBlock] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -242,14 +242,15 @@ class _BlockCache:
 
     def put(self, key: tuple, block: InBlock) -> None:
         size = block.nbytes
-        if size > self.max_bytes:
+        max_bytes = cache_bytes() if self.max_bytes is None else self.max_bytes
+        if size > max_bytes:
             return
         with self._lock:
             if key in self._items:
                 return
             self._items[key] = block
             self._bytes += size
-            while self._bytes > self.max_bytes:
+            while self._bytes > max_bytes:
                 _, old = self._items.popitem(last=False)
                 self._bytes -= old.nbytes
 
@@ -259,13 +260,27 @@ class _BlockCache:
             self._bytes = 0
 
 
-def _default_cache_bytes() -> int:
+def cache_bytes() -> int:
+    """Bytes of in-blocks this process may keep: Dask config ``blockals.block-cache-bytes``,
+    else 1 GiB but at most a quarter of this worker's memory limit.
+
+    The rest of a worker's memory is for the solves; a cache that filled it would push
+    the worker past Dask's pause threshold, where it stops taking tasks.
+    """
     import dask
+    from distributed import get_worker
 
-    return int(dask.config.get("blockals.block-cache-bytes", 1 << 30))
+    configured = dask.config.get("blockals.block-cache-bytes", None)
+    if configured is not None:
+        return int(configured)
+    try:
+        limit = get_worker().memory_manager.memory_limit
+    except ValueError:  # not on a worker
+        limit = None
+    return min(1 << 30, limit // 4) if limit else 1 << 30
 
 
-BLOCK_CACHE = _BlockCache(_default_cache_bytes())
+BLOCK_CACHE = _BlockCache()
 
 
 def load_inblock(ref: StoreRef, side: Side, block: int) -> InBlock:

@@ -827,3 +827,19 @@ def test_a_deleted_chunk_file_is_an_error_not_zeros(tmp_path):
     BLOCK_CACHE.clear()
     with pytest.raises(blockals.StoreError, match=r"users/blocks/0/rating is damaged: 1 of its 1 chunk files"):
         blockals.open_store(tmp_path / "z.zarr").inblock("users", 0)
+
+
+@pytest.mark.parametrize("memory_limit,expected", [("400MiB", 100 * 2**20), ("8GiB", 2**30), (0, 2**30)],
+                         ids=["quarter-of-limit", "capped-at-1GiB", "no-limit"])
+def test_block_cache_leaves_a_worker_room_for_its_solves(memory_limit, expected):
+    import dask
+    from distributed import Client, LocalCluster
+
+    from blockals.store import cache_bytes
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=memory_limit, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        assert client.submit(cache_bytes, pure=False).result() == expected  # inside a task, as the solves call it
+    assert cache_bytes() == 2**30  # not on a worker
+    with dask.config.set({"blockals.block-cache-bytes": 12345}):
+        assert cache_bytes() == 12345
