@@ -4,7 +4,10 @@ One iteration is two half-steps, items first as in Spark. A half-step toward sid
 (say users) is, for every user block ``b``:
 
 * ``blockals-route-users-<it>-<j>-<b>``: on the worker holding item block ``j``, cut the
-  message ``Y_j[out(j -> b)]`` (skipped when ``b`` rates nothing in ``j``);
+  message ``Y_j[out(j -> b)]`` (skipped when ``b`` rates nothing in ``j``). The out-blocks
+  are read once per run (``blockals-outblocks-users-<b>``, split into
+  ``blockals-out-users-<j>-<b>``) and stay in the cluster: a route task receives its few
+  indices rather than reading the destination block's routing from the store;
 * ``blockals-gram-users-<it>-<j>`` and ``blockals-gramsum-users-<it>-...`` (modes with a
   term over all pairs): ``Y^T Y`` as a tree reduction over item blocks, computed once and
   shared by every solve;
@@ -38,7 +41,7 @@ from blockals import kernels
 from blockals.checkpoint import Checkpoint, Committed, write_block
 from blockals.config import ALSConfig
 from blockals.objectives import Objective
-from blockals.store import RatingStore, Side, StoreRef, load_inblock, load_rows
+from blockals.store import RatingStore, Side, StoreRef, load_inblock, load_out_blocks, load_rows
 
 __all__ = ["Engine", "FitResult", "connect", "blas_limits", "blas_context"]
 
@@ -75,8 +78,13 @@ def _read_checkpoint_task(ckpt: Checkpoint, slot: int, side: Side, block: int) -
     return ckpt.read_block(slot, side, block)
 
 
-def _route_task(ref: StoreRef, dst_side: Side, dst_block: int, src_block: int, factors: np.ndarray) -> np.ndarray:
-    return factors[load_inblock(ref, dst_side, dst_block).out_block(src_block)]
+def _out_blocks_task(ref: StoreRef, side: Side, block: int) -> list[np.ndarray]:
+    out = load_out_blocks(ref, side, block)
+    return [out.out_block(j) for j in range(out.need_ptr.shape[0] - 1)]
+
+
+def _route_task(rows: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    return factors[rows]
 
 
 def _gram_task(factors: np.ndarray, rank: int) -> np.ndarray:
@@ -185,6 +193,7 @@ class Engine:
         self.run_id = uuid.uuid4().hex[:8]
         self.limits = blas_limits(client)
         self.per_block = self._split_arrays(arrays or {})
+        self.routes: dict[Side, list[list[Future | None]]] = {}
 
     def _split_arrays(self, arrays: dict[str, np.ndarray]) -> dict[str, list[np.ndarray | None]]:
         """Cut global arrays into per-block pieces, in each block's local row order."""
@@ -251,19 +260,33 @@ class Engine:
             depth += 1
         return level[0]
 
+    def _out_blocks(self, dst: Side) -> list[list[Future | None]]:
+        """``out(j -> b)`` for every block ``b`` of ``dst`` and source block ``j`` (None where
+        ``b`` needs nothing from ``j``), read from the store once per run."""
+        if dst not in self.routes:
+            rows = self.store.message_rows(dst)
+            self.routes[dst] = []
+            for b in range(self.store.n_blocks(dst)):
+                whole = self._submit(_out_blocks_task, self.ref, dst, b, key=self._key("outblocks", dst, b))
+                self.routes[dst].append([
+                    self._submit(_part, whole, j, key=self._key("out", dst, j, b)) if rows[j, b] else None
+                    for j in range(rows.shape[0])
+                ])
+        return self.routes[dst]
+
     def _half_step(
         self, it: int, dst: Side, src_factors: list[Future], previous: list[Future] | None
     ) -> tuple[list[Future], list[Future]]:
         """Solve every block of ``dst``; returns factor futures and loss-term futures."""
-        rows = self.store.message_rows(dst)
+        routes = self._out_blocks(dst)
         G = self._gram(it, dst, src_factors)
         weights = self._weights(dst)
         solved, stats = [], []
         for b in range(self.store.n_blocks(dst)):
             msgs = [
-                self._submit(_route_task, self.ref, dst, b, j, src_factors[j], key=self._key("route", dst, it, j, b))
+                self._submit(_route_task, routes[b][j], src_factors[j], key=self._key("route", dst, it, j, b))
                 for j in range(len(src_factors))
-                if rows[j, b]
+                if routes[b][j] is not None
             ]
             prev = None if previous is None else previous[b]
             result = self._submit(
@@ -333,6 +356,7 @@ class Engine:
             if self.on_iteration is not None:
                 self.on_iteration(entry)
         blocks = {"users": self.client.gather(X), "items": self.client.gather(Y)}
+        self.routes.clear()  # release the out-blocks held in the cluster
         return FitResult(blocks, history)
 
 

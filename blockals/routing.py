@@ -64,7 +64,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["InBlock", "build_inblock", "index_dtype"]
+__all__ = ["InBlock", "OutBlocks", "build_inblock", "index_dtype"]
 
 
 def index_dtype(n: int) -> np.dtype:
@@ -118,7 +118,7 @@ class InBlock:
     @property
     def col(self) -> np.ndarray:
         """Row of each rating inside the concatenation of incoming messages."""
-        return self.need_ptr[self.src_block.astype(np.int64)] + self.src_index
+        return self.need_ptr[self.src_block] + self.src_index  # int64: need_ptr's type
 
     @property
     def row(self) -> np.ndarray:
@@ -132,6 +132,20 @@ class InBlock:
     @property
     def nbytes(self) -> int:
         return sum(getattr(self, f).nbytes for f in self.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class OutBlocks:
+    """Only the routing half of an :class:`InBlock`: what each source block ships to it.
+
+    The engine reads these once per run for every block and keeps them in the cluster,
+    so a route task never reads the destination block's ratings.
+    """
+
+    need_ptr: np.ndarray
+    need_rows: np.ndarray
+
+    out_block = InBlock.out_block
 
 
 def build_inblock(

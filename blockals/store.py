@@ -35,7 +35,7 @@ import zarr
 import zarr.codecs
 
 from blockals.errors import InputError, StoreError
-from blockals.routing import InBlock
+from blockals.routing import InBlock, OutBlocks
 
 __all__ = [
     "FORMAT_VERSION",
@@ -294,6 +294,17 @@ def load_inblock(ref: StoreRef, side: Side, block: int) -> InBlock:
     inblock = InBlock(**{name: read_array(group, name, where) for name in INBLOCK_ARRAYS})
     BLOCK_CACHE.put(key, inblock)
     return inblock
+
+
+def load_out_blocks(ref: StoreRef, side: Side, block: int) -> InBlock | OutBlocks:
+    """What each source block ships to ``(side, block)``: the cached in-block when this
+    process has it, else just its two routing arrays."""
+    cached = BLOCK_CACHE.get((ref.store_id, side, block))
+    if cached is not None:
+        return cached
+    where = f"{ref.path}/{side}/blocks/{block}"
+    group = open_group(ref.path, storage_options=ref.options)[f"{side}/blocks/{block}"]
+    return OutBlocks(read_array(group, "need_ptr", where), read_array(group, "need_rows", where))
 
 
 def load_rows(ref: StoreRef, side: Side, block: int) -> np.ndarray:
