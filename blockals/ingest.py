@@ -197,6 +197,22 @@ def _build_block(
 # -- driver ----------------------------------------------------------------------
 
 
+def cluster_budget() -> int:
+    """A third of the memory limit per thread of the current client's smallest worker.
+
+    With no client, or workers without a memory limit, the module default
+    (:data:`blockals.partition.DEFAULT_BLOCK_BUDGET`, 256 MiB).
+    """
+    from distributed import default_client
+
+    try:
+        workers = default_client().scheduler_info(n_workers=-1)["workers"].values()
+    except ValueError:  # no client
+        return DEFAULT_BLOCK_BUDGET
+    per_thread = [w["memory_limit"] // max(1, w["nthreads"]) for w in workers if w.get("memory_limit")]
+    return min(per_thread) // 3 if per_thread else DEFAULT_BLOCK_BUDGET
+
+
 def _prepare_target(path: str, overwrite: bool, storage_options: dict | None, clear: bool = True) -> None:
     """Clear the way for a new store, refusing to destroy anything that is not ours.
 
@@ -237,7 +253,7 @@ def ingest(
     *,
     duplicates: str = "error",
     overwrite: bool = False,
-    block_budget: int = DEFAULT_BLOCK_BUDGET,
+    block_budget: int | None = None,
     storage_options: dict | None = None,
     like: RatingStore | None = None,
     timestamp_col: str | None = None,
@@ -261,8 +277,11 @@ def ingest(
         the count and the first repeated pair; Spark sums repeats silently (``"sum"``).
     overwrite : bool
         Replace a complete store at ``path``.
-    block_budget : int
-        Bytes one block's solve may use when block counts are chosen automatically.
+    block_budget : int, optional
+        Bytes one block's solve may use when block counts are chosen automatically. By
+        default a third of the memory limit per thread of the smallest worker of the
+        current Dask client (:func:`cluster_budget`): a worker thread solves one block at
+        a time beside its block cache. The store records the budget it used.
     storage_options : dict, optional
         Passed to fsspec for remote paths.
     timestamp_col : str, optional
@@ -319,6 +338,8 @@ def ingest(
         else parse_n_blocks(n_item_blocks, "n_item_blocks", len(ids["items"])),
     }
     nnz_upper = int(offsets[-1])
+    if block_budget is None:
+        block_budget = cluster_budget()
     for side in SIDES:
         if n_blocks[side] is None:
             other = "items" if side == "users" else "users"
@@ -335,6 +356,7 @@ def ingest(
         "rating_col": rating_col,
         "n_user_blocks": n_blocks["users"],
         "n_item_blocks": n_blocks["items"],
+        "block_budget": int(block_budget),
         "duplicates": duplicates,
         "id_kinds": kinds,
         "timestamps": timed,

@@ -869,3 +869,18 @@ def test_route_tasks_read_only_the_routing_arrays(ratings, tmp_path):
     inblock = store.inblock("users", 0)
     assert load_out_blocks(store.ref, "users", 0) is inblock
     BLOCK_CACHE.clear()
+
+
+@pytest.mark.parametrize("memory_limit,threads,expected", [("600MiB", 1, 200 * 2**20), ("600MiB", 2, 100 * 2**20),
+                                                           (0, 1, 256 * 2**20)],
+                         ids=["one-thread", "two-threads", "no-limit"])
+def test_block_budget_defaults_to_a_third_of_a_worker_threads_memory(memory_limit, threads, expected, tmp_path):
+    from distributed import Client, LocalCluster
+
+    frame = make_ratings(40, 30, 300, seed=3)
+    with LocalCluster(n_workers=1, threads_per_worker=threads, memory_limit=memory_limit, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster):
+        store = blockals.ingest(frame, tmp_path / "r.zarr")
+        given = blockals.ingest(frame, tmp_path / "s.zarr", block_budget=12345)
+    assert store.params["block_budget"] == expected
+    assert given.params["block_budget"] == 12345  # a given budget is used and recorded as given
