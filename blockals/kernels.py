@@ -13,11 +13,12 @@ where ``d_i`` is the design row built from the routed factor row of the rated it
 The per-row loops are compiled with numba: per-row work is small (a rank-64 row with 100
 ratings is 400k multiply-adds), so NumPy's per-call dispatch on stacked small matrices
 cost more than the arithmetic (docs/performance.md has the measurements). Each row's
-``A_u`` is accumulated in the factors' precision straight from the routed rows, four
-ratings per pass so that the update of ``A_u`` stays in the vector units, then solved by
-a double-precision Cholesky (:func:`solve_cholesky`); or ``A_u`` is applied without being
-formed (:func:`solve_cg`); or the formed systems are solved under ``x >= 0``
-(:func:`solve_nnls`). The loss at the solution is summed right after each row's solve,
+``A_u`` is accumulated in the factors' precision: for rows of a few dozen ratings or
+more, by BLAS GEMM on the gathered routed rows; for shorter ones, straight from the
+routed rows four ratings per pass, so that the update of ``A_u`` stays in the vector
+units. It is then solved by a double-precision Cholesky (:func:`solve_cholesky`); or
+``A_u`` is applied without being formed (:func:`solve_cg`); or the formed systems are
+solved under ``x >= 0`` (:func:`solve_nnls`). The loss at the solution is summed right after each row's solve,
 while its routed rows are still in cache. The compiled functions release the GIL, so a
 multi-threaded Dask worker runs several blocks at once.
 
@@ -47,6 +48,10 @@ __all__ = [
 
 # Bytes of formed float64 systems one batch may hold (NNLS and the minimum-norm fallback).
 BATCH_BYTES = 32 * 2**20
+# Rows with at least this many ratings build A_u by GEMM on up to GEMM_CHUNK gathered
+# rows at a time (docs/performance.md has the measurements behind both numbers).
+GEMM_MIN_RATINGS = 32
+GEMM_CHUNK = 128
 SIDE_TAGS = {"users": 0, "items": 1}
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 # Reassociation lets the dot products vectorize; NaN and inf keep their IEEE meaning.
@@ -200,17 +205,59 @@ def _add_gram(A, D, col, a, start, end):
 
 
 @_jit
-def _system(u, indptr, col, D, a, beta, G, reg, A, M, b):
-    """Row ``u``'s ``A_u`` into ``M`` and ``b_u`` into ``b`` (float64); ``A`` is scratch."""
+def _add_gram_gemm(A, b, D, col, a, beta, start, end, E, F):
+    """``A += sum a_p d_p d_p^T`` and ``b += sum beta_p d_p`` by BLAS GEMM.
+
+    Up to ``F.shape[0]`` ratings at a time, their rows are gathered into ``F`` and
+    ``[a d, beta]`` into ``E``; one product ``E^T F`` then holds the chunk's share of
+    ``A`` in its first ``w`` rows and of ``b`` in its last. GEMM's register tiling reaches
+    1.3-1.8x the four-ratings loop once a row has a few dozen ratings, and the panels are
+    small enough that OpenBLAS keeps each product on one thread.
+    """
+    w = A.shape[0]
+    chunk = F.shape[0]
+    for c0 in range(start, end, chunk):
+        n = min(c0 + chunk, end) - c0
+        for q in range(n):
+            d = D[col[c0 + q]]
+            ap = a[c0 + q]
+            for j in range(w):
+                F[q, j] = d[j]
+                E[q, j] = ap * d[j]
+            E[q, w] = beta[c0 + q]
+        P = np.dot(E[:n].T, F[:n])
+        A += P[:w]
+        for j in range(w):
+            b[j] += P[w, j]
+
+
+@_jit
+def _scratch(D):
+    """Buffers of :func:`_system`: ``A`` in the factors' precision, the GEMM panels ``E``
+    and ``F`` (``w^2 * chunk <= 2^19``, at most ``GEMM_CHUNK`` ratings), ``M`` and ``b``."""
+    w = D.shape[1]
+    chunk = max(16, min(GEMM_CHUNK, 2**19 // (w * w)))
+    return (np.empty((w, w), dtype=D.dtype), np.empty((chunk, w + 1), dtype=D.dtype),
+            np.empty((chunk, w), dtype=D.dtype), np.empty((w, w)), np.empty(w))
+
+
+@_jit
+def _system(u, indptr, col, D, a, beta, G, reg, A, E, F, M, b):
+    """Row ``u``'s ``A_u`` into ``M`` and ``b_u`` into ``b`` (float64); ``A``, ``E``, ``F`` are
+    scratch. Rows of at least ``GEMM_MIN_RATINGS`` ratings are built by GEMM, shorter
+    ones by the four-ratings loop, which wins where a GEMM call has too little to tile."""
     w = A.shape[0]
     start, end = indptr[u], indptr[u + 1]
     A[:, :] = 0.0
-    _add_gram(A, D, col, a, start, end)
     b[:] = 0.0
-    for p in range(start, end):
-        d = D[col[p]]
-        for j in range(w):
-            b[j] += beta[p] * d[j]
+    if end - start >= GEMM_MIN_RATINGS:
+        _add_gram_gemm(A, b, D, col, a, beta, start, end, E, F)
+    else:
+        _add_gram(A, D, col, a, start, end)
+        for p in range(start, end):
+            d = D[col[p]]
+            for j in range(w):
+                b[j] += beta[p] * d[j]
     for j in range(w):
         for l in range(w):
             M[j, l] = A[j, l] + G[j, l]
@@ -244,12 +291,10 @@ def _cholesky_rows(rows, indptr, col, D, a, beta, G, reg, gamma, tau, X, ok, acc
     With a non-empty ``acc``, each solved row's loss terms are added to it.
     """
     w = D.shape[1]
-    A = np.empty((w, w), dtype=D.dtype)
-    M = np.empty((w, w))
-    b = np.empty(w)
+    A, E, F, M, b = _scratch(D)
     for k in range(rows.shape[0]):
         u = rows[k]
-        _system(u, indptr, col, D, a, beta, G, reg, A, M, b)
+        _system(u, indptr, col, D, a, beta, G, reg, A, E, F, M, b)
         try:
             R = np.linalg.cholesky(M)
         except Exception:
@@ -278,9 +323,9 @@ def _cholesky_rows(rows, indptr, col, D, a, beta, G, reg, gamma, tau, X, ok, acc
 @_jit
 def _form_rows(rows, indptr, col, D, a, beta, G, reg, Ms, bs):
     """The float64 systems of ``rows`` into ``Ms[k]``, ``bs[k]``."""
-    A = np.empty((D.shape[1], D.shape[1]), dtype=D.dtype)
+    A, E, F, _, _ = _scratch(D)
     for k in range(rows.shape[0]):
-        _system(rows[k], indptr, col, D, a, beta, G, reg, A, Ms[k], bs[k])
+        _system(rows[k], indptr, col, D, a, beta, G, reg, A, E, F, Ms[k], bs[k])
 
 
 @_jit

@@ -133,9 +133,10 @@ def test_weighted_wide_systems_equal_dense_solves(dtype):
 @pytest.mark.parametrize("width", [1, 7, 10])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unit-weights", "weighted"])
 def test_every_solver_reports_its_loss_for_any_row_length(width, weighted):
-    # Every remainder of the four-ratings-per-pass loop, long rows, an empty row, and
-    # widths that are not a multiple of the vector length.
-    lengths = np.array([1, 2, 3, 4, 5, 6, 7, 8, 127, 300, 0, 9])
+    # Every remainder of the four-ratings-per-pass loop, rows either side of the GEMM
+    # threshold and of its chunk length, an empty row, and widths that are not a multiple
+    # of the vector length.
+    lengths = np.array([1, 2, 3, 4, 5, 6, 7, 8, 31, 32, 33, 127, 128, 129, 300, 0, 9])
     rng = np.random.default_rng(11)
     n_src = 320
     dst = np.repeat(np.arange(lengths.size), lengths)
