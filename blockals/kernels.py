@@ -329,22 +329,66 @@ def _form_rows(rows, indptr, col, D, a, beta, G, reg, Ms, bs):
 
 
 @_jit
-def _apply(u, p, indptr, col, D, a, G, reg, out):
-    """``out = A_u p`` without forming ``A_u``: ``G p + sum a (d . p) d + reg * p``."""
+def _apply(u, p, indptr, col, D, a, G, reg, out, pf, outf):
+    """``out = A_u p`` without forming ``A_u``: ``G p + sum a (d . p) d + reg * p``.
+
+    The pass over the ratings runs in the factors' precision (``pf``, ``outf``: scratch of
+    ``D``'s dtype): float32 lanes are twice as many as float64 ones, and this pass is CG's
+    whole cost on long rows.
+    """
     w = p.shape[0]
     for j in range(w):
-        acc = reg[u, j] * p[j]
+        pf[j] = p[j]
+        outf[j] = 0.0
+    q, end = indptr[u], indptr[u + 1]
+    while q + 4 <= end:  # four independent dot products, one pass over outf
+        d0, d1, d2, d3 = D[col[q]], D[col[q + 1]], D[col[q + 2]], D[col[q + 3]]
+        t0, t1, t2, t3 = d0[0] * pf[0], d1[0] * pf[0], d2[0] * pf[0], d3[0] * pf[0]
+        for j in range(1, w):
+            t0 += d0[j] * pf[j]
+            t1 += d1[j] * pf[j]
+            t2 += d2[j] * pf[j]
+            t3 += d3[j] * pf[j]
+        t0, t1, t2, t3 = t0 * a[q], t1 * a[q + 1], t2 * a[q + 2], t3 * a[q + 3]
+        for j in range(w):
+            outf[j] += t0 * d0[j] + t1 * d1[j] + t2 * d2[j] + t3 * d3[j]
+        q += 4
+    while q < end:
+        d = D[col[q]]
+        t = d[0] * pf[0]
+        for j in range(1, w):
+            t += d[j] * pf[j]
+        t *= a[q]
+        for j in range(w):
+            outf[j] += t * d[j]
+        q += 1
+    for j in range(w):
+        acc = reg[u, j] * p[j] + outf[j]
         for l in range(w):
             acc += G[j, l] * p[l]
         out[j] = acc
+
+
+@_jit
+def _residual(u, x, indptr, col, D, a, beta, G, reg, r, xf, rf):
+    """``r = b_u - A_u x`` in one pass over the ratings, like :func:`_apply`."""
+    w = x.shape[0]
+    for j in range(w):
+        xf[j] = x[j]
+        rf[j] = 0.0
     for q in range(indptr[u], indptr[u + 1]):
         d = D[col[q]]
-        t = 0.0
+        t = d[0] * xf[0]
+        for j in range(1, w):
+            t += d[j] * xf[j]
+        t = beta[q] - a[q] * t
         for j in range(w):
-            t += d[j] * p[j]
-        t *= a[q]
-        for j in range(w):
-            out[j] += t * d[j]
+            rf[j] += t * d[j]
+    for j in range(w):
+        acc = rf[j] - reg[u, j] * x[j]
+        for l in range(w):
+            acc -= G[j, l] * x[l]
+        r[j] = acc
 
 
 @_jit
@@ -360,23 +404,19 @@ def _loss_rows(rows, indptr, col, D, a, beta, gamma, tau, X, acc):
 def _cg_rows(indptr, col, D, a, beta, G, reg, gamma, tau, X0, steps, X, acc):
     w = D.shape[1]
     x, r, p, Ap = np.empty(w), np.empty(w), np.empty(w), np.empty(w)
+    vf, outf = np.empty(w, dtype=D.dtype), np.empty(w, dtype=D.dtype)
     for u in range(indptr.shape[0] - 1):
         if indptr[u] == indptr[u + 1]:
             continue
         for j in range(w):
             x[j] = X0[u, j]
-        _apply(u, x, indptr, col, D, a, G, reg, Ap)
-        r[:] = -Ap
-        for q in range(indptr[u], indptr[u + 1]):
-            d = D[col[q]]
-            for j in range(w):
-                r[j] += beta[q] * d[j]
+        _residual(u, x, indptr, col, D, a, beta, G, reg, r, vf, outf)
         p[:] = r
         rr = np.dot(r, r)
         for _ in range(steps):
             if rr <= 0.0:
                 break
-            _apply(u, p, indptr, col, D, a, G, reg, Ap)
+            _apply(u, p, indptr, col, D, a, G, reg, Ap, vf, outf)
             pAp = np.dot(p, Ap)
             if not pAp > 0.0:
                 break
