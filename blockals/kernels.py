@@ -154,7 +154,7 @@ class RowSystems:
         G = np.zeros((self.width, self.width)) if self.G is None else np.ascontiguousarray(self.G, dtype=np.float64)
         return (
             self.inblock.indptr.astype(np.int64),
-            np.ascontiguousarray(self.col, dtype=np.int64),
+            np.ascontiguousarray(self.col),  # int32 or int64, as InBlock.col gives it
             D,
             a,
             np.ascontiguousarray(self.beta, dtype=np.float64),
