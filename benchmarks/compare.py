@@ -168,13 +168,18 @@ def run_blockals(args, train: Path, test: Path) -> dict:
 
 
 def run_spark(args, train: Path, test: Path) -> dict:
+    with tempfile.TemporaryDirectory(dir=DATA) as checkpoints:
+        return _spark_fits(args, train, test, checkpoints)
+
+
+def _spark_fits(args, train: Path, test: Path, checkpoints: str) -> dict:
     from pyspark.ml.recommendation import ALS
     from pyspark.sql import SparkSession
 
     spark = (SparkSession.builder.master(f"local[{args.cores}]").config("spark.ui.enabled", "false")
              .config("spark.driver.memory", "8g").getOrCreate())
     spark.sparkContext.setLogLevel("ERROR")
-    spark.sparkContext.setCheckpointDir(tempfile.mkdtemp(dir=DATA))  # bounds ALS lineage, as in real use
+    spark.sparkContext.setCheckpointDir(checkpoints)  # bounds ALS lineage, as in real use
     df = spark.read.parquet(str(train)).selectExpr("cast(user as int) user", "cast(item as int) item", "cast(rating as float) rating").cache()
     df.count()
     times = {}
