@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from blockals.errors import StoreError
-from blockals.store import Side, check_meta, open_group, path_exists, read_array, write_array
+from blockals.store import Side, check_meta, open_group, path_exists, read_array, writable_meta, write_array
 
 __all__ = ["Checkpoint", "Committed", "write_block"]
 
@@ -78,8 +78,14 @@ class Checkpoint:
             return None
         return Committed(int(committed["iteration"]), int(committed["slot"]), list(committed["history"]))
 
+    def check_writable(self) -> None:
+        """Refuse a path holding anything but a checkpoint (a file, a directory with content,
+        another Zarr group): :meth:`start` opens it with mode ``"w"``, which empties it."""
+        writable_meta(self.path, FORMAT, "checkpoint", self.storage_options)
+
     def start(self) -> None:
         """Create an empty checkpoint, replacing any earlier one at the path."""
+        self.check_writable()
         root = open_group(self.path, "w", self.storage_options)
         root.attrs["blockals"] = self._meta()
         # Made here, not by the block writers: concurrent group creation races.

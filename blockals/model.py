@@ -263,6 +263,7 @@ class ALS:
             if interval:
                 path = checkpoint_path or f"{store.path}/checkpoints/{config.fingerprint()}"
                 checkpoint = Checkpoint(path, store.store_id, config.to_dict(), store.storage_options)
+                checkpoint.check_writable()  # before a cluster starts, not after
                 # Taken before a cluster starts, so a second training is refused at once.
                 lease = Lease(path, "checkpoint", store.storage_options, break_lease)
             elif resume:

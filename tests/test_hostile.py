@@ -289,13 +289,17 @@ def test_path_that_is_not_a_store_as_input(foreign, trained, capsys):
 def test_path_that_is_not_a_store_as_output(foreign, trained, tmp_path, capsys):
     _, _, store, model = trained
     before = tree(foreign)
-    match = r"mine exists and is not a blockals (store|model|recommendations store); refusing to write over it\."
-    # Ingest, save, training and recommendations all refuse to empty the directory (Zarr's
-    # mode "w" would); training refuses before it trains (cli_fails: nothing on stdout).
+    match = r"mine exists and is not a blockals (store|model|recommendations store|checkpoint); refusing to write over it\."
+    # Ingest, save, training (as the model's or the checkpoint's path) and recommendations
+    # all refuse to empty the directory (Zarr's mode "w" would); training refuses before it
+    # trains (cli_fails: nothing on stdout).
     (tmp_path / "r.csv").write_text(HEADER + GOOD_ROWS)
     assert re.search(match, cli_fails(capsys, "ingest", tmp_path / "r.csv", foreign))
     api_fails(blockals.InputError, match, model.save, foreign)
     api_fails(blockals.InputError, match, model.recommend_all, 2, foreign, client=cluster_client(2))
+    for resume in (False, True):
+        api_fails(blockals.InputError, match, blockals.ALS(rank=2, max_iter=1).fit, store.path, cluster_client(2),
+                  checkpoint_path=str(foreign), resume=resume)
     assert re.search(match, cli_fails(capsys, "train", store.path, foreign, "--scheduler", scheduler()))
     assert tree(foreign) == before
     # Saving a model over the ratings store it was trained on is refused too.
