@@ -41,15 +41,33 @@ PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 READ_ERRORS = (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, pa.ArrowInvalid)
 
 
+def _reader_error(exc: BaseException) -> BaseException | None:
+    """The reader's own error behind ``exc``: Dask re-raises some of them (a quote left
+    open, found while it samples the header) as a ValueError whose cause is the
+    reader's."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, READ_ERRORS):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 @contextlib.contextmanager
 def reading(description: str) -> Iterator[None]:
     """Turn a reader's failure on a malformed source file into one sentence naming the source."""
     try:
         yield
-    except READ_ERRORS as exc:
+    except (*READ_ERRORS, ValueError) as exc:
+        cause = _reader_error(exc)
+        if cause is None:
+            raise
         # Dask prefixes the reader's message with its own; keep the last sentence of the
-        # reader's first line, which says what is wrong ("Expected 3 fields in line 7, saw 4").
-        reason = str(exc).split("Original Message:")[-1].strip().splitlines()[0].rstrip(". ").split(". ")[-1]
+        # reader's first line, which says what is wrong ("Expected 3 fields in line 7, saw 4",
+        # "EOF inside string starting at row 2" for a quote left open).
+        reason = str(cause).split("Original Message:")[-1].strip().splitlines()[0].rstrip(". ").split(". ")[-1]
+        reason = reason.removeprefix("C error: ")
         raise InputError(f"source {description!r} cannot be read: {reason}.") from exc
 
 

@@ -128,6 +128,8 @@ BAD_SOURCES = [
     ("blank-id", HEADER + GOOD_ROWS + "  ,12,1\n", r"user id in row 3 is an empty string\."),
     ("id-beyond-int64", HEADER + GOOD_ROWS + "9223372036854775808,12,1\n", r"user id in row 3 is larger than int64 allows\."),
     ("ragged-row", HEADER + "1,10,4\n2,10,3,7\n", r"source '.*r\.csv' cannot be read: .*Expected 3 fields in line 3, saw 4\."),
+    ("unclosed-quote", HEADER + '1,10,4\n"2,10,3\n3,11,1\n',
+     r"source '.*r\.csv' cannot be read: EOF inside string starting at row 2\."),
 ]
 
 
@@ -141,12 +143,15 @@ def test_bad_source_file(text, match, tmp_path, capsys):
     assert not (tmp_path / "api.zarr").exists() and not (tmp_path / "cli.zarr").exists()
 
 
-def test_malformed_row_deep_in_a_glob_is_one_sentence(tmp_path, capsys):
+@pytest.mark.parametrize("bad,match", [
+    ("4,12,1\n5,12,2,9\n", r"cannot be read: .*Expected 3 fields in line 3, saw 4\."),
+    ('4,12,1\n"5,12,2\n6,12,1\n', r"cannot be read: EOF inside string starting at row 2\."),
+], ids=["ragged-row", "unclosed-quote"])
+def test_malformed_row_deep_in_a_glob_is_one_sentence(bad, match, tmp_path, capsys):
     # The reader samples the first file only: the second fails inside its partition's task.
     (tmp_path / "part-0.csv").write_text(HEADER + GOOD_ROWS)
-    (tmp_path / "part-1.csv").write_text(HEADER + "4,12,1\n5,12,2,9\n")
+    (tmp_path / "part-1.csv").write_text(HEADER + bad)
     pattern = str(tmp_path / "part-*.csv")
-    match = r"cannot be read: .*Expected 3 fields in line 3, saw 4\."
     api_fails(blockals.InputError, match, blockals.ingest, pattern, tmp_path / "api.zarr")
     assert re.search(match, cli_fails(capsys, "ingest", pattern, tmp_path / "cli.zarr"))
     assert not (tmp_path / "api.zarr").exists() and not (tmp_path / "cli.zarr").exists()
