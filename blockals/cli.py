@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 __all__ = ["main", "build_parser"]
 
@@ -167,8 +168,16 @@ def _info(args: argparse.Namespace) -> int:
     return 1
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (the sentence naming the argument, and where
+    the usage is) instead of the whole usage text followed by the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="blockals",
         description="Train alternating least squares recommenders out-of-core on Dask.",
         epilog="Typical use: blockals ingest ratings.csv ratings.zarr && blockals split ratings.zarr train.zarr test.zarr "

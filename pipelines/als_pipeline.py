@@ -33,7 +33,9 @@ STAGES = ("ingest", "split", "train", "evaluate", "recommend")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from blockals.cli import Parser
+
+    p = Parser(prog="als_pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(CONFIGS / "explicit.yaml"), help="YAML parameters (default: explicit.yaml)")
     p.add_argument("--data", default=str(DEFAULT_DATA),
                    help="directory or fsspec URL (s3://bucket/prefix) of the stages' stores; "

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 import blockals
+from blockals.cli import main
 from blockals.recommend import read_recommendations
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,10 +158,25 @@ def test_pipeline_config_flags_and_single_stages(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
+    (["train"], "blockals train: error: the following arguments are required: store, model; see 'blockals train --help'."),
+    (["ingest", "r.csv", "s.zarr", "--n-user-blocks", "x"],
+     "blockals ingest: error: argument --n-user-blocks: invalid int value: 'x'; see 'blockals ingest --help'."),
+    (["frobnicate"], "blockals: error: argument COMMAND: invalid choice: 'frobnicate'"),
+])
+def test_usage_errors_are_one_line(args, message, capsys):
+    # One line naming the argument, not argparse's whole usage text before it.
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--rank", "x"], "als_pipeline: error: argument --rank: invalid int value: 'x'; see 'als_pipeline --help'."),
     (["--stages", "train,deploy"], "--stages has 'deploy'"),
     (["--config", "/nonexistent.yaml"], "config file /nonexistent.yaml cannot be read"),
     (["--rank", "0", "--stages", "ingest,split,train"], "rank must be at least 1"),
 ])
 def test_pipeline_bad_input(args, message, tmp_path):
     done = run(PIPELINE, "--data", str(tmp_path), *args, env={**os.environ, "DASK_SCHEDULER_ADDRESS": ""})
-    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
