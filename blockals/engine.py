@@ -18,9 +18,10 @@ One iteration is two half-steps, items first as in Spark. A half-step toward sid
 Each solve also returns its block's share of the objective, computed from the rows it
 gathered (``blockals-loss-<side>-<it>-<b>`` picks it out, ``blockals-factors-...`` the
 factors), and ``blockals-checkpoint-<side>-<it>-<b>`` tasks write the factor blocks
-before the driver commits the iteration. The next iteration restarts
-from the checkpoint (``blockals-restart-...``), so the scheduler holds one iteration's
-graph at most. Keys end in a run id, so two trainings on one cluster never share a key.
+before the driver commits the iteration. The iteration after a commit restarts
+from the checkpoint (``blockals-restart-...``), so the scheduler holds the graph of at most
+``checkpoint_interval`` iterations (of every iteration when training runs without
+checkpoints). Keys end in a run id, so two trainings on one cluster never share a key.
 """
 
 from __future__ import annotations
