@@ -18,9 +18,9 @@ more, by BLAS GEMM on the gathered routed rows; for shorter ones, straight from 
 routed rows four ratings per pass, so that the update of ``A_u`` stays in the vector
 units. It is then solved by a double-precision Cholesky (:func:`solve_cholesky`); or
 ``A_u`` is applied without being formed (:func:`solve_cg`); or the formed systems are
-solved under ``x >= 0`` (:func:`solve_nnls`). The loss at the solution is summed right after each row's solve,
-while its routed rows are still in cache. The compiled functions release the GIL, so a
-multi-threaded Dask worker runs several blocks at once.
+solved under ``x >= 0`` (:func:`solve_nnls`). The loss at the solution is summed right
+after each row's solve, while its routed rows are still in cache. The compiled functions
+release the GIL, so a multi-threaded Dask worker runs several blocks at once.
 
 They are pure functions of one block; the engine calls them inside Dask tasks and the
 tests call them directly.
