@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from blockals.errors import StoreError
-from blockals.store import Side, check_meta, open_group, path_exists, read_array, writable_meta, write_array
+from blockals.formats import check_meta, open_group, path_exists, read_array, writable_meta, write_array
+from blockals.store import Side
 
 __all__ = ["Checkpoint", "Committed", "write_block"]
 

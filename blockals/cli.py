@@ -19,7 +19,7 @@ __all__ = ["main", "build_parser"]
 
 
 def _client(args: argparse.Namespace):
-    from blockals.engine import connect
+    from blockals.cluster import connect
     from blockals.tls import TLSFiles
 
     tls = TLSFiles.parse(args.tls_ca_file, args.tls_cert, args.tls_key)
@@ -67,7 +67,7 @@ def _train(args: argparse.Namespace) -> int:
     import blockals
     from blockals.lock import Lease
     from blockals.model import MODEL_FORMAT
-    from blockals.store import writable_meta
+    from blockals.formats import writable_meta
 
     store = blockals.open_store(args.store)
     writable_meta(args.model, MODEL_FORMAT, "model")  # refused before the training, not after it
@@ -154,7 +154,7 @@ def _recommend(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     import blockals
-    from blockals.store import open_group
+    from blockals.formats import open_group
 
     try:
         print(blockals.open_store(args.store).summary())

@@ -27,7 +27,6 @@ checkpoints). Keys end in a run id, so two trainings on one cluster never share 
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -35,32 +34,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from distributed import Client, Future, as_completed, get_worker
-from distributed.security import Security
+from distributed import Client, Future, as_completed
 
 from blockals import kernels
 from blockals.checkpoint import Checkpoint, Committed, write_block
+from blockals.cluster import blas_context, blas_limits, cache_bytes
 from blockals.config import ALSConfig
 from blockals.objectives import Objective
 from blockals.store import RatingStore, Side, StoreRef, load_inblock, load_out_blocks, load_rows
 
-__all__ = ["Engine", "FitResult", "connect", "blas_limits", "blas_context"]
+__all__ = ["Engine", "FitResult"]
 
 log = logging.getLogger("blockals")
 
 
 # -- tasks (module level so workers import rather than unpickle them) -------------
-
-
-def blas_context(limits: dict[str, int]):
-    """Cap BLAS threads for this task at this worker's share of its host's cores."""
-    from threadpoolctl import threadpool_limits
-
-    try:
-        threads = limits.get(get_worker().address, 1)
-    except ValueError:  # not on a worker (tests calling tasks directly)
-        threads = 1
-    return threadpool_limits(limits=threads, user_api="blas")
 
 
 def _init_task(
@@ -71,7 +59,7 @@ def _init_task(
         factors = kernels.init_factors(load_rows(ref, side, block), config.rank, config.seed, side, config.dtype, config.init)
     else:
         factors = np.asarray(given, dtype=config.dtype)
-    inblock = load_inblock(ref, side, block)
+    inblock = load_inblock(ref, side, block, cache_bytes())
     return obj.initial(factors, inblock, obj.side_weights(side, inblock, weights))
 
 
@@ -102,7 +90,7 @@ def _solve_task(
     G: np.ndarray | None, previous: np.ndarray | None, weights: np.ndarray | None, *messages: np.ndarray,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Solve one block; returns its factors and its share of the objective at them."""
-    inblock = load_inblock(ref, side, block)
+    inblock = load_inblock(ref, side, block, cache_bytes())
     M = _concat(messages, obj, config)
     w = obj.side_weights(side, inblock, weights)
     sys = obj.systems(inblock, M, G, w)
@@ -135,18 +123,6 @@ class FitResult:
 
     blocks: dict[Side, list[np.ndarray]]
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def blas_limits(client: Client) -> dict[str, int]:
-    """BLAS threads per worker so that, on each host, Dask threads x BLAS threads <= cores."""
-    workers = client.scheduler_info(n_workers=-1)["workers"]
-    cores = client.run(lambda: len(os.sched_getaffinity(0)))
-    per_host: dict[str, int] = {}
-    for info in workers.values():
-        per_host[info["host"]] = per_host.get(info["host"], 0) + info["nthreads"]
-    return {
-        addr: max(1, cores.get(addr, 1) // per_host[info["host"]]) for addr, info in workers.items()
-    }
 
 
 class Engine:
@@ -359,93 +335,3 @@ class Engine:
         blocks = {"users": self.client.gather(X), "items": self.client.gather(Y)}
         self.routes.clear()  # release the out-blocks held in the cluster
         return FitResult(blocks, history)
-
-
-class connect:
-    """Context giving a Dask client: the one passed, one to ``scheduler``, the current one, or a LocalCluster.
-
-    A LocalCluster started here has one single-threaded worker process per core (BLAS
-    gets one thread each), listens on 127.0.0.1 only, and is closed on exit.
-
-    Parameters
-    ----------
-    client : distributed.Client, optional
-        Used as it is and left open.
-    scheduler : str, optional
-        Address of a running scheduler (``tcp://host:8786``, ``tls://host:8786``); the
-        client made for it is closed on exit.
-    dashboard_address : str
-        Where a LocalCluster started here serves its dashboard. The dashboard has no
-        authentication and shows the cluster's tasks, logs and workers, so the default
-        keeps it on loopback; ``"0.0.0.0:8787"`` exposes it to the network.
-    security : distributed.security.Security, optional
-        TLS for the Dask comm (:meth:`blockals.tls.TLSFiles.security` makes one from
-        certificate files): used by a started LocalCluster's scheduler and workers, and by
-        the client to ``scheduler``. With it, the current client is not adopted.
-    """
-
-    def __init__(
-        self,
-        client: Client | None = None,
-        *,
-        scheduler: str | None = None,
-        dashboard_address: str = "127.0.0.1:8787",
-        security: Security | None = None,
-    ) -> None:
-        self.client = client
-        self.scheduler = scheduler
-        self.dashboard_address = dashboard_address
-        self.security = security
-        self._cluster = None
-        self._owned = False
-
-    def __enter__(self) -> Client:
-        if self.client is not None:
-            return self.client
-        if self.scheduler:
-            return self._attach()
-        if self.security is None:  # a current client may not use TLS: start a cluster that does
-            try:
-                from distributed import get_client
-
-                return get_client()
-            except ValueError:
-                pass
-        from distributed import LocalCluster
-
-        cores = len(os.sched_getaffinity(0))
-        self._cluster = LocalCluster(
-            n_workers=cores,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=self.dashboard_address,
-            security=self.security,
-        )
-        self.client = Client(self._cluster, security=self.security)
-        self._owned = True
-        log.info("started a LocalCluster with %d workers at %s; dashboard: %s", cores, self._cluster.scheduler_address,
-                 self.client.dashboard_link)
-        return self.client
-
-    def _attach(self) -> Client:
-        from blockals.errors import InputError
-
-        try:
-            self.client = Client(self.scheduler, security=self.security)
-        except (OSError, TypeError) as exc:  # TypeError: a tls:// address without a Security
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise InputError(
-                f"cannot connect to the Dask scheduler at {self.scheduler} ({reason}); check the address and, "
-                f"for a tls:// scheduler, the TLS certificate options."
-            ) from None
-        self._owned = True
-        return self.client
-
-    def __exit__(self, *exc: object) -> None:
-        if self._owned:
-            self.client.close()
-            if self._cluster is not None:
-                self._cluster.close()
-            self.client = self._cluster = None
-            self._owned = False

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from blockals.cluster import cache_bytes, connect
 from blockals.errors import InputError
 from blockals.recommend import SCORE_BYTES, group_by_row, score_rows
 from blockals.store import RatingStore, StoreRef, block_triples, load_rows, load_times
@@ -80,7 +81,7 @@ def test_mask(
 
 def _split_part(block: int, *, ref: StoreRef, n_item_blocks: int, n_items: int, user_ids: Any, item_ids: Any,
                 method: str, fraction: float, k: int, seed: int, test: bool, timed: bool) -> pd.DataFrame:
-    rows, items, rating = block_triples(ref, "users", block, n_item_blocks)
+    rows, items, rating = block_triples(ref, "users", block, n_item_blocks, cache_bytes())
     time = load_times(ref, block) if timed else None
     mask = test_mask(rows, items, n_items, method, fraction, k, seed, time)
     keep = mask if test else ~mask
@@ -181,7 +182,7 @@ def _evaluate_block(
 ) -> dict[str, Any]:
     """Sums of every metric over one user block of the test store (a Dask task)."""
     users = load_rows(test, "users", block)
-    rows, items, rating = block_triples(test, "users", block, n_item_blocks)
+    rows, items, rating = block_triples(test, "users", block, n_item_blocks, cache_bytes())
     local = np.searchsorted(users, rows)
     pred = np.einsum("ij,ij->i", U[local].astype(np.float64), V[items].astype(np.float64))
     if item_bias is not None:
@@ -190,7 +191,7 @@ def _evaluate_block(
     sums: dict[str, Any] = {"n_ratings": err.size, "sse": float(err @ err), "sae": float(np.abs(err).sum())}
     rel = group_by_row(local[rating > relevance], items[rating > relevance], users.size)
     if train is not None:
-        t_rows, t_items, _ = block_triples(train, "users", block, n_item_blocks)
+        t_rows, t_items, _ = block_triples(train, "users", block, n_item_blocks, cache_bytes())
         seen = group_by_row(np.searchsorted(users, t_rows), t_items, users.size)
     else:
         seen = [np.zeros(0, dtype=np.int64)] * users.size
@@ -221,7 +222,6 @@ def evaluate(
     :func:`split`, or the training store itself); training items are not candidates.
     """
     from blockals.config import parse_int
-    from blockals.engine import connect
 
     k = parse_int(k, "k", 1)
     for name, store in (("test", test), ("train", train)):

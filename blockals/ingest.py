@@ -31,19 +31,8 @@ from blockals.errors import InputError
 from blockals.partition import DEFAULT_BLOCK_BUDGET, assign_blocks, default_n_blocks, parse_n_blocks
 from blockals.routing import build_inblock
 from blockals.sources import check_partition, convert_ids, normalize_ratings, normalize_timestamps, read_source, reading
-from blockals.store import (
-    FORMAT,
-    FORMAT_VERSION,
-    SIDES,
-    RatingStore,
-    Side,
-    new_store_id,
-    open_group,
-    other_side,
-    remove_path,
-    writable_meta,
-    write_array,
-)
+from blockals.formats import open_group, remove_path, writable_meta, write_array
+from blockals.store import FORMAT, FORMAT_VERSION, SIDES, RatingStore, Side, new_store_id, other_side
 
 __all__ = ["ingest", "combine_duplicates", "DUPLICATE_POLICIES"]
 

@@ -16,13 +16,13 @@ import pandas as pd
 
 from blockals.checkpoint import Checkpoint
 from blockals.config import ALSConfig, digest, parse_choice, parse_int
-from blockals.engine import Engine, connect
+from blockals.cluster import connect
+from blockals.engine import Engine
 from blockals.errors import InputError, StoreError
 from blockals.ingest import ingest
 from blockals.lock import Lease
-from blockals.store import (
-    RatingStore, check_meta, open_group, open_store, read_array, remove_path, writable_meta, write_array,
-)
+from blockals.formats import check_meta, open_group, read_array, remove_path, writable_meta, write_array
+from blockals.store import RatingStore, open_store
 
 __all__ = ["ALS", "FoldIn"]
 
@@ -423,7 +423,6 @@ class ALS:
         batched product and a partial top-k), so the full score matrix never exists.
         Read the result with :func:`blockals.recommend.read_recommendations`.
         """
-        from blockals.engine import connect
         from blockals.recommend import RECS_FORMAT, RECS_FORMAT_VERSION, recommend_block, write_recommendations
 
         self._check_fitted()

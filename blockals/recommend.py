@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from blockals.store import RatingStore, Side, StoreRef, block_triples, check_meta, load_rows, open_group, write_array
+from blockals.cluster import cache_bytes
+from blockals.formats import check_meta, open_group, write_array
+from blockals.store import RatingStore, Side, StoreRef, block_triples, load_rows
 
 __all__ = ["top_k", "recommend_block", "write_recommendations", "read_recommendations", "similar"]
 
@@ -121,7 +123,7 @@ def recommend_block(
     users = load_rows(ref, "users", block)
     seen = None
     if exclude_seen:
-        rows, items, _ = block_triples(ref, "users", block, n_item_blocks)
+        rows, items, _ = block_triples(ref, "users", block, n_item_blocks, cache_bytes())
         seen = group_by_row(np.searchsorted(users, rows), items, users.shape[0])
     idx, val = recommend_rows(U, V, k, item_bias, seen)
     return users, idx, val

@@ -31,10 +31,8 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import zarr
-import zarr.codecs
 
-from blockals.errors import InputError, StoreError
+from blockals.formats import absolute, check_meta, open_group, read_array
 from blockals.routing import InBlock, OutBlocks
 
 __all__ = [
@@ -44,11 +42,6 @@ __all__ = [
     "Side",
     "open_store",
     "other_side",
-    "write_array",
-    "read_array",
-    "remove_path",
-    "path_exists",
-    "writable_meta",
     "new_store_id",
 ]
 
@@ -58,10 +51,6 @@ FORMAT = "blockals-ratings"
 FORMAT_VERSION = 1
 INBLOCK_ARRAYS = ("indptr", "src_block", "src_index", "rating", "need_ptr", "need_rows")
 
-# Large enough that a block is usually one chunk (one read), small enough to stream.
-CHUNK_ELEMENTS = 1 << 22
-CODECS = (zarr.codecs.ZstdCodec(level=1), zarr.codecs.Crc32cCodec())
-
 
 def other_side(side: Side) -> Side:
     return "items" if side == "users" else "users"
@@ -69,142 +58,6 @@ def other_side(side: Side) -> Side:
 
 def new_store_id() -> str:
     return uuid.uuid4().hex
-
-
-def open_group(path: str, mode: str = "r", storage_options: dict | None = None, attributes: dict | None = None) -> zarr.Group:
-    """Open a Zarr group; ``attributes`` are written with a created group's metadata, in one write."""
-    try:
-        return zarr.open_group(store=path, mode=mode, storage_options=storage_options, attributes=attributes)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-        raise StoreError(f"{path} is not a blockals store: there is no Zarr group there.") from exc
-    except ValueError as exc:  # unreadable or foreign metadata
-        raise StoreError(f"{path} is not a blockals store: its Zarr metadata cannot be read ({exc}).") from exc
-
-
-def check_meta(meta: Any, path: str, fmt: str, version: int, kind: str, complete: bool = True) -> dict:
-    """The ``blockals`` attributes of a group, refused unless of the expected format and version.
-
-    With ``complete``, a group whose completion marker is missing is refused too.
-    """
-    if not isinstance(meta, dict) or meta.get("format") != fmt:
-        raise StoreError(f"{path} is not a blockals {kind} (its attributes do not say {fmt!r}).")
-    if meta.get("format_version") != version:
-        raise StoreError(
-            f"{path} has format version {meta.get('format_version')}, but this blockals reads version "
-            f"{version}; upgrade blockals or write the {kind} again."
-        )
-    if complete and not meta.get("complete"):
-        raise StoreError(f"{path} is incomplete: it was not completely written (no completion marker); write it again.")
-    return meta
-
-
-def write_array(group: zarr.Group, name: str, data: np.ndarray) -> zarr.Array:
-    """Write ``data`` as a checksummed, compressed 1-D or 2-D array."""
-    data = np.asarray(data)
-    if data.dtype.kind in "OUT":
-        dtype: Any = str
-        data = data.astype(str)
-    else:
-        dtype = data.dtype
-    rows = max(1, min(data.shape[0], CHUNK_ELEMENTS // max(1, int(np.prod(data.shape[1:])))))
-    arr = group.create_array(
-        name,
-        shape=data.shape,
-        dtype=dtype,
-        chunks=(rows, *data.shape[1:]),
-        compressors=CODECS,
-        overwrite=True,
-        # Every chunk gets a file (and a checksum): a lost file must fail, not read as zeros.
-        config={"write_empty_chunks": True},
-    )
-    if data.size:
-        arr[...] = data
-    return arr
-
-
-def read_array(group: zarr.Group, name: str, where: str) -> np.ndarray:
-    """Read a whole array; a missing or corrupted one raises :class:`StoreError` naming it."""
-    try:
-        array = group[name]
-        data = array[...]
-    except KeyError as exc:
-        raise StoreError(f"{where}/{name} is missing from the store.") from exc
-    except ValueError as exc:
-        if "checksum" in str(exc):
-            raise StoreError(
-                f"{where}/{name} is corrupted: a chunk's checksum does not match its bytes."
-            ) from exc
-        # E.g. metadata naming a codec Zarr does not know, such as a planted pickle codec.
-        raise StoreError(f"{where}/{name} cannot be read ({exc}).") from exc
-    # Every chunk is written (write_empty_chunks), so a missing one is damage, not zeros.
-    if array.nchunks_initialized != array.nchunks:
-        missing = array.nchunks - array.nchunks_initialized
-        raise StoreError(f"{where}/{name} is damaged: {missing} of its {array.nchunks} chunk files are missing.")
-    return data
-
-
-def absolute(path: str) -> str:
-    """Local paths made absolute, so Dask workers started elsewhere find them; URLs as given."""
-    return path if "://" in path else os.path.abspath(path)
-
-
-def _fs(path: str, storage_options: dict | None):
-    import fsspec
-
-    return fsspec.core.url_to_fs(path, **(storage_options or {}))
-
-
-def path_exists(path: str, storage_options: dict | None = None) -> bool:
-    fs, p = _fs(path, storage_options)
-    return fs.exists(p)
-
-
-def writable_meta(path: str, fmt: str, kind: str, storage_options: dict | None = None) -> dict | None:
-    """What a writer of a ``fmt`` group finds at ``path``, refusing to destroy anything else.
-
-    Returns the ``blockals`` attributes of a group of format ``fmt`` (any version, complete
-    or not), or None when nothing or an empty directory is there. Anything else (a file,
-    another Zarr group, a directory with content) raises :class:`InputError`: writing a
-    group with mode ``"w"`` would empty the directory.
-    """
-    if not path_exists(path, storage_options):
-        return None
-    try:
-        meta = open_group(path, "r", storage_options).attrs.get("blockals")
-    except (StoreError, ValueError):  # no group, or unreadable metadata (bad zarr.json)
-        meta = None
-    if isinstance(meta, dict) and meta.get("format") == fmt:
-        return meta
-    fs, p = _fs(path, storage_options)
-    if fs.isdir(p) and not fs.ls(p):
-        return None
-    raise InputError(f"{path} exists and is not a blockals {kind}; refusing to write over it.")
-
-
-def remove_path(path: str, storage_options: dict | None = None) -> None:
-    """Delete a store or checkpoint tree, local or remote; absent paths are fine.
-
-    Safe to interrupt: a complete blockals group is first marked incomplete, and its root
-    ``zarr.json`` is deleted last, so a removal cut short (``kill -9`` of an ingest
-    replacing a store) leaves a group that reads as incomplete, never as complete with
-    arrays missing, and that the next ingest recognises as its own and removes.
-    """
-    fs, p = _fs(path, storage_options)
-    if not fs.exists(p):
-        return
-    try:
-        root = open_group(path, "r+", storage_options)
-        meta = root.attrs.get("blockals")
-    except (OSError, ValueError):  # not a Zarr group (StoreError), or not a directory
-        meta = None
-    if isinstance(meta, dict) and meta.get("complete"):
-        root.attrs["blockals"] = {**meta, "complete": False}
-    marker = f"{p.rstrip('/')}/zarr.json"
-    files = [f for f in fs.find(p) if f != marker]
-    if files:
-        fs.rm(files)
-    if fs.exists(p):
-        fs.rm(p, recursive=True)
 
 
 @dataclass(frozen=True)
@@ -220,6 +73,10 @@ class StoreRef:
         return dict(self.storage_options) or None
 
 
+# In-block bytes a process caches unless its caller knows its memory limit.
+DEFAULT_CACHE_BYTES = 1 << 30
+
+
 class _BlockCache:
     """Per-process LRU of decoded in-blocks, so iterations after the first skip the read.
 
@@ -227,8 +84,7 @@ class _BlockCache:
     entries.
     """
 
-    def __init__(self, max_bytes: int | None = None) -> None:
-        self.max_bytes = max_bytes  # None: cache_bytes() at each insertion
+    def __init__(self) -> None:
         self._items: OrderedDict[tuple, InBlock] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -240,9 +96,8 @@ class _BlockCache:
                 self._items.move_to_end(key)
             return block
 
-    def put(self, key: tuple, block: InBlock) -> None:
+    def put(self, key: tuple, block: InBlock, max_bytes: int) -> None:
         size = block.nbytes
-        max_bytes = cache_bytes() if self.max_bytes is None else self.max_bytes
         if size > max_bytes:
             return
         with self._lock:
@@ -260,31 +115,15 @@ class _BlockCache:
             self._bytes = 0
 
 
-def cache_bytes() -> int:
-    """Bytes of in-blocks this process may keep: Dask config ``blockals.block-cache-bytes``,
-    else 1 GiB but at most a quarter of this worker's memory limit.
-
-    The rest of a worker's memory is for the solves; a cache that filled it would push
-    the worker past Dask's pause threshold, where it stops taking tasks.
-    """
-    import dask
-    from distributed import get_worker
-
-    configured = dask.config.get("blockals.block-cache-bytes", None)
-    if configured is not None:
-        return int(configured)
-    try:
-        limit = get_worker().memory_manager.memory_limit
-    except ValueError:  # not on a worker
-        limit = None
-    return min(1 << 30, limit // 4) if limit else 1 << 30
-
-
 BLOCK_CACHE = _BlockCache()
 
 
-def load_inblock(ref: StoreRef, side: Side, block: int) -> InBlock:
-    """Read the in-block of ``(side, block)``, from this process's cache when it is there."""
+def load_inblock(ref: StoreRef, side: Side, block: int, cache_limit: int = DEFAULT_CACHE_BYTES) -> InBlock:
+    """Read the in-block of ``(side, block)``, from this process's cache when it is there.
+
+    The cache keeps at most ``cache_limit`` bytes (:func:`blockals.cluster.cache_bytes`
+    sizes it from a worker's memory limit).
+    """
     key = (ref.store_id, side, block)
     cached = BLOCK_CACHE.get(key)
     if cached is not None:
@@ -292,7 +131,7 @@ def load_inblock(ref: StoreRef, side: Side, block: int) -> InBlock:
     where = f"{ref.path}/{side}/blocks/{block}"
     group = open_group(ref.path, storage_options=ref.options)[f"{side}/blocks/{block}"]
     inblock = InBlock(**{name: read_array(group, name, where) for name in INBLOCK_ARRAYS})
-    BLOCK_CACHE.put(key, inblock)
+    BLOCK_CACHE.put(key, inblock, cache_limit)
     return inblock
 
 
@@ -313,9 +152,11 @@ def load_rows(ref: StoreRef, side: Side, block: int) -> np.ndarray:
     return read_array(group, f"{side}/blocks/{block}/rows", ref.path)
 
 
-def block_triples(ref: StoreRef, side: Side, block: int, n_src_blocks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def block_triples(
+    ref: StoreRef, side: Side, block: int, n_src_blocks: int, cache_limit: int = DEFAULT_CACHE_BYTES
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Global (row, other side's row, rating) of every rating in one block."""
-    inblock = load_inblock(ref, side, block)
+    inblock = load_inblock(ref, side, block, cache_limit)
     src = other_side(side)
     sent = [load_rows(ref, src, j)[inblock.out_block(j)] for j in range(n_src_blocks)]
     others = np.concatenate(sent) if sent else np.zeros(0, dtype=np.int64)

@@ -83,7 +83,7 @@ def load_config(args: argparse.Namespace) -> dict:
 
 def connect_cluster(args: argparse.Namespace):
     """A context giving the client: an existing scheduler, Kubernetes, or a LocalCluster."""
-    from blockals.engine import connect
+    from blockals.cluster import connect
     from blockals.errors import InputError
     from blockals.tls import TLSFiles
 

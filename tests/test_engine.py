@@ -119,7 +119,7 @@ def test_bytes_routed_is_what_each_block_needs(store, client2):
 def _blas_threads_in_task(limits):
     from threadpoolctl import threadpool_info
 
-    from blockals.engine import blas_context
+    from blockals.cluster import blas_context
 
     with blas_context(limits):
         return max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
@@ -128,7 +128,7 @@ def _blas_threads_in_task(limits):
 def test_dask_threads_times_blas_threads_never_exceed_the_cores(client):
     import os
 
-    from blockals.engine import blas_limits
+    from blockals.cluster import blas_limits
 
     limits = blas_limits(client)
     workers = client.scheduler_info(n_workers=-1)["workers"]

@@ -835,7 +835,7 @@ def test_block_cache_leaves_a_worker_room_for_its_solves(memory_limit, expected)
     import dask
     from distributed import Client, LocalCluster
 
-    from blockals.store import cache_bytes
+    from blockals.cluster import cache_bytes
 
     with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=memory_limit, host="127.0.0.1",
                       dashboard_address=None) as cluster, Client(cluster) as client:

@@ -23,7 +23,7 @@ from distributed.comm import connect as comm_connect
 from distributed.security import Security
 
 import blockals
-from blockals.engine import connect
+from blockals.cluster import connect
 from blockals.lock import Lease
 from blockals.tls import TLSFiles
 

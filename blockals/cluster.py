@@ -1,0 +1,149 @@
+"""The Dask cluster a run uses: connecting or starting one, and sharing its cores.
+
+:class:`connect` gives a client (the one passed, one to a scheduler address, the current
+one, or a LocalCluster started for the run); :func:`blas_limits` and
+:func:`blas_context` keep Dask threads x BLAS threads within each host's cores;
+:func:`cache_bytes` sizes a worker's in-block cache from its memory limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import dask
+from distributed import Client, get_worker
+from distributed.security import Security
+from threadpoolctl import threadpool_limits
+
+from blockals.errors import InputError
+
+__all__ = ["connect", "blas_limits", "blas_context", "cache_bytes"]
+
+log = logging.getLogger("blockals")
+
+
+def cache_bytes() -> int:
+    """Bytes of in-blocks this process may keep: Dask config ``blockals.block-cache-bytes``,
+    else 1 GiB but at most a quarter of this worker's memory limit.
+
+    The rest of a worker's memory is for the solves; a cache that filled it would push
+    the worker past Dask's pause threshold, where it stops taking tasks.
+    """
+    configured = dask.config.get("blockals.block-cache-bytes", None)
+    if configured is not None:
+        return int(configured)
+    try:
+        limit = get_worker().memory_manager.memory_limit
+    except ValueError:  # not on a worker
+        limit = None
+    return min(1 << 30, limit // 4) if limit else 1 << 30
+
+
+def blas_context(limits: dict[str, int]):
+    """Cap BLAS threads for this task at this worker's share of its host's cores."""
+    try:
+        threads = limits.get(get_worker().address, 1)
+    except ValueError:  # not on a worker (tests calling tasks directly)
+        threads = 1
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
+def blas_limits(client: Client) -> dict[str, int]:
+    """BLAS threads per worker so that, on each host, Dask threads x BLAS threads <= cores."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    cores = client.run(lambda: len(os.sched_getaffinity(0)))
+    per_host: dict[str, int] = {}
+    for info in workers.values():
+        per_host[info["host"]] = per_host.get(info["host"], 0) + info["nthreads"]
+    return {
+        addr: max(1, cores.get(addr, 1) // per_host[info["host"]]) for addr, info in workers.items()
+    }
+
+
+class connect:
+    """Context giving a Dask client: the one passed, one to ``scheduler``, the current one, or a LocalCluster.
+
+    A LocalCluster started here has one single-threaded worker process per core (BLAS
+    gets one thread each), listens on 127.0.0.1 only, and is closed on exit.
+
+    Parameters
+    ----------
+    client : distributed.Client, optional
+        Used as it is and left open.
+    scheduler : str, optional
+        Address of a running scheduler (``tcp://host:8786``, ``tls://host:8786``); the
+        client made for it is closed on exit.
+    dashboard_address : str
+        Where a LocalCluster started here serves its dashboard. The dashboard has no
+        authentication and shows the cluster's tasks, logs and workers, so the default
+        keeps it on loopback; ``"0.0.0.0:8787"`` exposes it to the network.
+    security : distributed.security.Security, optional
+        TLS for the Dask comm (:meth:`blockals.tls.TLSFiles.security` makes one from
+        certificate files): used by a started LocalCluster's scheduler and workers, and by
+        the client to ``scheduler``. With it, the current client is not adopted.
+    """
+
+    def __init__(
+        self,
+        client: Client | None = None,
+        *,
+        scheduler: str | None = None,
+        dashboard_address: str = "127.0.0.1:8787",
+        security: Security | None = None,
+    ) -> None:
+        self.client = client
+        self.scheduler = scheduler
+        self.dashboard_address = dashboard_address
+        self.security = security
+        self._cluster = None
+        self._owned = False
+
+    def __enter__(self) -> Client:
+        if self.client is not None:
+            return self.client
+        if self.scheduler:
+            return self._attach()
+        if self.security is None:  # a current client may not use TLS: start a cluster that does
+            try:
+                from distributed import get_client
+
+                return get_client()
+            except ValueError:
+                pass
+        from distributed import LocalCluster
+
+        cores = len(os.sched_getaffinity(0))
+        self._cluster = LocalCluster(
+            n_workers=cores,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=self.dashboard_address,
+            security=self.security,
+        )
+        self.client = Client(self._cluster, security=self.security)
+        self._owned = True
+        log.info("started a LocalCluster with %d workers at %s; dashboard: %s", cores, self._cluster.scheduler_address,
+                 self.client.dashboard_link)
+        return self.client
+
+    def _attach(self) -> Client:
+        try:
+            self.client = Client(self.scheduler, security=self.security)
+        except (OSError, TypeError) as exc:  # TypeError: a tls:// address without a Security
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InputError(
+                f"cannot connect to the Dask scheduler at {self.scheduler} ({reason}); check the address and, "
+                f"for a tls:// scheduler, the TLS certificate options."
+            ) from None
+        self._owned = True
+        return self.client
+
+    def __exit__(self, *exc: object) -> None:
+        if self._owned:
+            self.client.close()
+            if self._cluster is not None:
+                self._cluster.close()
+            self.client = self._cluster = None
+            self._owned = False

@@ -1,0 +1,178 @@
+"""Zarr groups and arrays on local paths and fsspec URLs: the one place that opens them.
+
+Every blockals group (ratings store, checkpoint, model, recommendations) is written and
+read through these helpers, so they share one set of rules:
+
+* arrays are compressed and carry a CRC32C checksum per chunk, and every chunk is
+  written, so a corrupted or lost chunk fails to read with a message naming the array;
+* a group's ``blockals`` attributes name its format and version, and a ``complete``
+  marker is written last; :func:`check_meta` refuses anything else;
+* a writer never empties a path that holds something other than its own format
+  (:func:`writable_meta`), and removal is safe to interrupt (:func:`remove_path`).
+
+This module and the other storage modules (:mod:`blockals.store`,
+:mod:`blockals.checkpoint`, :mod:`blockals.modelio`, :mod:`blockals.recstore`,
+:mod:`blockals.lock`) import neither Dask nor anything above them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+from blockals.errors import InputError, StoreError
+
+__all__ = [
+    "open_group",
+    "check_meta",
+    "write_array",
+    "read_array",
+    "absolute",
+    "path_exists",
+    "writable_meta",
+    "remove_path",
+]
+
+# Large enough that a block is usually one chunk (one read), small enough to stream.
+CHUNK_ELEMENTS = 1 << 22
+CODECS = (zarr.codecs.ZstdCodec(level=1), zarr.codecs.Crc32cCodec())
+
+
+def open_group(path: str, mode: str = "r", storage_options: dict | None = None, attributes: dict | None = None) -> zarr.Group:
+    """Open a Zarr group; ``attributes`` are written with a created group's metadata, in one write."""
+    try:
+        return zarr.open_group(store=path, mode=mode, storage_options=storage_options, attributes=attributes)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise StoreError(f"{path} is not a blockals store: there is no Zarr group there.") from exc
+    except ValueError as exc:  # unreadable or foreign metadata
+        raise StoreError(f"{path} is not a blockals store: its Zarr metadata cannot be read ({exc}).") from exc
+
+
+def check_meta(meta: Any, path: str, fmt: str, version: int, kind: str, complete: bool = True) -> dict:
+    """The ``blockals`` attributes of a group, refused unless of the expected format and version.
+
+    With ``complete``, a group whose completion marker is missing is refused too.
+    """
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise StoreError(f"{path} is not a blockals {kind} (its attributes do not say {fmt!r}).")
+    if meta.get("format_version") != version:
+        raise StoreError(
+            f"{path} has format version {meta.get('format_version')}, but this blockals reads version "
+            f"{version}; upgrade blockals or write the {kind} again."
+        )
+    if complete and not meta.get("complete"):
+        raise StoreError(f"{path} is incomplete: it was not completely written (no completion marker); write it again.")
+    return meta
+
+
+def write_array(group: zarr.Group, name: str, data: np.ndarray) -> zarr.Array:
+    """Write ``data`` as a checksummed, compressed 1-D or 2-D array."""
+    data = np.asarray(data)
+    if data.dtype.kind in "OUT":
+        dtype: Any = str
+        data = data.astype(str)
+    else:
+        dtype = data.dtype
+    rows = max(1, min(data.shape[0], CHUNK_ELEMENTS // max(1, int(np.prod(data.shape[1:])))))
+    arr = group.create_array(
+        name,
+        shape=data.shape,
+        dtype=dtype,
+        chunks=(rows, *data.shape[1:]),
+        compressors=CODECS,
+        overwrite=True,
+        # Every chunk gets a file (and a checksum): a lost file must fail, not read as zeros.
+        config={"write_empty_chunks": True},
+    )
+    if data.size:
+        arr[...] = data
+    return arr
+
+
+def read_array(group: zarr.Group, name: str, where: str) -> np.ndarray:
+    """Read a whole array; a missing or corrupted one raises :class:`StoreError` naming it."""
+    try:
+        array = group[name]
+        data = array[...]
+    except KeyError as exc:
+        raise StoreError(f"{where}/{name} is missing from the store.") from exc
+    except ValueError as exc:
+        if "checksum" in str(exc):
+            raise StoreError(
+                f"{where}/{name} is corrupted: a chunk's checksum does not match its bytes."
+            ) from exc
+        # E.g. metadata naming a codec Zarr does not know, such as a planted pickle codec.
+        raise StoreError(f"{where}/{name} cannot be read ({exc}).") from exc
+    # Every chunk is written (write_empty_chunks), so a missing one is damage, not zeros.
+    if array.nchunks_initialized != array.nchunks:
+        missing = array.nchunks - array.nchunks_initialized
+        raise StoreError(f"{where}/{name} is damaged: {missing} of its {array.nchunks} chunk files are missing.")
+    return data
+
+
+def absolute(path: str) -> str:
+    """Local paths made absolute, so Dask workers started elsewhere find them; URLs as given."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _fs(path: str, storage_options: dict | None):
+    import fsspec
+
+    return fsspec.core.url_to_fs(path, **(storage_options or {}))
+
+
+def path_exists(path: str, storage_options: dict | None = None) -> bool:
+    fs, p = _fs(path, storage_options)
+    return fs.exists(p)
+
+
+def writable_meta(path: str, fmt: str, kind: str, storage_options: dict | None = None) -> dict | None:
+    """What a writer of a ``fmt`` group finds at ``path``, refusing to destroy anything else.
+
+    Returns the ``blockals`` attributes of a group of format ``fmt`` (any version, complete
+    or not), or None when nothing or an empty directory is there. Anything else (a file,
+    another Zarr group, a directory with content) raises :class:`InputError`: writing a
+    group with mode ``"w"`` would empty the directory.
+    """
+    if not path_exists(path, storage_options):
+        return None
+    try:
+        meta = open_group(path, "r", storage_options).attrs.get("blockals")
+    except (StoreError, ValueError):  # no group, or unreadable metadata (bad zarr.json)
+        meta = None
+    if isinstance(meta, dict) and meta.get("format") == fmt:
+        return meta
+    fs, p = _fs(path, storage_options)
+    if fs.isdir(p) and not fs.ls(p):
+        return None
+    raise InputError(f"{path} exists and is not a blockals {kind}; refusing to write over it.")
+
+
+def remove_path(path: str, storage_options: dict | None = None) -> None:
+    """Delete a store or checkpoint tree, local or remote; absent paths are fine.
+
+    Safe to interrupt: a complete blockals group is first marked incomplete, and its root
+    ``zarr.json`` is deleted last, so a removal cut short (``kill -9`` of an ingest
+    replacing a store) leaves a group that reads as incomplete, never as complete with
+    arrays missing, and that the next ingest recognises as its own and removes.
+    """
+    fs, p = _fs(path, storage_options)
+    if not fs.exists(p):
+        return
+    try:
+        root = open_group(path, "r+", storage_options)
+        meta = root.attrs.get("blockals")
+    except (OSError, ValueError):  # not a Zarr group (StoreError), or not a directory
+        meta = None
+    if isinstance(meta, dict) and meta.get("complete"):
+        root.attrs["blockals"] = {**meta, "complete": False}
+    marker = f"{p.rstrip('/')}/zarr.json"
+    files = [f for f in fs.find(p) if f != marker]
+    if files:
+        fs.rm(files)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
