@@ -33,7 +33,7 @@ import psutil
 from distributed import Client, LocalCluster
 
 from blockals.checkpoint import Checkpoint
-from blockals.config import ALSConfig
+from blockals.params import ALSConfig
 from blockals.datasets import make_store
 from blockals.engine import Engine
 

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from blockals import params
+
 __all__ = ["main", "build_parser"]
 
 
@@ -59,20 +61,15 @@ def _split(args: argparse.Namespace) -> int:
     return 0
 
 
-MODEL_OPTIONS = ("rank", "max_iter", "reg", "reg_scaling", "implicit", "alpha", "biases", "bias_reg", "nonnegative",
-                 "solver", "cg_steps", "weighting", "unobserved_weight", "init", "seed", "dtype", "checkpoint_interval")
-
-
 def _train(args: argparse.Namespace) -> int:
     import blockals
     from blockals.lock import Lease
-    from blockals.model import MODEL_FORMAT
-    from blockals.formats import writable_meta
+    from blockals.modelio import check_model_path
 
     store = blockals.open_store(args.store)
-    writable_meta(args.model, MODEL_FORMAT, "model")  # refused before the training, not after it
-    model = blockals.ALS(**{name: getattr(args, name) for name in MODEL_OPTIONS}, verbose=2 if args.progress else 1)
-    model._check_params()  # a bad parameter is refused before a cluster starts
+    check_model_path(args.model)  # refused before the training, not after it
+    model = blockals.ALS(**params.from_arguments(args), verbose=2 if args.progress else 1)
+    params.parse_params(model.get_params())  # a bad parameter is refused before a cluster starts
     # Held from start to save: a second training of this model path is refused before it
     # starts a cluster, not after it has trained.
     with Lease(args.model, "model", break_lease=args.break_lease):
@@ -141,8 +138,10 @@ def _recommend(args: argparse.Namespace) -> int:
         return 0
     if not args.users:
         raise blockals.InputError("recommend needs --users ID [ID ...] or --output PATH.")
+    from blockals.factors import Factors
+
     # Command-line ids are text; the model reads them as its own id type.
-    unknown = [user for user, row in zip(args.users, model._index(args.users, "users")) if row < 0]
+    unknown = [user for user, row in zip(args.users, Factors.of(model).index(args.users, "users")) if row < 0]
     if unknown:
         raise blockals.InputError(
             f"--users: {len(unknown)} of the {len(args.users)} ids are not users of the model {args.model}, "
@@ -154,7 +153,7 @@ def _recommend(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     import blockals
-    from blockals.formats import open_group
+    from blockals.formats import blockals_meta
 
     try:
         print(blockals.open_store(args.store).summary())
@@ -162,7 +161,7 @@ def _info(args: argparse.Namespace) -> int:
     except blockals.StoreError as exc:
         if "incomplete" not in str(exc):
             raise
-    meta = open_group(args.store).attrs.get("blockals", {})
+    meta = blockals_meta(args.store) or {}
     print(f"blockals ratings store {args.store}\n  format version {meta.get('format_version')}, INCOMPLETE: "
           f"its ingest did not finish, so it cannot be used; ingest again.")
     return 1
@@ -214,24 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fit an ALS model on a ratings store")
     p.add_argument("store", help="ratings store written by 'blockals ingest'")
     p.add_argument("model", help="path of the model to write")
-    p.add_argument("--rank", type=int, default=10, help="latent factors (default: 10)")
-    p.add_argument("--max-iter", type=int, default=10, help="iterations (default: 10)")
-    p.add_argument("--reg", type=float, default=0.1, help="regularization λ (default: 0.1)")
-    p.add_argument("--reg-scaling", default="count", choices=["count", "none"],
-                   help="multiply λ by each row's rating count, as Spark does (default: count)")
-    p.add_argument("--implicit", action="store_true", help="implicit feedback (Hu, Koren, Volinsky)")
-    p.add_argument("--alpha", type=float, default=1.0, help="implicit confidence scale: c = 1 + alpha |r|")
-    p.add_argument("--biases", action="store_true", help="learn user and item biases (explicit)")
-    p.add_argument("--bias-reg", type=float, help="λ of the biases (default: --reg)")
-    p.add_argument("--nonnegative", action="store_true", help="nonnegative factors")
-    p.add_argument("--solver", default="cholesky", choices=["cholesky", "cg"])
-    p.add_argument("--cg-steps", type=int, default=3, help="conjugate-gradient steps per half-step")
-    p.add_argument("--weighting", default="none", choices=["none", "wals"], help="'wals': TensorFlow's weighted ALS")
-    p.add_argument("--unobserved-weight", type=float, default=0.1, help="w0 of WALS")
-    p.add_argument("--init", default="normal", choices=["normal", "uniform"], help="initial factors")
-    p.add_argument("--seed", type=int, default=0, help="initialization seed (default: 0)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="factor precision")
-    p.add_argument("--checkpoint-interval", type=int, default=1, help="checkpoint every N iterations; 0 disables")
+    params.add_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue from the last committed checkpoint")
     p.add_argument("--progress", action="store_true", help="a progress bar over the blocks of each iteration")
     p.add_argument("--report", help="write Dask's performance report (HTML) of the training here")

@@ -12,8 +12,8 @@ One iteration is two half-steps, items first as in Spark. A half-step toward sid
   term over all pairs): ``Y^T Y`` as a tree reduction over item blocks, computed once and
   shared by every solve;
 * ``blockals-solve-users-<it>-<b>``: read ``b``'s in-block from the store (or the
-  worker's block cache), concatenate its messages and solve all its rows
-  (:mod:`blockals.objectives` builds the systems, :mod:`blockals.kernels` solves them).
+  worker's block cache), concatenate its messages and solve all its rows with
+  :func:`blockals.halfstep.solve_block`, the one place systems are built and solved.
 
 Each solve also returns its block's share of the objective, computed from the rows it
 gathered (``blockals-loss-<side>-<it>-<b>`` picks it out, ``blockals-factors-...`` the
@@ -39,8 +39,9 @@ from distributed import Client, Future, as_completed
 from blockals import kernels
 from blockals.checkpoint import Checkpoint, Committed, write_block
 from blockals.cluster import blas_context, blas_limits, cache_bytes
-from blockals.config import ALSConfig
+from blockals.halfstep import LossTerms, SolvedBlock, gram, routed_rows, solve_block
 from blockals.objectives import Objective
+from blockals.params import ALSConfig
 from blockals.store import RatingStore, Side, StoreRef, load_inblock, load_out_blocks, load_rows
 
 __all__ = ["Engine", "FitResult"]
@@ -76,11 +77,6 @@ def _route_task(rows: np.ndarray, factors: np.ndarray) -> np.ndarray:
     return factors[rows]
 
 
-def _gram_task(factors: np.ndarray, rank: int) -> np.ndarray:
-    F = factors[:, :rank].astype(np.float64)
-    return F.T @ F
-
-
 def _sum_task(*parts: np.ndarray) -> np.ndarray:
     return np.sum(parts, axis=0)
 
@@ -88,30 +84,25 @@ def _sum_task(*parts: np.ndarray) -> np.ndarray:
 def _solve_task(
     ref: StoreRef, side: Side, block: int, config: ALSConfig, obj: Objective, limits: dict[str, int],
     G: np.ndarray | None, previous: np.ndarray | None, weights: np.ndarray | None, *messages: np.ndarray,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Solve one block; returns its factors and its share of the objective at them."""
+) -> SolvedBlock:
+    """Solve one block (:func:`blockals.halfstep.solve_block`) from its routed messages."""
     inblock = load_inblock(ref, side, block, cache_bytes())
-    M = _concat(messages, obj, config)
-    w = obj.side_weights(side, inblock, weights)
-    sys = obj.systems(inblock, M, G, w)
-    x0 = np.zeros((inblock.n_rows, sys.width)) if previous is None else previous[:, : sys.width]
-    terms: dict[str, Any] = {"observed": 0.0, "sq_err": 0.0}
+    M = routed_rows(messages, obj.width, config.dtype)
     with blas_context(limits):
-        X = kernels.solve(sys, x0, obj.rank, config.solver, config.cg_steps, config.nonnegative, terms)
-    factors = obj.finish(X.astype(config.dtype), inblock, w)
-    terms["penalty"] = obj.penalty(factors, inblock)
-    terms["gram"] = _gram_task(factors, obj.rank) if obj.gram_weight else None
-    return factors, terms
+        return solve_block(inblock, M, obj, config, G=G, previous=previous,
+                           weights=obj.side_weights(side, inblock, weights))
 
 
-def _part(result: tuple, index: int) -> Any:
-    return result[index]
+def _list_item(items: list, index: int) -> Any:
+    return items[index]
 
 
-def _concat(messages: tuple[np.ndarray, ...], obj: Objective, config: ALSConfig) -> np.ndarray:
-    if not messages:
-        return np.zeros((0, obj.width), dtype=config.dtype)
-    return np.concatenate(messages) if len(messages) > 1 else messages[0]
+def _factors(solved: SolvedBlock) -> np.ndarray:
+    return solved.factors
+
+
+def _terms(solved: SolvedBlock) -> LossTerms:
+    return solved.terms
 
 
 # -- driver -------------------------------------------------------------------------
@@ -227,7 +218,7 @@ class Engine:
         """``F^T F`` of a side, summed over its blocks as a binary tree of tasks."""
         if not self.objective.gram_weight:
             return None
-        level = [self._submit(_gram_task, f, self.config.rank, key=self._key("gram", side, it, j)) for j, f in enumerate(factors)]
+        level = [self._submit(gram, f, self.config.rank, key=self._key("gram", side, it, j)) for j, f in enumerate(factors)]
         depth = 0
         while len(level) > 1:
             level = [
@@ -246,7 +237,7 @@ class Engine:
             for b in range(self.store.n_blocks(dst)):
                 whole = self._submit(_out_blocks_task, self.ref, dst, b, key=self._key("outblocks", dst, b))
                 self.routes[dst].append([
-                    self._submit(_part, whole, j, key=self._key("out", dst, j, b)) if rows[j, b] else None
+                    self._submit(_list_item, whole, j, key=self._key("out", dst, j, b)) if rows[j, b] else None
                     for j in range(rows.shape[0])
                 ])
         return self.routes[dst]
@@ -270,8 +261,8 @@ class Engine:
                 _solve_task, self.ref, dst, b, self.config, self.objective, self.limits, G, prev, weights[b], *msgs,
                 key=self._key("solve", dst, it, b),
             )
-            solved.append(self._submit(_part, result, 0, key=self._key("factors", dst, it, b)))
-            stats.append(self._submit(_part, result, 1, key=self._key("loss", dst, it, b)))
+            solved.append(self._submit(_factors, result, key=self._key("factors", dst, it, b)))
+            stats.append(self._submit(_terms, result, key=self._key("loss", dst, it, b)))
         return solved, stats
 
     def _losses(self, user_terms: list[Future], item_terms: list[Future]) -> dict[str, float]:
@@ -280,13 +271,15 @@ class Engine:
         The user solves saw the final item factors, so their observed-pair terms are the
         objective's; penalties and Gramians come from both sides' final factors.
         """
+        users: list[LossTerms]
+        items: list[LossTerms]
         users, items = self.client.gather([user_terms, item_terms])
         obj = self.objective
-        loss = sum(p["observed"] for p in users) + sum(p["penalty"] for p in users + items)
+        loss = sum(t.observed for t in users) + sum(t.penalty for t in users + items)
         if obj.gram_weight:
-            GX, GY = sum(p["gram"] for p in users), sum(p["gram"] for p in items)
+            GX, GY = sum(t.gram for t in users), sum(t.gram for t in items)
             loss += obj.gram_weight * float(np.sum(GX * GY))  # trace(GX @ GY), both symmetric
-        sq_err = sum(p["sq_err"] for p in users)
+        sq_err = sum(t.sq_err for t in users)
         return {"loss": loss, "train_rmse": float(np.sqrt(sq_err / self.store.nnz))}
 
     def _write_checkpoint(self, it: int, X: list[Future], Y: list[Future], history: list[dict]) -> int:

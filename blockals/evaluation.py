@@ -102,7 +102,7 @@ def split(
     """
     import dask.dataframe as dd
 
-    from blockals.config import parse_choice, parse_float, parse_int
+    from blockals.params import parse_choice, parse_float, parse_int
     from blockals.ingest import ingest
 
     method = parse_choice(method, "method", SPLITS)
@@ -221,7 +221,7 @@ def evaluate(
     ``test`` and ``train`` must share the model's ids and blocks (stores made by
     :func:`split`, or the training store itself); training items are not candidates.
     """
-    from blockals.config import parse_int
+    from blockals.params import parse_int
 
     k = parse_int(k, "k", 1)
     for name, store in (("test", test), ("train", train)):

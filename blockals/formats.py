@@ -35,6 +35,7 @@ __all__ = [
     "path_exists",
     "writable_meta",
     "remove_path",
+    "blockals_meta",
 ]
 
 # Large enough that a block is usually one chunk (one read), small enough to stream.
@@ -112,6 +113,16 @@ def read_array(group: zarr.Group, name: str, where: str) -> np.ndarray:
         missing = array.nchunks - array.nchunks_initialized
         raise StoreError(f"{where}/{name} is damaged: {missing} of its {array.nchunks} chunk files are missing.")
     return data
+
+
+def blockals_meta(path: str, storage_options: dict | None = None) -> dict | None:
+    """The ``blockals`` attributes of the Zarr group at ``path``, or None where there is no
+    such group (nothing, a file, a foreign group): how a path is told from a source."""
+    try:
+        meta = open_group(path, "r", storage_options).attrs.get("blockals")
+    except StoreError:
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def absolute(path: str) -> str:

@@ -38,6 +38,8 @@ from blockals.routing import InBlock, build_inblock
 
 __all__ = [
     "RowSystems",
+    "KernelArrays",
+    "Solution",
     "solve",
     "init_factors",
     "solve_cholesky",
@@ -101,7 +103,7 @@ def init_factors(
 # -- the systems of one block ----------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RowSystems:
     """The normal equations of every row of a block, in factored form.
 
@@ -142,34 +144,70 @@ class RowSystems:
     def width(self) -> int:
         return self.D.shape[1]
 
-    def kernel_args(self) -> tuple[np.ndarray, ...]:
-        """``(indptr, col, D, a, beta, G, reg)`` in the layouts and types the compiled loops take.
+    def kernel_arrays(self) -> KernelArrays:
+        """The arrays in the layouts and types the compiled loops take.
 
         Missing weights become ones and a missing ``G`` zeros, so each dtype of ``D``
         compiles once.
         """
         D = np.ascontiguousarray(self.D)
         nnz = self.col.shape[0]
-        a = np.ones(nnz, dtype=D.dtype) if self.a is None else np.ascontiguousarray(self.a, dtype=D.dtype)
-        G = np.zeros((self.width, self.width)) if self.G is None else np.ascontiguousarray(self.G, dtype=np.float64)
-        return (
-            self.inblock.indptr.astype(np.int64),
-            np.ascontiguousarray(self.col),  # int32 or int64, as InBlock.col gives it
-            D,
-            a,
-            np.ascontiguousarray(self.beta, dtype=np.float64),
-            G,
-            np.ascontiguousarray(self.reg, dtype=np.float64),
+        return KernelArrays(
+            indptr=self.inblock.indptr.astype(np.int64),
+            col=np.ascontiguousarray(self.col),  # int32 or int64, as InBlock.col gives it
+            D=D,
+            a=np.ones(nnz, dtype=D.dtype) if self.a is None else np.ascontiguousarray(self.a, dtype=D.dtype),
+            beta=np.ascontiguousarray(self.beta, dtype=np.float64),
+            G=np.zeros((self.width, self.width)) if self.G is None else np.ascontiguousarray(self.G, dtype=np.float64),
+            reg=np.ascontiguousarray(self.reg, dtype=np.float64),
+            gamma=np.ascontiguousarray(self.gamma, dtype=np.float64),
+            tau=np.ascontiguousarray(self.tau, dtype=np.float64),
         )
 
-    def loss_args(self, terms: dict[str, float] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(gamma, tau, acc)`` for the compiled loops; ``acc`` is empty when ``terms`` is None
-        (no loss wanted), else the two sums the loops add to."""
-        if terms is None:
-            empty = np.zeros(0)
-            return empty, empty, empty
-        return (np.ascontiguousarray(self.gamma, dtype=np.float64), np.ascontiguousarray(self.tau, dtype=np.float64),
-                np.zeros(2))
+
+@dataclass(frozen=True, kw_only=True)
+class KernelArrays:
+    """:class:`RowSystems` as the compiled loops take it: contiguous, no None."""
+
+    indptr: np.ndarray
+    col: np.ndarray
+    D: np.ndarray
+    a: np.ndarray
+    beta: np.ndarray
+    G: np.ndarray
+    reg: np.ndarray
+    gamma: np.ndarray
+    tau: np.ndarray
+
+    @property
+    def system(self) -> tuple[np.ndarray, ...]:
+        """``(indptr, col, D, a, beta, G, reg)``: the arguments every loop over the systems starts with."""
+        return self.indptr, self.col, self.D, self.a, self.beta, self.G, self.reg
+
+    @property
+    def loss(self) -> tuple[np.ndarray, ...]:
+        """``(indptr, col, D, a, beta, gamma, tau)``: the arguments of a loss pass."""
+        return self.indptr, self.col, self.D, self.a, self.beta, self.gamma, self.tau
+
+
+@dataclass(frozen=True, kw_only=True)
+class Solution:
+    """A block's solved rows, and the loss sums at them when they were asked for.
+
+    Attributes
+    ----------
+    X : ndarray of shape (n_rows, w)
+        The solution, in the factors' precision.
+    observed : float
+        ``sum (a s^2 - 2 beta s + gamma)`` over the block's ratings at ``s = d . x``: the
+        block's share of the objective's sum over observed pairs.
+    sq_err : float
+        ``sum (tau - s)^2``: the block's share of the training squared error.
+    """
+
+    X: np.ndarray
+    observed: float = 0.0
+    sq_err: float = 0.0
 
 
 # -- compiled per-row loops ------------------------------------------------------------
@@ -442,20 +480,25 @@ def _chunks(rows: np.ndarray, width: int, batch_bytes: int) -> Iterator[np.ndarr
         yield rows[start : start + per_batch]
 
 
-def _formed(sys: RowSystems, args: tuple, rows: np.ndarray, batch_bytes: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _formed(arrays: KernelArrays, rows: np.ndarray, batch_bytes: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The float64 systems of ``rows``, a batch at a time."""
-    for chunk in _chunks(rows, sys.width, batch_bytes):
-        Ms = np.empty((chunk.size, sys.width, sys.width))
-        bs = np.empty((chunk.size, sys.width))
-        _form_rows(chunk, *args, Ms, bs)
+    width = arrays.D.shape[1]
+    for chunk in _chunks(rows, width, batch_bytes):
+        Ms = np.empty((chunk.size, width, width))
+        bs = np.empty((chunk.size, width))
+        _form_rows(chunk, *arrays.system, Ms, bs)
         yield chunk, Ms, bs
 
 
-def _add_terms(terms: dict[str, float] | None, acc: np.ndarray) -> None:
-    """Add the loops' sums (observed-pair loss, squared error) to ``terms``."""
-    if terms is not None:
-        terms["observed"] = terms.get("observed", 0.0) + float(acc[0])
-        terms["sq_err"] = terms.get("sq_err", 0.0) + float(acc[1])
+def _loss_sums(loss: bool) -> np.ndarray:
+    """Where the loops add the loss sums: ``[observed, sq_err]``, or empty when none is wanted."""
+    return np.zeros(2) if loss else np.zeros(0)
+
+
+def _solution(X: np.ndarray, acc: np.ndarray) -> Solution:
+    if acc.size:
+        return Solution(X=X, observed=float(acc[0]), sq_err=float(acc[1]))
+    return Solution(X=X)
 
 
 def _min_norm(A: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -470,44 +513,43 @@ def _solve_batch(A: np.ndarray, b: np.ndarray) -> np.ndarray:
         return _min_norm(A, b)
 
 
-def solve_cholesky(sys: RowSystems, batch_bytes: int = BATCH_BYTES, terms: dict[str, float] | None = None) -> np.ndarray:
+def solve_cholesky(sys: RowSystems, batch_bytes: int = BATCH_BYTES, loss: bool = False) -> Solution:
     """Exact solve of every row's system; rows without ratings get zeros.
 
     Rows with a positive ridge diagonal are positive definite and solved by Cholesky.
     Rows without one (``reg = 0``, or a count-scaled row with no positive rating) may be
     singular, where a factorization returns garbage rather than failing; they, and any
-    row whose factorization breaks down, get the minimum-norm solution. When ``terms`` is
-    given, the observed-pair loss and squared error at the solution are added to it.
+    row whose factorization breaks down, get the minimum-norm solution. With ``loss``,
+    the observed-pair loss and squared error at the solution come with it.
     """
-    args = sys.kernel_args()
-    gamma, tau, acc = sys.loss_args(terms)
+    arrays = sys.kernel_arrays()
+    acc = _loss_sums(loss)
     X = np.zeros((sys.inblock.n_rows, sys.width), dtype=sys.D.dtype)
     nonempty = sys.inblock.counts > 0
     regularized = (sys.reg > 0).all(axis=1)
     rows = np.flatnonzero(nonempty & regularized)
     ok = np.ones(rows.size, dtype=bool)
-    _cholesky_rows(rows, *args, gamma, tau, X, ok, acc)
+    _cholesky_rows(rows, *arrays.system, arrays.gamma, arrays.tau, X, ok, acc)
     singular = np.concatenate([rows[~ok], np.flatnonzero(nonempty & ~regularized)])
-    for chunk, Ms, bs in _formed(sys, args, singular, batch_bytes):
+    for chunk, Ms, bs in _formed(arrays, singular, batch_bytes):
         X[chunk] = _min_norm(Ms, bs)
     if acc.size and singular.size:
-        _loss_rows(singular, *args[:5], gamma, tau, X, acc)
-    _add_terms(terms, acc)
-    return X
+        _loss_rows(singular, *arrays.loss, X, acc)
+    return _solution(X, acc)
 
 
-def solve_cg(sys: RowSystems, x0: np.ndarray, steps: int, terms: dict[str, float] | None = None) -> np.ndarray:
+def solve_cg(sys: RowSystems, x0: np.ndarray, steps: int, loss: bool = False) -> Solution:
     """``steps`` conjugate-gradient steps per row, warm-started at ``x0``.
 
     The matrices are never formed: ``A p = G p + sum a (d . p) d + reg * p`` costs
     ``O(L w + w^2)`` per row instead of ``O(L w^2)``. With ``steps >= w`` it is exact (up
     to rounding).
     """
+    arrays = sys.kernel_arrays()
+    acc = _loss_sums(loss)
     X = np.zeros((sys.inblock.n_rows, sys.width), dtype=sys.D.dtype)
-    gamma, tau, acc = sys.loss_args(terms)
-    _cg_rows(*sys.kernel_args(), gamma, tau, np.ascontiguousarray(x0, dtype=np.float64), steps, X, acc)
-    _add_terms(terms, acc)
-    return X
+    _cg_rows(*arrays.system, arrays.gamma, arrays.tau, np.ascontiguousarray(x0, dtype=np.float64), steps, X, acc)
+    return _solution(X, acc)
 
 
 def _nnls_batch(A: np.ndarray, b: np.ndarray, x: np.ndarray, bounded: np.ndarray, tol: float, max_rounds: int) -> np.ndarray:
@@ -551,38 +593,36 @@ def _nnls_batch(A: np.ndarray, b: np.ndarray, x: np.ndarray, bounded: np.ndarray
 
 def solve_nnls(
     sys: RowSystems, x0: np.ndarray, bounded: np.ndarray, tol: float = 1e-9, max_rounds: int = 100,
-    batch_bytes: int = BATCH_BYTES, terms: dict[str, float] | None = None,
-) -> np.ndarray:
+    batch_bytes: int = BATCH_BYTES, loss: bool = False,
+) -> Solution:
     """Every row's system solved with ``x[bounded] >= 0`` (nonnegative least squares).
 
     ``bounded`` marks the constrained coordinates (a learned bias stays free).
     """
-    args = sys.kernel_args()
+    arrays = sys.kernel_arrays()
     X = np.zeros((sys.inblock.n_rows, sys.width), dtype=sys.D.dtype)
     rated = np.flatnonzero(sys.inblock.counts)
-    for rows, A, b in _formed(sys, args, rated, batch_bytes):
+    for rows, A, b in _formed(arrays, rated, batch_bytes):
         X[rows] = _nnls_batch(A, b, x0[rows].astype(np.float64), bounded, tol, max_rounds)
-    gamma, tau, acc = sys.loss_args(terms)
+    acc = _loss_sums(loss)
     if acc.size:
-        _loss_rows(rated, *args[:5], gamma, tau, X, acc)
-    _add_terms(terms, acc)
-    return X
+        _loss_rows(rated, *arrays.loss, X, acc)
+    return _solution(X, acc)
 
 
 def solve(
-    sys: RowSystems, x0: np.ndarray, rank: int, solver: str, cg_steps: int, nonnegative: bool,
-    terms: dict[str, float] | None = None,
-) -> np.ndarray:
+    sys: RowSystems, x0: np.ndarray, rank: int, solver: str, cg_steps: int, nonnegative: bool, loss: bool = False,
+) -> Solution:
     """Solve a block's systems the way a configuration asks.
 
     ``x0`` (the rows' previous values) warm-starts CG and NNLS; with ``nonnegative`` the
     first ``rank`` coordinates are constrained, the rest (a bias) stay free.
     """
     if nonnegative:
-        return solve_nnls(sys, x0, np.arange(sys.width) < rank, terms=terms)
+        return solve_nnls(sys, x0, np.arange(sys.width) < rank, loss=loss)
     if solver == "cg":
-        return solve_cg(sys, x0, cg_steps, terms=terms)
-    return solve_cholesky(sys, terms=terms)
+        return solve_cg(sys, x0, cg_steps, loss=loss)
+    return solve_cholesky(sys, loss=loss)
 
 
 def precompile() -> None:
@@ -592,9 +632,10 @@ def precompile() -> None:
     call this once at build time so that workers start without compiling.
     """
     inblock = build_inblock(np.zeros(5, int), np.zeros(5, int), np.arange(5), np.arange(5), np.ones(5), 1, 1)
+    ones = np.ones(5)
     for dtype in (np.float32, np.float64):
-        ones = np.ones(5)
-        sys = RowSystems(inblock, np.eye(5, 2, dtype=dtype), inblock.col, ones, None, None, np.ones((1, 2)), ones, ones)
-        solve_cholesky(sys, terms={})
+        sys = RowSystems(inblock=inblock, D=np.eye(5, 2, dtype=dtype), col=inblock.col, beta=ones, a=None, G=None,
+                         reg=np.ones((1, 2)), gamma=ones, tau=ones)
+        solve_cholesky(sys, loss=True)
         solve_cg(sys, np.zeros((1, 2)), 1)
         solve_nnls(sys, np.zeros((1, 2)), np.ones(2, dtype=bool))

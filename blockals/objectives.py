@@ -83,7 +83,8 @@ class Objective:
     # -- one half-step ---------------------------------------------------------------
     def systems(self, inblock: InBlock, M: np.ndarray, G: np.ndarray | None, weights: np.ndarray | None) -> RowSystems:
         r = inblock.rating.astype(np.float64)
-        return RowSystems(inblock, M[:, : self.rank], inblock.col, r, None, None, self.ridge(inblock), r * r, r)
+        return RowSystems(inblock=inblock, D=M[:, : self.rank], col=inblock.col, beta=r, a=None, G=None,
+                          reg=self.ridge(inblock), gamma=r * r, tau=r)
 
     def finish(self, X: np.ndarray, inblock: InBlock, weights: np.ndarray | None) -> np.ndarray:
         """The factor block to keep, from the systems' solution."""
@@ -135,7 +136,8 @@ class Biased(Objective):
         col = inblock.col
         # float64 first: float32 ratings minus a Python float would stay float32 and round mu.
         beta = inblock.rating.astype(np.float64) - self.mu - M[col, k]
-        return RowSystems(inblock, D, col, beta, None, None, self.ridge(inblock), beta * beta, beta)
+        return RowSystems(inblock=inblock, D=D, col=col, beta=beta, a=None, G=None, reg=self.ridge(inblock),
+                          gamma=beta * beta, tau=beta)
 
     def initial(self, factors, inblock, weights):
         return np.hstack([factors, np.zeros((factors.shape[0], 1), dtype=factors.dtype)])
@@ -168,7 +170,8 @@ class Implicit(Objective):
         r = inblock.rating.astype(np.float64)
         a = self.alpha * np.abs(r)
         beta = np.where(r > 0, 1.0 + a, 0.0)
-        return RowSystems(inblock, M[:, : self.rank], inblock.col, beta, a, self.shared(G), self.ridge(inblock), beta, (r > 0) * 1.0)
+        return RowSystems(inblock=inblock, D=M[:, : self.rank], col=inblock.col, beta=beta, a=a, G=self.shared(G),
+                          reg=self.ridge(inblock), gamma=beta, tau=(r > 0) * 1.0)
 
 
 @dataclass(frozen=True)
@@ -204,7 +207,8 @@ class WALS(Objective):
         a = weights[inblock.row] * M[col, k].astype(np.float64)
         r = inblock.rating.astype(np.float64)
         beta = (self.unobserved_weight + a) * r
-        return RowSystems(inblock, M[:, :k], col, beta, a, self.shared(G), self.ridge(inblock), beta * r, r)
+        return RowSystems(inblock=inblock, D=M[:, :k], col=col, beta=beta, a=a, G=self.shared(G), reg=self.ridge(inblock),
+                          gamma=beta * r, tau=r)
 
     def finish(self, X, inblock, weights):
         return np.hstack([X, weights[:, None].astype(X.dtype)])

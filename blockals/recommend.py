@@ -1,4 +1,4 @@
-"""Top-k recommendations, similar items and users, and folding in new rows.
+"""Top-k recommendations and similar rows, for some users or, block by block, for all.
 
 Scores are dot products ``x_u . y_i`` (plus the item bias for biased models: the user's
 own bias and the global mean do not change a user's ranking). Ties are broken by the
@@ -8,19 +8,19 @@ candidates return what there is; the missing places hold index -1 and score NaN.
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from blockals.cluster import cache_bytes
-from blockals.formats import check_meta, open_group, write_array
-from blockals.store import RatingStore, Side, StoreRef, block_triples, load_rows
+from blockals import recstore
+from blockals.cluster import cache_bytes, connect
+from blockals.store import RatingStore, StoreRef, block_triples, load_rows
 
-__all__ = ["top_k", "recommend_block", "write_recommendations", "read_recommendations", "similar"]
+__all__ = ["top_k", "recommend_rows", "recommend_block", "recommend_all", "similar"]
 
-RECS_FORMAT = "blockals-recommendations"
-RECS_FORMAT_VERSION = 1
 # Bytes of scores one chunk of rows may hold.
 SCORE_BYTES = 32 * 2**20
 
@@ -115,47 +115,27 @@ def group_by_row(rows: np.ndarray, values: np.ndarray, n: int) -> list[np.ndarra
     return [values[order[bounds[r] : bounds[r + 1]]] for r in range(n)]
 
 
+@dataclass(frozen=True, kw_only=True)
+class TopItems:
+    """One user block's recommendations: global user indices, item indices and scores (best first)."""
+
+    users: np.ndarray
+    items: np.ndarray
+    scores: np.ndarray
+
+
 def recommend_block(
     ref: StoreRef, block: int, n_item_blocks: int, U: np.ndarray, V: np.ndarray,
     item_bias: np.ndarray | None, k: int, exclude_seen: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-``k`` for every user of one user block (a Dask task): users, items, scores."""
+) -> TopItems:
+    """Top-``k`` for every user of one user block (a Dask task)."""
     users = load_rows(ref, "users", block)
     seen = None
     if exclude_seen:
         rows, items, _ = block_triples(ref, "users", block, n_item_blocks, cache_bytes())
         seen = group_by_row(np.searchsorted(users, rows), items, users.shape[0])
     idx, val = recommend_rows(U, V, k, item_bias, seen)
-    return users, idx, val
-
-
-def write_recommendations(path: str, storage_options: dict | None, block: int, users: np.ndarray, items: np.ndarray, scores: np.ndarray) -> int:
-    """Write one block's recommendations into ``<path>/blocks/<block>`` (a Dask task)."""
-    group = open_group(f"{path}/blocks/{block}", "r+", storage_options)
-    write_array(group, "users", users)
-    write_array(group, "items", items)
-    write_array(group, "scores", scores.astype(np.float32))
-    return int(users.shape[0])
-
-
-def read_recommendations(path: str, storage_options: dict | None = None) -> pd.DataFrame:
-    """A recommendations store as a DataFrame with columns user, rank, item, score."""
-    root = open_group(str(path), "r", storage_options)
-    meta = check_meta(root.attrs.get("blockals"), str(path), RECS_FORMAT, RECS_FORMAT_VERSION, "recommendations store")
-    user_ids, item_ids = root["user_ids"][...], root["item_ids"][...]
-    frames = []
-    for b in range(meta["n_blocks"]):
-        g = root[f"blocks/{b}"]
-        users, items, scores = g["users"][...], g["items"][...], g["scores"][...]
-        k = items.shape[1]
-        valid = items >= 0
-        frames.append(pd.DataFrame({
-            "user": np.repeat(user_ids[users], k).reshape(-1, k)[valid],
-            "rank": np.broadcast_to(np.arange(1, k + 1), items.shape)[valid],
-            "item": item_ids[np.where(valid, items, 0)][valid],
-            "score": scores[valid],
-        }))
-    return pd.concat(frames, ignore_index=True).sort_values(["user", "rank"], ignore_index=True)
+    return TopItems(users=users, items=idx, scores=val)
 
 
 def similar(F: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -178,55 +158,31 @@ def to_frame(left: str, left_ids: Any, right: str, right_ids: np.ndarray, idx: n
     })
 
 
-def fold_in(model: Any, ratings: pd.DataFrame, side: Side) -> Any:
-    """Solve the rows of ``side`` in ``ratings`` against the model's fixed other side."""
-    from blockals.config import ALSConfig
-    from blockals.errors import InputError
-    from blockals.kernels import solve
-    from blockals.model import FoldIn
-    from blockals.routing import build_inblock
-    from blockals.sources import normalize_ratings
+def recommend_all(
+    store: RatingStore, user_factors: np.ndarray, item_factors: np.ndarray, item_bias: np.ndarray | None,
+    user_ids: np.ndarray, item_ids: np.ndarray, n: int, output: str, exclude_seen: bool = True,
+    client: Any = None, storage_options: dict | None = None,
+) -> str:
+    """Top-``n`` items for every user of ``store``, written to a recommendations store.
 
-    for col in ("user", "item", "rating"):
-        if col not in ratings.columns:
-            raise InputError(f"fold_in ratings need a {col!r} column; they have {', '.join(map(str, ratings.columns))}.")
-    config = ALSConfig(**model.config_)
-    obj = config.objective(getattr(model, "global_mean_", 0.0))
-    own, other = ("user", "item") if side == "users" else ("item", "user")
-    src = model._index(ratings[other].to_numpy(), "items" if side == "users" else "users")
-    if (src < 0).any():
-        row = int(np.flatnonzero(src < 0)[0])
-        raise InputError(f"{other} id in row {row} ({ratings[other].iloc[row]!r}) is not known to the model.")
-    rating, problem = normalize_ratings(ratings["rating"])
-    if problem is not None:
-        raise InputError(problem[1].format(row=problem[0]))
-    ids, dst = np.unique(ratings[own].to_numpy(), return_inverse=True)
-    inblock = build_inblock(dst, np.zeros_like(src), src, src, rating, ids.shape[0], 1)
-    F = model.item_factors_ if side == "users" else model.user_factors_
-    carried = {"biased": "bias_", "wals": "weights_"}.get(config.mode)
-    prefix = "item_" if side == "users" else "user_"
-    if carried:
-        F = np.hstack([F, getattr(model, prefix + carried)[:, None].astype(F.dtype)])
-    G = F[:, : config.rank].astype(np.float64).T @ F[:, : config.rank].astype(np.float64) if obj.gram_weight else None
-    given = None
-    spec = getattr(obj, "row_weights" if side == "users" else "col_weights", None)
-    if config.mode == "wals" and spec == "array":
-        own_prefix = "user_" if side == "users" else "item_"
-        known = pd.Index(getattr(model, own_prefix + "ids_")).get_indexer(ids)
-        if (known < 0).any():
-            raise InputError(f"the model's {side} weights were given as an array; {own} {ids[known < 0][0]!r} has none.")
-        given = getattr(model, own_prefix + "weights_")[known]
-    w = obj.side_weights(side, inblock, given)
-    sys = obj.systems(inblock, F[inblock.need_rows], G, w)
-    own_factors = model.user_factors_ if side == "users" else model.item_factors_
-    known = pd.Index(model.user_ids_ if side == "users" else model.item_ids_).get_indexer(ids)
-    x0 = np.zeros((ids.shape[0], sys.width))
-    x0[known >= 0, : config.rank] = own_factors[known[known >= 0]]
-    X = obj.finish(solve(sys, x0, config.rank, config.solver, config.cg_steps, config.nonnegative), inblock, w)
-    k = config.rank
-    return FoldIn(
-        ids=ids,
-        factors=X[:, :k].astype(own_factors.dtype),
-        biases=X[:, k].copy() if config.mode == "biased" else None,
-        weights=X[:, k].copy() if config.mode == "wals" else None,
-    )
+    One Dask task per user block scores its users against all items in chunks (a
+    batched product and a partial top-k), so the full score matrix never exists.
+    Read the result with :func:`blockals.recstore.read_recommendations`.
+    """
+    recstore.create(output, n, store.n_user_blocks, user_ids, item_ids, storage_options)
+    tag = uuid.uuid4().hex[:8]
+    with connect(client) as c:
+        V = c.scatter(item_factors, broadcast=True)
+        bias = None if item_bias is None else c.scatter(item_bias, broadcast=True)
+        writes = []
+        for b in range(store.n_user_blocks):
+            top = c.submit(recommend_block, store.ref, b, store.n_item_blocks, user_factors[store.rows("users", b)], V,
+                           bias, n, exclude_seen, key=f"blockals-recommend-{b}-{tag}")
+            writes.append(c.submit(_write_block, output, storage_options, b, top, key=f"blockals-recommend-write-{b}-{tag}"))
+        c.gather(writes)
+    recstore.commit(output, storage_options)
+    return output
+
+
+def _write_block(output: str, storage_options: dict | None, block: int, top: TopItems) -> int:
+    return recstore.write_block(output, storage_options, block, top.users, top.items, top.scores)

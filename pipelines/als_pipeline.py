@@ -59,10 +59,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def config_keys() -> dict[str, list[str]]:
+    """The keys each YAML section takes: the parameters of the API call it feeds."""
+    import inspect
+
+    import blockals
+    from blockals import params
+    from blockals.evaluation import evaluate, split
+
+    def keywords(fn, *skip: str) -> list[str]:
+        return [name for name in inspect.signature(fn).parameters if name not in skip]
+
+    return {
+        "data": ["source"] + keywords(blockals.ingest, "source", "path", "overwrite", "storage_options", "like"),
+        "split": keywords(split, "store", "train_path", "test_path", "overwrite"),
+        "model": [p.name for p in params.PARAMS if p.cli],
+        "evaluate": keywords(evaluate, "model", "test", "train", "client"),
+        "recommend": ["n"],
+    }
+
+
 def load_config(args: argparse.Namespace) -> dict:
+    """The YAML file's sections, flags applied, every key checked against what it feeds."""
     import yaml
 
     from blockals.errors import InputError
+    from blockals.params import check_keys, parse_params
 
     try:
         with open(args.config, encoding="utf-8") as fh:
@@ -71,13 +93,21 @@ def load_config(args: argparse.Namespace) -> dict:
         raise InputError(f"config file {args.config} cannot be read: {exc.strerror}.") from exc
     except yaml.YAMLError as exc:
         raise InputError(f"config file {args.config} is not valid YAML ({exc.__class__.__name__}).") from exc
-    for section in ("data", "split", "model", "evaluate", "recommend"):
+    if not isinstance(config, dict):
+        raise InputError(f"config file {args.config} must hold sections ({', '.join(config_keys())}).")
+    keys = config_keys()
+    check_keys(config, f"section in {args.config}", keys)
+    for section, known in keys.items():
         config.setdefault(section, {})
-    for flag, key in (("rank", "rank"), ("max_iter", "max_iter"), ("reg", "reg")):
+        if not isinstance(config[section], dict):
+            raise InputError(f"section {section!r} of {args.config} must hold keys and values.")
+        check_keys(config[section], f"key in section {section!r} of {args.config}", known)
+    for flag in ("rank", "max_iter", "reg"):
         if getattr(args, flag) is not None:
-            config["model"][key] = getattr(args, flag)
+            config["model"][flag] = getattr(args, flag)
     if args.source:
         config["data"]["source"] = args.source
+    parse_params(config["model"])  # refused here, before a cluster starts or a stage runs
     return config
 
 

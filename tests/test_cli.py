@@ -14,7 +14,7 @@ import pytest
 
 import blockals
 from blockals.cli import main
-from blockals.recommend import read_recommendations
+from blockals.recstore import read_recommendations
 
 ROOT = Path(__file__).resolve().parents[1]
 

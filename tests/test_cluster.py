@@ -67,7 +67,7 @@ def test_pipeline_on_process_cluster_matches_local_cluster(process_cluster, tmp_
     np.testing.assert_allclose(a.item_factors_, b.item_factors_, atol=1e-5)
 
 
-def test_a_worker_killed_mid_training_changes_nothing(process_cluster, tmp_path):
+def test_a_worker_killed_mid_training_changes_nothing(process_cluster, tmp_path, monkeypatch):
     frame = blockals.datasets.synthetic_frame(3000, 1500, 150_000, seed=3)
     store = blockals.ingest(frame, tmp_path / "r.zarr", n_user_blocks=4, n_item_blocks=4)
     params = dict(rank=16, max_iter=6, reg=0.05, seed=1, dtype="float64")
@@ -82,9 +82,9 @@ def test_a_worker_killed_mid_training_changes_nothing(process_cluster, tmp_path)
             threading.Timer(0.05, os.kill, (pid, signal.SIGKILL)).start()
             killed.append(pid)
 
-    model = blockals.ALS(**params)
-    model._report = kill_one_worker_during_iteration_three  # the per-iteration hook verbose=True calls
-    model.verbose = True
+    # The per-iteration hook verbose=1 calls.
+    monkeypatch.setattr(blockals.training, "print_iteration", kill_one_worker_during_iteration_three)
+    model = blockals.ALS(**params, verbose=1)
     model.fit(store, process_cluster, checkpoint_path=str(tmp_path / "b"))
     assert killed and killed[0] not in process_cluster.run(os.getpid).values()  # it really died
     np.testing.assert_allclose(model.user_factors_, undisturbed.user_factors_, atol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 
 import blockals
 from blockals.checkpoint import Checkpoint, write_block
-from blockals.config import ALSConfig
+from blockals.params import ALSConfig
 from blockals.engine import Engine
 from test_model import random_ratings, to_frame
 

@@ -12,7 +12,7 @@ from blockals.routing import build_inblock
 
 def solve_explicit(inblock, Y, reg, reg_scaling, batch_bytes=2**25):
     systems = Objective(Y.shape[1], reg, reg_scaling).systems(inblock, Y, None, None)
-    return solve_cholesky(systems, batch_bytes=batch_bytes)
+    return solve_cholesky(systems, batch_bytes=batch_bytes).X
 
 
 def random_block(n_rows, n_src, rank, seed, heavy=0, empty=0):
@@ -75,18 +75,18 @@ def test_cg_with_rank_steps_equals_the_exact_solve(steps):
     inblock, Y, triples, Y_src = random_block(200, 100, 8, seed=4, heavy=3)
     systems = Objective(8, 0.2, "count").systems(inblock, Y, None, None)
     x0 = np.random.default_rng(1).standard_normal((200, 8))
-    np.testing.assert_allclose(solve_cg(systems, x0, steps), per_row_solution(200, triples, Y_src, 0.2, "count"), atol=1e-6)
+    np.testing.assert_allclose(solve_cg(systems, x0, steps).X, per_row_solution(200, triples, Y_src, 0.2, "count"), atol=1e-6)
 
 
 @pytest.mark.parametrize("reg_scaling", ["count", "none"])
 def test_solves_report_the_loss_at_their_solution(reg_scaling):
     inblock, Y, (dst, src, rating), Y_src = random_block(40, 30, 3, seed=3)
     obj = Objective(3, 0.5, reg_scaling)
-    terms: dict = {}
-    X = solve_cholesky(obj.systems(inblock, Y, None, None), batch_bytes=2**10, terms=terms)
+    solution = solve_cholesky(obj.systems(inblock, Y, None, None), batch_bytes=2**10, loss=True)
+    X = solution.X
     sse = sum((r - X[u] @ Y_src[i]) ** 2 for u, i, r in zip(dst, src, rating))
-    assert terms["observed"] == pytest.approx(sse, rel=1e-10)
-    assert terms["sq_err"] == pytest.approx(sse, rel=1e-10)
+    assert solution.observed == pytest.approx(sse, rel=1e-10)
+    assert solution.sq_err == pytest.approx(sse, rel=1e-10)
     w = np.bincount(dst, minlength=40) if reg_scaling == "count" else np.ones(40)
     assert obj.penalty(X, inblock) == pytest.approx(0.5 * float(w @ (X**2).sum(1)))
 
@@ -113,7 +113,8 @@ def test_weighted_wide_systems_equal_dense_solves(dtype):
     G = Y_src.T @ Y_src / 10
     reg = np.full((150, 64), 0.4)
     beta = inblock.rating.astype(np.float64) * 2
-    systems = RowSystems(inblock, Y.astype(dtype), inblock.col, beta, a, G, reg, beta, beta)
+    systems = RowSystems(inblock=inblock, D=Y.astype(dtype), col=inblock.col, beta=beta, a=a, G=G, reg=reg, gamma=beta,
+                         tau=beta)
     # The in-block sorts each row's ratings by source; the same order as (dst, src) sorted.
     order = np.lexsort((src, dst))
     expected = np.zeros((150, 64))
@@ -125,9 +126,9 @@ def test_weighted_wide_systems_equal_dense_solves(dtype):
         A = G + F.T @ (wts[:, None] * F) + 0.4 * np.eye(64)
         expected[u] = np.linalg.solve(A, F.T @ (2 * rating[m]))
     tol = 1e-3 if dtype == np.float32 else 1e-9
-    np.testing.assert_allclose(solve_cholesky(systems), expected, rtol=tol, atol=tol)
+    np.testing.assert_allclose(solve_cholesky(systems).X, expected, rtol=tol, atol=tol)
     x0 = rng.standard_normal((150, 64))
-    np.testing.assert_allclose(solve_cg(systems, x0, 100), expected, rtol=10 * tol, atol=10 * tol)
+    np.testing.assert_allclose(solve_cg(systems, x0, 100).X, expected, rtol=10 * tol, atol=10 * tol)
 
 
 @pytest.mark.parametrize("width", [1, 7, 10])
@@ -148,7 +149,7 @@ def test_every_solver_reports_its_loss_for_any_row_length(width, weighted):
     beta = inblock.rating.astype(np.float64) * 1.5
     gamma, tau = rng.random(inblock.nnz), rng.random(inblock.nnz)
     reg = np.full((lengths.size, width), 0.3)
-    systems = RowSystems(inblock, Y, inblock.col, beta, a, None, reg, gamma, tau)
+    systems = RowSystems(inblock=inblock, D=Y, col=inblock.col, beta=beta, a=a, G=None, reg=reg, gamma=gamma, tau=tau)
 
     wts = np.ones(inblock.nnz) if a is None else a
     F = Y[inblock.col]
@@ -164,14 +165,12 @@ def test_every_solver_reports_its_loss_for_any_row_length(width, weighted):
 
     x0 = rng.standard_normal((lengths.size, width))
     bounded = np.zeros(width, dtype=bool)  # no active bound: NNLS is the exact solve
-    for solved in (
-        lambda t: solve_cholesky(systems, terms=t),
-        lambda t: solve_cg(systems, x0, 3 * width, terms=t),
-        lambda t: solve_nnls(systems, x0, bounded, terms=t),
+    for solution in (
+        solve_cholesky(systems, loss=True),
+        solve_cg(systems, x0, 3 * width, loss=True),
+        solve_nnls(systems, x0, bounded, loss=True),
     ):
-        terms: dict = {}
-        X = solved(terms)
-        np.testing.assert_allclose(X, expected, rtol=1e-8, atol=1e-8)
-        observed, sq_err = loss(X)
-        assert terms["observed"] == pytest.approx(observed, rel=1e-9)
-        assert terms["sq_err"] == pytest.approx(sq_err, rel=1e-9)
+        np.testing.assert_allclose(solution.X, expected, rtol=1e-8, atol=1e-8)
+        observed, sq_err = loss(solution.X)
+        assert solution.observed == pytest.approx(observed, rel=1e-9)
+        assert solution.sq_err == pytest.approx(sq_err, rel=1e-9)

@@ -8,7 +8,8 @@ import pytest
 from distributed import Client, LocalCluster
 
 import blockals
-from blockals.recommend import read_recommendations, top_k
+from blockals.recommend import top_k
+from blockals.recstore import read_recommendations
 from test_model import random_ratings, to_frame
 
 

@@ -1,0 +1,190 @@
+"""Using fitted factors: predictions, recommendations, similar rows and fold-in.
+
+:class:`Factors` is a read-only view of a fitted estimator's learned attributes; every
+method of :class:`blockals.ALS` that uses a fitted model delegates to it. Scores follow
+:mod:`blockals.recommend`; fold-in solves rows with :func:`blockals.halfstep.solve_block`,
+exactly as a training half-step solves them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from blockals.errors import InputError
+from blockals.halfstep import gram, solve_block
+from blockals.params import ALSConfig, parse_choice, parse_int
+from blockals.recommend import recommend_rows, seen_items, similar, to_frame
+from blockals.routing import build_inblock
+from blockals.sources import normalize_ratings
+from blockals.store import RatingStore, Side, open_store
+
+__all__ = ["Factors", "FoldIn"]
+
+
+@dataclass(frozen=True)
+class FoldIn:
+    """Rows solved by :meth:`ALS.fold_in`: ids, factors, and biases or WALS weights when the model has them."""
+
+    ids: np.ndarray
+    factors: np.ndarray
+    biases: np.ndarray | None = None
+    weights: np.ndarray | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Factors:
+    """A fitted model's learned arrays (rows in the order of the ids)."""
+
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    user_factors: np.ndarray
+    item_factors: np.ndarray
+    config: dict[str, Any] | None = None
+    store_path: str | None = None
+    user_bias: np.ndarray | None = None
+    item_bias: np.ndarray | None = None
+    global_mean: float | None = None
+    user_weights: np.ndarray | None = None
+    item_weights: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, model: Any) -> Factors:
+        """The learned attributes of ``model``; refused when it is not fitted."""
+        if not hasattr(model, "user_factors_"):
+            raise InputError("this ALS model is not fitted yet; call fit() or ALS.load() first.")
+        names = [f for f in cls.__dataclass_fields__]
+        return cls(**{name: getattr(model, f"{name}_") for name in names if hasattr(model, f"{name}_")})
+
+    def ids(self, side: Side) -> np.ndarray:
+        return self.user_ids if side == "users" else self.item_ids
+
+    def factors(self, side: Side) -> np.ndarray:
+        return self.user_factors if side == "users" else self.item_factors
+
+    def index(self, ids: Any, side: Side) -> np.ndarray:
+        """Row of each id, -1 for unknown ones; text ids are read as the model's id type."""
+        known = pd.Index(self.ids(side))
+        ids = np.asarray(ids)
+        if known.dtype.kind in "iu" and ids.dtype.kind not in "iu":
+            ids = pd.to_numeric(pd.Series(ids), errors="coerce").to_numpy()
+        return known.get_indexer(ids)
+
+    def _known(self, ids: Any, side: Side) -> np.ndarray:
+        rows = self.index(ids, side)
+        return rows[rows >= 0]
+
+    # -- scores ------------------------------------------------------------------------
+    def predict(self, users: Any, items: Any, cold_start: str = "nan") -> np.ndarray:
+        cold_start = parse_choice(cold_start, "cold_start", ("nan", "drop"))
+        u, i = self.index(users, "users"), self.index(items, "items")
+        if u.shape != i.shape:
+            raise InputError(f"users and items must have one length, got {u.shape[0]} and {i.shape[0]}.")
+        known = (u >= 0) & (i >= 0)
+        out = np.full(u.shape[0], np.nan)
+        u, i = u[known], i[known]
+        scores = np.einsum("ij,ij->i", self.user_factors[u].astype(np.float64), self.item_factors[i].astype(np.float64))
+        if self.user_bias is not None:
+            scores += self.global_mean + self.user_bias[u] + self.item_bias[i]
+        out[known] = scores
+        return out[known] if cold_start == "drop" else out
+
+    def seen_store(self, seen: Any) -> RatingStore:
+        """The training ratings, refused unless its id maps are the model's.
+
+        Rows are matched by global index, so a store with other ids (or one re-ingested
+        at the training path) would silently pair users with other users' ratings. The
+        model may hold more ids than the store: fold-in appends new ones after them.
+        """
+        if seen is not None:
+            store = seen if isinstance(seen, RatingStore) else open_store(seen)
+        elif self.store_path is None:
+            raise InputError(
+                "exclude_seen=True needs the training ratings: this model was not fitted on a "
+                "saved store, so pass seen=<store> or exclude_seen=False."
+            )
+        else:
+            store = open_store(self.store_path)
+        for side in ("users", "items"):
+            stored, ids = store.ids(side).to_numpy(), self.ids(side)
+            if len(stored) > len(ids) or not np.array_equal(stored, ids[: len(stored)]):
+                raise InputError(
+                    f"the {side[:-1]} ids of {store.path} are not the model's; use the store the model was "
+                    f"trained on, or a split of it."
+                )
+        return store
+
+    def recommend(self, users: Any, n: int, exclude_seen: bool, items: Any, seen: Any) -> pd.DataFrame:
+        n = parse_int(n, "n", 1)
+        u = self._known(users, "users")
+        candidates = None if items is None else self._known(items, "items")
+        excluded = seen_items(self.seen_store(seen), u) if exclude_seen else None
+        idx, val = recommend_rows(self.user_factors[u], self.item_factors, n, self.item_bias, excluded, candidates)
+        return to_frame("user", self.user_ids[u], "item", self.item_ids, idx, val)
+
+    def recommend_users(self, items: Any, n: int) -> pd.DataFrame:
+        i = self._known(items, "items")
+        idx, val = recommend_rows(self.item_factors[i], self.user_factors, parse_int(n, "n", 1), self.user_bias)
+        return to_frame("item", self.item_ids[i], "user", self.user_ids, idx, val)
+
+    def similar(self, ids: Any, n: int, side: Side) -> pd.DataFrame:
+        rows = self._known(ids, side)
+        idx, val = similar(self.factors(side), rows, parse_int(n, "n", 1))
+        return to_frame(side[:-1], self.ids(side)[rows], "similar", self.ids(side), idx, val)
+
+    # -- fold-in -----------------------------------------------------------------------
+    def fold_in(self, ratings: pd.DataFrame, side: Side) -> FoldIn:
+        """Solve the rows of ``side`` in ``ratings`` against the fixed other side."""
+        side = parse_choice(side, "side", ("users", "items"))
+        for col in ("user", "item", "rating"):
+            if col not in ratings.columns:
+                raise InputError(f"fold_in ratings need a {col!r} column; they have {', '.join(map(str, ratings.columns))}.")
+        config = ALSConfig(**self.config)
+        obj = config.objective(self.global_mean or 0.0)
+        own, other = ("user", "item") if side == "users" else ("item", "user")
+        other_side: Side = "items" if side == "users" else "users"
+        src = self.index(ratings[other].to_numpy(), other_side)
+        if (src < 0).any():
+            row = int(np.flatnonzero(src < 0)[0])
+            raise InputError(f"{other} id in row {row} ({ratings[other].iloc[row]!r}) is not known to the model.")
+        rating, problem = normalize_ratings(ratings["rating"])
+        if problem is not None:
+            raise InputError(problem[1].format(row=problem[0]))
+        ids, dst = np.unique(ratings[own].to_numpy(), return_inverse=True)
+        inblock = build_inblock(dst, np.zeros_like(src), src, src, rating, ids.shape[0], 1)
+        F = self._carried(self.factors(other_side), other_side[:-1], config)
+        known = self.index(ids, side)
+        previous = np.zeros((ids.shape[0], obj.width))
+        previous[known >= 0, : config.rank] = self.factors(side)[known[known >= 0]]
+        solved = solve_block(
+            inblock, F[inblock.need_rows], obj, config,
+            G=gram(F, config.rank) if obj.gram_weight else None, previous=previous,
+            weights=obj.side_weights(side, inblock, self._given_weights(ids, known, side, config)),
+        )
+        X, k = solved.factors, config.rank
+        return FoldIn(
+            ids=ids,
+            factors=X[:, :k].astype(self.factors(side).dtype),
+            biases=X[:, k].copy() if config.mode == "biased" else None,
+            weights=X[:, k].copy() if config.mode == "wals" else None,
+        )
+
+    def _carried(self, F: np.ndarray, prefix: str, config: ALSConfig) -> np.ndarray:
+        """Factor rows with the column their mode carries (bias or WALS weight), as routed in training."""
+        carried = {"biased": "bias", "wals": "weights"}.get(config.mode)
+        if carried is None:
+            return F
+        return np.hstack([F, getattr(self, f"{prefix}_{carried}")[:, None].astype(F.dtype)])
+
+    def _given_weights(self, ids: np.ndarray, known: np.ndarray, side: Side, config: ALSConfig) -> np.ndarray | None:
+        """The rows' WALS weights when the model's were given as an array (they cannot be derived)."""
+        spec = config.row_weights if side == "users" else config.col_weights
+        if config.mode != "wals" or spec != "array":
+            return None
+        if (known < 0).any():
+            raise InputError(f"the model's {side} weights were given as an array; {side[:-1]} "
+                             f"{ids[known < 0][0]!r} has none.")
+        return (self.user_weights if side == "users" else self.item_weights)[known]

@@ -1,0 +1,114 @@
+"""One half-step of one destination block: routed rows in, solved rows and loss terms out.
+
+This is the only place where systems are built and solved. The Dask engine calls
+:func:`solve_block` inside its solve tasks; :meth:`blockals.ALS.fold_in` calls it on a
+block made of the rows being folded in. Both therefore solve a row exactly the same way:
+the objective (:mod:`blockals.objectives`) turns the block's ratings and the routed factor
+rows into :class:`~blockals.kernels.RowSystems`, the kernels (:mod:`blockals.kernels`)
+solve them, and the objective finishes the factor block (adding a carried column) and
+prices it (:class:`LossTerms`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from blockals import kernels
+from blockals.objectives import Objective
+from blockals.params import ALSConfig
+from blockals.routing import InBlock
+
+__all__ = ["LossTerms", "SolvedBlock", "solve_block", "routed_rows", "gram"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossTerms:
+    """One block's share of the objective, at the factors it just solved.
+
+    Attributes
+    ----------
+    observed : float
+        The objective's sum over the block's observed pairs (see :mod:`blockals.objectives`).
+    sq_err : float
+        Squared training error over the block's ratings.
+    penalty : float
+        The regularization of the block's factors, λ included.
+    gram : ndarray of shape (rank, rank) or None
+        ``X_b^T X_b`` of the block's factors, for modes with a term over all pairs.
+    """
+
+    observed: float
+    sq_err: float
+    penalty: float
+    gram: np.ndarray | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SolvedBlock:
+    """A destination block's new factor block (rows in local order) and its loss terms."""
+
+    factors: np.ndarray
+    terms: LossTerms
+
+
+def gram(factors: np.ndarray, rank: int) -> np.ndarray:
+    """``F^T F`` of a factor block's first ``rank`` columns, in float64."""
+    F = factors[:, :rank].astype(np.float64)
+    return F.T @ F
+
+
+def routed_rows(messages: tuple[np.ndarray, ...] | list[np.ndarray], width: int, dtype: str) -> np.ndarray:
+    """The messages a block received, concatenated in source-block order: the rows its
+    in-block's ``col`` points at."""
+    if not messages:
+        return np.zeros((0, width), dtype=dtype)
+    return np.concatenate(messages) if len(messages) > 1 else messages[0]
+
+
+def solve_block(
+    inblock: InBlock,
+    M: np.ndarray,
+    objective: Objective,
+    config: ALSConfig,
+    *,
+    G: np.ndarray | None = None,
+    previous: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+) -> SolvedBlock:
+    """Solve every row of one destination block against fixed routed rows.
+
+    Parameters
+    ----------
+    inblock : InBlock
+        The block's ratings; ``inblock.col`` indexes rows of ``M``.
+    M : ndarray of shape (m, objective.width)
+        The routed factor rows of the other side.
+    objective : Objective
+        What the mode minimizes (``config.objective(global_mean)``).
+    config : ALSConfig
+        Solver, CG steps, nonnegativity and factor precision.
+    G : ndarray, optional
+        ``Y^T Y`` of the whole other side, for modes with a term over all pairs.
+    previous : ndarray of shape (n_rows, >= width), optional
+        The rows' previous values: CG and NNLS start from them (zeros otherwise).
+    weights : ndarray of shape (n_rows,), optional
+        The rows' WALS weights (``R`` or ``C``), or None for the mode's default.
+
+    Returns
+    -------
+    SolvedBlock
+        The factor block (``objective.width`` columns, ``config.dtype``) and its loss terms.
+    """
+    sys = objective.systems(inblock, M, G, weights)
+    x0 = np.zeros((inblock.n_rows, sys.width)) if previous is None else previous[:, : sys.width]
+    solution = kernels.solve(sys, x0, objective.rank, config.solver, config.cg_steps, config.nonnegative, loss=True)
+    factors = objective.finish(solution.X.astype(config.dtype), inblock, weights)
+    terms = LossTerms(
+        observed=solution.observed,
+        sq_err=solution.sq_err,
+        penalty=objective.penalty(factors, inblock),
+        gram=gram(factors, objective.rank) if objective.gram_weight else None,
+    )
+    return SolvedBlock(factors=factors, terms=terms)

@@ -1,0 +1,109 @@
+"""The Zarr layout of a saved model: arrays and JSON attributes, never pickle.
+
+::
+
+    <model>/                 attributes: blockals = {format, format_version, params, config,
+                             store_path, history, complete}
+      user_factors, item_factors   (n_users, rank), (n_items, rank)
+      user_ids, item_ids           original ids, in factor-row order
+      user_bias, item_bias, global_mean     biased models only
+      user_weights, item_weights            WALS models only
+
+:func:`write_model` holds the model's lease (:mod:`blockals.lock`) while it writes, marks
+an older model at the path incomplete before its arrays go, and sets ``complete`` last.
+:func:`read_model` refuses anything else and checks the arrays against the recorded
+parameters, so a model that was edited or cut short is refused with the array named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from blockals.errors import StoreError
+from blockals.formats import check_meta, open_group, read_array, remove_path, writable_meta, write_array
+from blockals.lock import Lease
+
+__all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "SavedModel", "write_model", "read_model", "check_model_path"]
+
+MODEL_FORMAT = "blockals-model"
+MODEL_FORMAT_VERSION = 1
+# The arrays a model may hold; which ones depends on its mode.
+ARRAYS = ("user_factors", "item_factors", "user_ids", "item_ids", "user_bias", "item_bias", "global_mean",
+          "user_weights", "item_weights")
+CARRIED = {"biases": ("user_bias", "item_bias", "global_mean"), "wals": ("user_weights", "item_weights")}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SavedModel:
+    """A model as stored: its parameters (JSON-able ones), learned arrays and records."""
+
+    params: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+    config: dict[str, Any] | None
+    store_path: str | None
+    history: list[dict[str, Any]]
+
+
+def check_model_path(path: str, storage_options: dict | None = None) -> dict | None:
+    """Refuse a path holding anything but a blockals model; the model's attributes, or None."""
+    return writable_meta(path, MODEL_FORMAT, "model", storage_options)
+
+
+def write_model(path: str, model: SavedModel, storage_options: dict | None = None, *, break_lease: bool = False) -> None:
+    """Write ``model`` at ``path`` (replacing a model there, never anything else)."""
+    with Lease(path, "model", storage_options, break_lease):
+        check_model_path(path, storage_options)  # mode "w" empties what is there
+        # An older model is marked incomplete before its arrays go: a save cut short never reads as complete.
+        remove_path(path, storage_options)
+        meta = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "params": model.params,
+                "complete": False}
+        root = open_group(path, "w", storage_options, attributes={"blockals": meta})
+        for name, value in model.arrays.items():
+            write_array(root, name, np.atleast_1d(value))
+        root.attrs["blockals"] = {**meta, "config": model.config, "store_path": model.store_path,
+                                  "history": model.history, "complete": True}
+
+
+def _expected(params: dict[str, Any]) -> set[str]:
+    names = {"user_factors", "item_factors", "user_ids", "item_ids"}
+    if params.get("biases"):
+        names |= set(CARRIED["biases"])
+    if params.get("weighting") == "wals":
+        names |= set(CARRIED["wals"])
+    return names
+
+
+def _check_shapes(path: str, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    rank = params.get("rank")
+    for side in ("user", "item"):
+        F, ids = arrays[f"{side}_factors"], arrays[f"{side}_ids"]
+        if F.ndim != 2 or F.shape[1] != rank:
+            raise StoreError(f"{path}/{side}_factors has shape {F.shape}, but the model's rank is {rank}.")
+        for name in (f"{side}_ids", f"{side}_bias", f"{side}_weights"):
+            if name in arrays and arrays[name].shape != (F.shape[0],):
+                raise StoreError(f"{path}/{name} has shape {arrays[name].shape}; the model has {F.shape[0]} {side}s.")
+        if len(np.unique(ids)) != ids.shape[0]:
+            raise StoreError(f"{path}/{side}_ids holds an id twice.")
+
+
+def read_model(path: str, storage_options: dict | None = None) -> SavedModel:
+    """Read and check a model written by :func:`write_model`."""
+    root = open_group(path, "r", storage_options)
+    meta = check_meta(root.attrs.get("blockals"), path, MODEL_FORMAT, MODEL_FORMAT_VERSION, "model")
+    params = meta.get("params")
+    if not isinstance(params, dict) or not isinstance(meta.get("history"), list):
+        raise StoreError(f"{path} is damaged: its attributes lack the model's parameters or history.")
+    try:
+        present = set(root.array_keys())
+    except ValueError as exc:  # an array's metadata Zarr cannot parse, e.g. a planted pickle codec
+        raise StoreError(f"{path} cannot be read ({exc}).") from exc
+    missing = sorted(_expected(params) - present)
+    if missing:
+        raise StoreError(f"{path}/{missing[0]} is missing from the model.")
+    arrays = {name: read_array(root, name, path) for name in ARRAYS if name in present}
+    _check_shapes(path, params, arrays)
+    return SavedModel(params=params, arrays=arrays, config=meta.get("config"), store_path=meta.get("store_path"),
+                      history=meta["history"])

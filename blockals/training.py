@@ -1,0 +1,187 @@
+"""Training: from parameters and ratings to learned factors and their history.
+
+:func:`train` validates every parameter before any data is read, resolves the ratings
+into a store (ingesting a DataFrame or file into a temporary one), checks user-given
+arrays against it, takes the checkpoint's lease, connects to a cluster
+(:mod:`blockals.cluster`), runs the iterations (:class:`blockals.engine.Engine`) and
+assembles the factor blocks into :class:`Trained`, whose fields become the estimator's
+learned attributes. Progress is printed here too: one line per iteration, and with
+``verbose=2`` a bar over each iteration's blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from blockals.checkpoint import Checkpoint
+from blockals.cluster import connect
+from blockals.engine import Engine
+from blockals.errors import InputError
+from blockals.formats import blockals_meta
+from blockals.ingest import ingest
+from blockals.lock import Lease
+from blockals.params import ALSConfig, RunParams, parse_params
+from blockals.store import RatingStore, Side, open_store
+
+__all__ = ["Trained", "train", "user_arrays"]
+
+log = logging.getLogger("blockals")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Trained:
+    """What a training learned; each field is the estimator's attribute of that name plus ``_``.
+
+    Factor rows are in the order of ``user_ids`` / ``item_ids`` (the store's sorted ids).
+    ``store_path`` is None when the ratings were ingested into a temporary store.
+    """
+
+    user_factors: np.ndarray
+    item_factors: np.ndarray
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    config: dict[str, Any]
+    store_path: str | None
+    history: list[dict[str, Any]]
+    user_bias: np.ndarray | None = None
+    item_bias: np.ndarray | None = None
+    global_mean: float | None = None
+    user_weights: np.ndarray | None = None
+    item_weights: np.ndarray | None = None
+
+    def learned(self) -> dict[str, Any]:
+        """``{attribute_: value}`` of every field the mode has."""
+        return {f"{f.name}_": getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+                or f.name == "store_path"}
+
+
+def user_arrays(params: dict[str, Any], store: RatingStore) -> dict[str, np.ndarray]:
+    """User-given arrays (initial factors, WALS weights), checked against the store."""
+    arrays: dict[str, np.ndarray] = {}
+    init, rank = params["init"], params["rank"]
+    if not isinstance(init, str):
+        users, items = init if isinstance(init, tuple) else (init, None)
+        for key, value, side in (("user_init", users, "users"), ("item_init", items, "items")):
+            if value is None:
+                continue
+            value = np.asarray(value, dtype=np.float64)
+            shape = (store.n_rows(side), rank)
+            if value.shape != shape or not np.isfinite(value).all():
+                raise InputError(
+                    f"init for {side} must be a finite array of shape {shape} (rows in the order of "
+                    f"the store's {side[:-1]} ids), got shape {value.shape}."
+                )
+            arrays[key] = value
+    for key, side in (("row_weights", "users"), ("col_weights", "items")):
+        value = params[key]
+        if not isinstance(value, str) and np.ndim(value) == 1:
+            value = np.asarray(value, dtype=np.float64)
+            if value.shape != (store.n_rows(side),):
+                raise InputError(f"{key} must have one weight per {side[:-1]} ({store.n_rows(side)}), got {value.shape[0]}.")
+            arrays[key] = value
+    return arrays
+
+
+def print_iteration(entry: dict[str, Any]) -> None:
+    print(
+        f"iteration {entry['iteration']:>3}  objective {entry['loss']:.6g}  "
+        f"train RMSE {entry['train_rmse']:.4f}  {entry['seconds']:.2f} s",
+        flush=True,
+    )
+
+
+def print_block_progress(iteration: int, done: int, total: int) -> None:
+    bar = "#" * (30 * done // total)
+    end = "\n" if done == total else ""
+    print(f"\riteration {iteration:>3} [{bar:<30}] {done}/{total} blocks", end=end, file=sys.stderr, flush=True)
+
+
+def _assemble(store: RatingStore, side: Side, blocks: list[np.ndarray], dtype: str) -> np.ndarray:
+    """Factor blocks into one array in global-index (sorted id) order."""
+    out = np.zeros((store.n_rows(side), blocks[0].shape[1]), dtype=dtype)
+    for b, factors in enumerate(blocks):
+        out[store.rows(side, b)] = factors
+    return out
+
+
+@contextlib.contextmanager
+def _ratings_store(ratings: Any, storage_options: dict | None):
+    """``(store, temporary)`` for ``ratings``: the store given, the one at a path, or a temporary
+    one ingested from a source and removed on exit."""
+    if isinstance(ratings, RatingStore):
+        yield ratings, False
+        return
+    if isinstance(ratings, (str, os.PathLike)) and blockals_meta(os.fspath(ratings), storage_options) is not None:
+        yield open_store(os.fspath(ratings), storage_options), False
+        return
+    tmpdir = tempfile.mkdtemp(prefix="blockals-")
+    try:
+        yield ingest(ratings, os.path.join(tmpdir, "ratings.zarr")), True
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _checkpoint(run: RunParams, store: RatingStore, path: str | None, resume: bool, break_lease: bool):
+    """The checkpoint and its lease, refused before a cluster starts; (None, no lease) without checkpoints."""
+    if not run.checkpoint_interval:
+        if resume:
+            raise InputError("resume=True needs checkpoints; checkpoint_interval is 0.")
+        return None, contextlib.nullcontext()
+    path = path or f"{store.path}/checkpoints/{run.config.fingerprint()}"
+    checkpoint = Checkpoint(path, store.store_id, run.config.to_dict(), store.storage_options)
+    checkpoint.check_writable()
+    # Taken before a cluster starts, so a second training of this checkpoint is refused at once.
+    return checkpoint, Lease(path, "checkpoint", store.storage_options, break_lease)
+
+
+def _trained(store: RatingStore, config: ALSConfig, blocks: dict[Side, list[np.ndarray]], history: list[dict],
+             temporary: bool) -> Trained:
+    users = _assemble(store, "users", blocks["users"], config.dtype)
+    items = _assemble(store, "items", blocks["items"], config.dtype)
+    k = config.rank
+    carried = {"biased": "bias", "wals": "weights"}.get(config.mode)
+    extra = {} if carried is None else {f"user_{carried}": users[:, k].copy(), f"item_{carried}": items[:, k].copy()}
+    if config.mode == "biased":
+        extra["global_mean"] = float(store.stats["rating_mean"])
+    return Trained(
+        user_factors=users[:, :k], item_factors=items[:, :k],
+        user_ids=store.user_ids.to_numpy(), item_ids=store.item_ids.to_numpy(),
+        config=config.to_dict(), store_path=None if temporary else store.path, history=history, **extra,
+    )
+
+
+def train(
+    params: dict[str, Any],
+    ratings: Any,
+    client: Any = None,
+    *,
+    resume: bool = False,
+    checkpoint_path: str | None = None,
+    storage_options: dict | None = None,
+    break_lease: bool = False,
+) -> Trained:
+    """Train with the estimator's parameters; see :meth:`blockals.ALS.fit` for the arguments."""
+    parse_params(params)  # every parameter, before any data is read or a cluster started
+    with _ratings_store(ratings, storage_options) as (store, temporary):
+        arrays = user_arrays(params, store)
+        run = parse_params(params, arrays)
+        if run.config.rank > min(store.n_users, store.n_items):
+            log.warning("rank %d exceeds min(n_users, n_items); extra factors are unidentified", run.config.rank)
+        checkpoint, lease = _checkpoint(run, store, checkpoint_path, resume, break_lease)
+        with lease, connect(client) as c:
+            engine = Engine(
+                c, store, run.config, checkpoint, run.checkpoint_interval or 1,
+                print_iteration if run.verbose else None, arrays,
+                print_block_progress if run.verbose >= 2 else None,
+            )
+            result = engine.run(run.max_iter, resume=resume)
+        return _trained(store, run.config, result.blocks, result.history, temporary)
