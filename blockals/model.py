@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from blockals import modelio, params, training
-from blockals.errors import InputError
+from blockals.errors import InputError, StoreError
 from blockals.factors import Factors, FoldIn
 from blockals.params import parse_int
 from blockals.recommend import recommend_all
@@ -68,7 +68,7 @@ class ALS:
 
     def set_params(self, **values: Any) -> ALS:
         """Set parameters by name; an unknown name is refused, naming the nearest known one."""
-        params.check_keys(values, "parameter")
+        params.check_keys(values)
         for name, value in values.items():
             setattr(self, name, value)
         return self
@@ -225,9 +225,10 @@ class ALS:
         """Read a model written by :meth:`save`."""
         saved = modelio.read_model(str(path), storage_options)
         try:
-            model = cls(**saved.params)
-        except TypeError as exc:
-            raise InputError(f"{path} holds parameters this blockals does not know ({exc}).") from None
+            params.parse_params(saved.params)
+        except InputError as exc:  # attributes edited by hand, or written by another version
+            raise StoreError(f"{path} cannot be loaded: its parameters are not valid here ({exc})") from None
+        model = cls(**saved.params)
         for name, value in saved.arrays.items():
             setattr(model, f"{name}_", float(value[0]) if name == "global_mean" else value)
         model.history_, model.config_, model.store_path_ = saved.history, saved.config, saved.store_path

@@ -292,7 +292,7 @@ def parse_params(params: dict[str, Any], arrays: dict[str, np.ndarray] | None = 
     Raises :class:`InputError` naming the first unknown or invalid parameter, or the
     combination that cannot run.
     """
-    check_keys(params, "parameter")
+    check_keys(params)
     values = {p.name: p.parse(params.get(p.name, p.default), p.name) for p in PARAMS}
     if values["bias_reg"] is None:
         values["bias_reg"] = values["reg"]
@@ -307,14 +307,17 @@ def parse_params(params: dict[str, Any], arrays: dict[str, np.ndarray] | None = 
                      verbose=values["verbose"])
 
 
-def check_keys(keys: Iterable[str], what: str, known: Iterable[str] | None = None) -> None:
-    """Refuse a name that is not a parameter, suggesting the nearest one."""
+def check_keys(keys: Iterable[str], known: Iterable[str] | None = None, template: str = "unknown parameter {key}") -> None:
+    """Refuse a name that is not known (by default: not a parameter), suggesting the nearest one.
+
+    ``template`` words the refusal, ``{key}`` standing for the quoted name.
+    """
     known = list(BY_NAME) if known is None else list(known)
     for key in keys:
         if key not in known:
             near = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else f"; known: {', '.join(known)}."
-            raise InputError(f"unknown {what} {key!r}{hint}")
+            raise InputError(template.format(key=repr(key)) + hint)
 
 
 # -- derived faces: signature, docstring, command line -----------------------------------

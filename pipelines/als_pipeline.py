@@ -96,12 +96,12 @@ def load_config(args: argparse.Namespace) -> dict:
     if not isinstance(config, dict):
         raise InputError(f"config file {args.config} must hold sections ({', '.join(config_keys())}).")
     keys = config_keys()
-    check_keys(config, f"section in {args.config}", keys)
+    check_keys(config, keys, f"{args.config}: unknown section {{key}}")
     for section, known in keys.items():
         config.setdefault(section, {})
         if not isinstance(config[section], dict):
             raise InputError(f"section {section!r} of {args.config} must hold keys and values.")
-        check_keys(config[section], f"key in section {section!r} of {args.config}", known)
+        check_keys(config[section], known, f"{args.config}: unknown key {{key}} in section {section!r}")
     for flag in ("rank", "max_iter", "reg"):
         if getattr(args, flag) is not None:
             config["model"][flag] = getattr(args, flag)

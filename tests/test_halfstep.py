@@ -1,0 +1,134 @@
+"""The half-step core: one block solved against fixed routed rows, for every mode, against
+per-row dense solves and loss formulas written here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from blockals.halfstep import gram, routed_rows, solve_block
+from blockals.params import parse_params
+from blockals.routing import build_inblock
+
+N_ROWS, N_SRC, RANK = 9, 14, 3
+MODES = {
+    "explicit": {},
+    "biased": {"biases": True, "bias_reg": 0.3},
+    "implicit": {"implicit": True, "alpha": 2.0},
+    "wals": {"weighting": "wals", "unobserved_weight": 0.2},
+    "nonnegative": {"nonnegative": True},
+    "cg": {"solver": "cg", "cg_steps": 3 * (RANK + 1)},
+}
+
+
+@pytest.fixture(scope="module")
+def block():
+    """A destination block (one row without ratings) and the whole other side."""
+    rng = np.random.default_rng(4)
+    counts = rng.integers(1, 8, N_ROWS)
+    counts[4] = 0
+    dst = np.repeat(np.arange(N_ROWS), counts)
+    src = np.concatenate([rng.choice(N_SRC, c, replace=False) for c in counts])
+    rating = np.round(rng.normal(1.0, 2.0, dst.size)) / 2
+    Y = rng.standard_normal((N_SRC, RANK))
+    extra = rng.random(N_SRC) + 0.5  # the other side's carried column: a bias or a WALS weight
+    return dst, src, rating, Y, extra
+
+
+def dense(dst, src, rating, Y, extra, mode, reg):
+    """Each row's system, written from the objectives' formulas, solved densely."""
+    w0, alpha, bias_reg, mu = 0.2, 2.0, 0.3, 0.7
+    own_weights = np.arange(1, N_ROWS + 1) / 3.0
+    k = RANK
+    X = np.zeros((N_ROWS, k + (mode in ("biased", "wals"))))
+    for u in range(N_ROWS):
+        m = dst == u
+        y, r = Y[src[m]], rating[m]
+        if mode == "biased":
+            D, t = np.hstack([y, np.ones((y.shape[0], 1))]), r - mu - extra[src[m]]
+            ridge = np.r_[np.full(k, reg), bias_reg] * m.sum()
+            A, b = D.T @ D + np.diag(ridge), D.T @ t
+        elif mode == "implicit":
+            c, p = 1 + alpha * np.abs(r), (r > 0) * 1.0
+            A = Y.T @ Y + y.T @ ((c - 1)[:, None] * y) + reg * (r > 0).sum() * np.eye(k)
+            b = y.T @ (c * p)
+        elif mode == "wals":
+            a = own_weights[u] * extra[src[m]]
+            A = w0 * Y.T @ Y + y.T @ (a[:, None] * y) + reg * m.sum() * np.eye(k)
+            b = y.T @ ((w0 + a) * r)
+        else:
+            A, b = y.T @ y + reg * m.sum() * np.eye(k), y.T @ r
+        if not m.any() and mode != "wals" and mode != "implicit":
+            continue
+        if mode == "nonnegative":
+            from scipy.optimize import nnls
+
+            L = np.linalg.cholesky(A)
+            X[u] = nnls(L.T, np.linalg.solve(L, b))[0]
+        else:
+            x = np.linalg.solve(A, b)
+            X[u, : x.size] = x
+        if mode == "wals":
+            X[u, k] = own_weights[u]
+    return X
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_solve_block_equals_dense_per_row_solves(block, mode):
+    dst, src, rating, Y, extra = block
+    reg = 0.15
+    config = parse_params({"rank": RANK, "reg": reg, "dtype": "float64", **MODES[mode]}).config
+    obj = config.objective(0.7)
+    inblock = build_inblock(dst, np.zeros_like(src), src, src, rating, N_ROWS, 1)
+    carried = np.hstack([Y, extra[:, None]]) if obj.width > RANK else Y
+    weights = np.arange(1, N_ROWS + 1) / 3.0 if mode == "wals" else None
+    G = gram(carried, RANK) if obj.gram_weight else None
+    previous = np.full((N_ROWS, obj.width), 0.1)  # CG and NNLS start here
+    solved = solve_block(inblock, carried[inblock.need_rows], obj, config, G=G, previous=previous, weights=weights)
+
+    expected = dense(dst, src, rating.astype(np.float32).astype(np.float64), Y, extra, mode, reg)
+    if mode == "implicit" or mode == "wals":
+        expected[4] = 0.0  # a row without ratings is left at zero, whatever G says
+        expected[4, RANK:] = solved.factors[4, RANK:]
+    np.testing.assert_allclose(solved.factors, expected, atol=1e-7)
+
+    # Loss terms: the objective's sums at the solved factors, from the formulas.
+    X, k = solved.factors, RANK
+    r = rating.astype(np.float32).astype(np.float64)
+    s = np.einsum("pj,pj->p", X[dst, :k], Y[src])
+    w = np.bincount(dst, minlength=N_ROWS).astype(float)
+    if mode == "biased":
+        pred = s + X[dst, k] + extra[src]
+        observed = np.sum((r - 0.7 - pred) ** 2)
+        sq_err = observed
+        penalty = reg * w @ (X[:, :k] ** 2).sum(1) + 0.3 * w @ X[:, k] ** 2
+    elif mode == "implicit":
+        c, p = 1 + 2.0 * np.abs(r), (r > 0) * 1.0
+        observed = np.sum(c * (p - s) ** 2 - s**2)  # the all-pairs part s^2 lives in the Gram term
+        sq_err = np.sum((p - s) ** 2)
+        w = np.bincount(dst[r > 0], minlength=N_ROWS).astype(float)
+        penalty = reg * w @ (X[:, :k] ** 2).sum(1)
+    elif mode == "wals":
+        W = 0.2 + X[dst, k] * extra[src]
+        observed = np.sum(W * (r - s) ** 2 - 0.2 * s**2)
+        sq_err = np.sum((r - s) ** 2)
+        penalty = reg * w @ (X[:, :k] ** 2).sum(1)
+    else:
+        observed = sq_err = np.sum((r - s) ** 2)
+        penalty = reg * w @ (X[:, :k] ** 2).sum(1)
+    terms = solved.terms
+    assert terms.observed == pytest.approx(observed, rel=1e-9)
+    assert terms.sq_err == pytest.approx(sq_err, rel=1e-9)
+    assert terms.penalty == pytest.approx(penalty, rel=1e-9)
+    if obj.gram_weight:
+        np.testing.assert_allclose(terms.gram, X[:, :k].T @ X[:, :k], rtol=1e-12)
+    else:
+        assert terms.gram is None
+
+
+def test_routed_rows_concatenate_in_source_order():
+    a, b = np.ones((2, 3)), np.zeros((1, 3))
+    np.testing.assert_array_equal(routed_rows([a, b], 3, "float64"), np.vstack([a, b]))
+    assert routed_rows([a], 3, "float64") is a
+    empty = routed_rows([], 4, "float32")
+    assert empty.shape == (0, 4) and empty.dtype == np.float32

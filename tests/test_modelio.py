@@ -1,0 +1,114 @@
+"""Saved models: every learned array survives the round trip, and a model that was edited,
+damaged or cut short is refused with the array named."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+import blockals
+
+MODES = {"explicit": {}, "biased": {"biases": True}, "wals": {"weighting": "wals"}}
+
+
+def made_model(mode, n_users=7, n_items=5, rank=3, ids="int"):
+    """A model with learned attributes set directly: storage is tested, not training."""
+    rng = np.random.default_rng(0)
+    model = blockals.ALS(rank=rank, reg=0.2, seed=4, **MODES[mode])
+    model.user_factors_ = rng.standard_normal((n_users, rank)).astype(np.float32)
+    model.item_factors_ = rng.standard_normal((n_items, rank)).astype(np.float32)
+    if ids == "int":
+        model.user_ids_, model.item_ids_ = np.arange(n_users) * 10, np.arange(n_items) + 100
+    else:
+        model.user_ids_ = np.array([f"u{i}" for i in range(n_users)], dtype=object)
+        model.item_ids_ = np.array([f"i{i}" for i in range(n_items)], dtype=object)
+    if mode == "biased":
+        model.user_bias_, model.item_bias_, model.global_mean_ = rng.random(n_users), rng.random(n_items), 3.25
+    if mode == "wals":
+        model.user_weights_, model.item_weights_ = rng.random(n_users), rng.random(n_items)
+    model.history_ = [{"iteration": 1, "loss": 1.5, "train_rmse": 0.5, "seconds": 0.1, "bytes_routed": 10}]
+    model.config_ = {"rank": rank}
+    model.store_path_ = "/data/r.zarr"
+    return model
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_learned_attribute_survives_the_round_trip(mode, tmp_path):
+    model = made_model(mode)
+    model.save(tmp_path / "m.zarr")
+    loaded = blockals.ALS.load(tmp_path / "m.zarr")
+    for name in ("user_factors_", "item_factors_", "user_ids_", "item_ids_", "user_bias_", "item_bias_",
+                 "user_weights_", "item_weights_"):
+        assert hasattr(loaded, name) == hasattr(model, name), name
+        if hasattr(model, name):
+            np.testing.assert_array_equal(getattr(loaded, name), getattr(model, name))
+    assert loaded.get_params() == model.get_params()
+    assert (loaded.history_, loaded.config_, loaded.store_path_) == (model.history_, model.config_, model.store_path_)
+    if mode == "biased":
+        assert loaded.global_mean_ == 3.25
+
+
+def tamper(path, edit):
+    root = zarr.open_group(str(path), mode="r+")
+    edit(root)
+
+
+def rewrite(name, value):
+    def edit(root):
+        del root[name]
+        root.create_array(name, data=value)
+    return edit
+
+
+def edit_attrs(change):
+    def edit(root):
+        meta = dict(root.attrs["blockals"])
+        change(meta)
+        root.attrs["blockals"] = meta
+    return edit
+
+
+@pytest.mark.parametrize(
+    "mode,edit,match",
+    [
+        ("biased", lambda root: root.__delitem__("user_bias"), r"m\.zarr/user_bias is missing from the model\."),
+        ("wals", lambda root: root.__delitem__("item_weights"), r"m\.zarr/item_weights is missing from the model\."),
+        ("explicit", rewrite("item_factors", np.ones((5, 4), np.float32)),
+         r"m\.zarr/item_factors has shape \(5, 4\), but the model's rank is 3\."),
+        ("explicit", rewrite("user_ids", np.arange(6)), r"m\.zarr/user_ids has shape \(6,\); the model has 7 users\."),
+        ("explicit", rewrite("item_ids", np.array([1, 2, 2, 3, 4])), r"m\.zarr/item_ids holds an id twice\."),
+        ("biased", rewrite("item_bias", np.ones(9)), r"m\.zarr/item_bias has shape \(9,\); the model has 5 items\."),
+        ("explicit", edit_attrs(lambda m: m.pop("history")), r"m\.zarr is damaged: its attributes lack"),
+        ("explicit", edit_attrs(lambda m: m["params"].update(rank=4)), r"user_factors has shape \(7, 3\), but the model's rank is 4"),
+        ("explicit", edit_attrs(lambda m: m.update(complete=False)), r"m\.zarr is incomplete"),
+        ("explicit", edit_attrs(lambda m: m.update(format_version=99)), r"has format version 99"),
+        ("explicit", edit_attrs(lambda m: m["params"].update(ranks=4)), r"m\.zarr cannot be loaded: its parameters are not valid here \(unknown parameter 'ranks'; did you mean 'rank'\?\)"),
+    ],
+    ids=["bias-missing", "weights-missing", "rank-changed", "ids-short", "ids-repeated", "bias-long", "no-history",
+         "params-rank-edited", "incomplete", "newer-version", "unknown-param"],
+)
+def test_an_edited_model_is_refused_naming_what_is_wrong(mode, edit, match, tmp_path):
+    path = tmp_path / "m.zarr"
+    made_model(mode).save(path)
+    tamper(path, edit)
+    with pytest.raises(blockals.StoreError, match=match):
+        blockals.ALS.load(path)
+
+
+def test_a_model_is_never_written_over_something_else(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(blockals.InputError, match=r"exists and is not a blockals model; refusing to write over it"):
+        made_model("explicit").save(tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+def test_the_model_holds_no_pickle(tmp_path):
+    made_model("biased").save(tmp_path / "m.zarr")
+    for meta in (tmp_path / "m.zarr").rglob("zarr.json"):
+        text = meta.read_text()
+        assert "pickle" not in text.lower()
+        json.loads(text)
