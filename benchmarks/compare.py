@@ -122,7 +122,7 @@ def build_rate(model, store) -> float:
         M = np.ascontiguousarray(np.concatenate(messages), dtype=np.float32)
         k = M.shape[1]
         systems = Objective(k, 0.1, "count").systems(inblock, M, None, None)
-        args = systems.kernel_args()
+        args = systems.kernel_arrays().system
         rows = np.flatnonzero(inblock.counts)
         Ms, bs = np.empty((rows.size, k, k)), np.empty((rows.size, k))
         kernels._form_rows(rows[:1], *args, Ms, bs)  # compile or load outside the timing
