@@ -5,10 +5,14 @@ block into the slot not holding the last committed iteration, then commits by re
 the group's attributes: ``committed = {iteration, slot, history}``. A crash
 while blocks are written leaves the committed slot untouched, so resuming always starts
 from a complete iteration.
+
+A checkpoint made with the factor blocks' shapes (``block_rows`` and ``width``) records
+them, and :meth:`Checkpoint.read_block` refuses a block of another shape, naming it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,16 +53,31 @@ class Checkpoint:
         The ratings store it was trained on; a checkpoint of another store is refused.
     config : dict
         The training configuration; a checkpoint made with another one is refused.
+    block_rows : dict, optional
+        Rows of every factor block, per side (the store's ``block_rows``).
+    width : int, optional
+        Columns of every factor block. Given with ``block_rows``, both are recorded and
+        :meth:`read_block` checks every block against them; a checkpoint that records
+        neither (as older ones) reads its blocks unchecked.
     """
 
-    def __init__(self, path: str, store_id: str, config: dict[str, Any], storage_options: dict | None = None) -> None:
+    def __init__(
+        self, path: str, store_id: str, config: dict[str, Any], storage_options: dict | None = None, *,
+        block_rows: Mapping[Side, Sequence[int]] | None = None, width: int | None = None,
+    ) -> None:
+        if (block_rows is None) != (width is None):
+            raise ValueError("a checkpoint records block_rows and width together, or neither.")
         self.path = path
         self.store_id = store_id
         self.config = config
         self.storage_options = storage_options
+        self.shapes = None if width is None else {
+            "block_rows": {side: [int(n) for n in rows] for side, rows in block_rows.items()}, "width": int(width)
+        }
 
     def _meta(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "store_id": self.store_id, "config": self.config}
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "store_id": self.store_id, "config": self.config}
+        return meta if self.shapes is None else {**meta, **self.shapes}
 
     def load(self) -> Committed | None:
         """The last committed iteration, or None when there is none to resume from."""
@@ -102,5 +121,15 @@ class Checkpoint:
         }
 
     def read_block(self, slot: int, side: Side, block: int) -> np.ndarray:
-        group = open_group(self.path, "r", self.storage_options)
-        return read_array(group, f"slot{slot}/{side}/{block}", self.path)
+        """One factor block of a slot, refused unless of the shape the checkpoint records (if any)."""
+        root = open_group(self.path, "r", self.storage_options)
+        where = f"slot{slot}/{side}/{block}"
+        factors = read_array(root, where, self.path)
+        meta = root.attrs.get("blockals") or {}
+        if "width" in meta:
+            expected = (meta["block_rows"][side][block], meta["width"])
+            if factors.shape != expected:
+                raise StoreError(
+                    f"{self.path}/{where} has shape {factors.shape}, but the checkpoint records {expected}; it is damaged."
+                )
+        return factors

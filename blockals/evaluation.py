@@ -102,8 +102,8 @@ def split(
     """
     import dask.dataframe as dd
 
-    from blockals.params import parse_choice, parse_float, parse_int
     from blockals.ingest import ingest
+    from blockals.params import parse_choice, parse_float, parse_int
 
     method = parse_choice(method, "method", SPLITS)
     fraction = parse_float(fraction, "fraction")

@@ -1,26 +1,33 @@
 """Ingest: from a rating source to a blocked, routed ratings store.
 
-Four passes over the data, each a set of Dask tasks, none holding more than one
-partition or one block in memory:
+:func:`ingest` composes three stages. Their passes over the data are sets of Dask tasks,
+none holding more than one partition or one block in memory:
 
-1. *check*: each partition is validated (ids, ratings) and its ids counted;
-   the driver builds the id maps and deals users and items to blocks
-   (:mod:`blockals.partition`).
-2. *stage*: each partition maps its ids to global indices and is written to a staging
-   area sorted by user block.
-3. *users*: each user block gathers its ratings from every staged partition, resolves
-   duplicate (user, item) pairs, builds its in-block and out-blocks
-   (:mod:`blockals.routing`), writes them, and stages its ratings again by item block.
-4. *items*: each item block gathers its ratings and builds its in-block.
+1. :func:`scan_source` (*check*): each partition is validated (ids, ratings) and its ids
+   counted; the driver builds the id maps.
+2. :func:`plan_blocks`: the driver chooses the block counts and deals users and items to
+   blocks (:mod:`blockals.partition`).
+3. :func:`write_store`, through :class:`blockals.store.StoreWriter`, which owns the
+   layout:
 
-The completion marker is written last; an ingest that fails or is interrupted leaves a
-store that readers refuse, and a failed ingest removes what it wrote.
+   * *stage*: each partition maps its ids to global indices and is written to a staging
+     area sorted by user block;
+   * *users*: each user block gathers its ratings from every staged partition, resolves
+     duplicate (user, item) pairs, builds its in-block and out-blocks
+     (:mod:`blockals.routing`), writes them, and stages its ratings again by item block;
+   * *items*: each item block gathers its ratings and builds its in-block.
+
+Everything about the source is checked before anything at the target path is removed, so
+a bad source does not cost the store it was meant to replace. The completion marker is
+written last; an ingest that fails or is interrupted leaves a store that readers refuse,
+and a failed ingest removes what it wrote.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import dask
@@ -30,26 +37,117 @@ import pandas as pd
 from blockals.errors import InputError
 from blockals.partition import DEFAULT_BLOCK_BUDGET, assign_blocks, default_n_blocks, parse_n_blocks
 from blockals.routing import build_inblock
-from blockals.sources import check_partition, convert_ids, normalize_ratings, normalize_timestamps, read_source, reading
-from blockals.formats import open_group, remove_path, writable_meta, write_array
-from blockals.store import FORMAT, FORMAT_VERSION, SIDES, RatingStore, Side, new_store_id, other_side
+from blockals.sources import (
+    Source, check_partition, convert_ids, normalize_ratings, normalize_timestamps, read_source, reading,
+)
+from blockals.store import SIDES, RatingStore, Side, StoreWriter, other_side
 
-__all__ = ["ingest", "combine_duplicates", "DUPLICATE_POLICIES"]
+__all__ = [
+    "ingest", "scan_source", "plan_blocks", "write_store", "SourceScan", "BlockPlan", "BlockStats",
+    "combine_duplicates", "Combined", "cluster_budget", "DUPLICATE_POLICIES",
+]
 
 DUPLICATE_POLICIES = ("error", "sum", "last", "mean")
-STAGING = "_staging"
+
+
+# -- records -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceScan:
+    """What the first pass learns of a source, every value checked.
+
+    Attributes
+    ----------
+    description : str
+        The source, as the store records it.
+    partitions : tuple of Delayed
+        The source's partitions, read again by the staging pass.
+    offsets : ndarray of int64, shape (n_partitions + 1,)
+        Source row of each partition's first row; the last entry is the number of rows.
+    kinds : dict
+        Per side, ``"int"`` or ``"str"``: the type ids are read as.
+    ids : dict of Index
+        Per side, the source's sorted unique ids in their final type.
+    counts : dict of ndarray
+        Per side, ratings per id (repeats included), aligned with ``ids``.
+    timed : bool
+        Whether the source has timestamps.
+    """
+
+    description: str
+    partitions: tuple[Any, ...]
+    offsets: np.ndarray
+    kinds: dict[Side, str]
+    ids: dict[Side, pd.Index]
+    counts: dict[Side, np.ndarray]
+    timed: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockPlan:
+    """How the store is cut into blocks.
+
+    Attributes
+    ----------
+    ids : dict of Index
+        Per side, the store's id maps (the ``like`` store's when one is given).
+    n_blocks : dict of int
+        Per side, the block count.
+    assignment : dict of (ndarray, ndarray)
+        Per side, ``(block, local)`` of every global row.
+    params : dict
+        The ingest's parameters as the store records them (``duplicates_resolved`` is
+        added when the user blocks are written).
+    """
+
+    ids: dict[Side, pd.Index]
+    n_blocks: dict[Side, int]
+    assignment: dict[Side, tuple[np.ndarray, np.ndarray]]
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Combined:
+    """A block's ratings sorted by (dst, src), repeated pairs resolved by :func:`combine_duplicates`.
+
+    ``example`` is ``(dst, src, first_row, second_row)`` of the pair whose repeat comes
+    first in the source (the earliest row that repeats an earlier one), or None.
+    """
+
+    dst: np.ndarray
+    src: np.ndarray
+    rating: np.ndarray
+    time: np.ndarray | None
+    n_duplicates: int
+    example: tuple[int, int, int, int] | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockStats:
+    """What writing one destination block learnt.
+
+    A user block refused for its repeated pairs (policy ``"error"``) is not written and
+    keeps the defaults but for ``duplicates`` and ``example``.
+    """
+
+    duplicates: int
+    example: tuple[int, int, int, int] | None
+    nnz: int = 0
+    rating_sum: float = 0.0
+    rating_min: float = np.inf
+    rating_max: float = -np.inf
+    message_rows: tuple[int, ...] = ()  # [j]: rows source block j ships to this block
+    staged: np.ndarray | None = None  # user blocks: where each item block's ratings start in the restaged ones
 
 
 def combine_duplicates(
     dst: np.ndarray, src: np.ndarray, rating: np.ndarray, row: np.ndarray, policy: str,
     time: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, tuple[int, int, int, int] | None, np.ndarray | None]:
-    """Resolve repeated (dst, src) pairs.
+) -> Combined:
+    """Resolve repeated (dst, src) pairs, ``row`` being each rating's position in the source.
 
-    Returns ``(dst, src, rating, n_duplicates, example)``; ``example`` is
-    ``(dst, src, first_row, second_row)`` of the pair whose repeat comes first in the
-    source (the earliest row that repeats an earlier one). With
-    ``policy="error"`` and repeats present, the arrays are returned unresolved.
+    With ``policy="error"`` and repeats present, the ratings are returned unresolved.
     ``"sum"`` adds the values (as Spark does silently), ``"mean"`` averages them,
     ``"last"`` keeps the value of the latest source row. A combined pair keeps the
     timestamp of its latest source row.
@@ -61,129 +159,95 @@ def combine_duplicates(
     first[1:] = (dst[1:] != dst[:-1]) | (src[1:] != src[:-1])
     n_dup = int(dst.shape[0] - first.sum())
     if n_dup == 0:
-        return dst, src, rating, 0, None, time
+        return Combined(dst=dst, src=src, rating=rating, time=time, n_duplicates=0, example=None)
     repeats = np.flatnonzero(~first)
     group_start = np.maximum.accumulate(np.where(first, np.arange(dst.shape[0]), 0))
     earliest = repeats[np.argmin(row[repeats])]
     g = group_start[earliest]
     example = (int(dst[g]), int(src[g]), int(row[g]), int(row[earliest]))
     if policy == "error":
-        return dst, src, rating, n_dup, example, time
+        return Combined(dst=dst, src=src, rating=rating, time=time, n_duplicates=n_dup, example=example)
     starts = np.flatnonzero(first)
     last = np.append(starts[1:], dst.shape[0]) - 1
-    time = None if time is None else time[last]
     if policy == "last":
         values = rating[last]
     else:
         values = np.add.reduceat(rating.astype(np.float64), starts)
         if policy == "mean":
             values /= np.diff(np.append(starts, dst.shape[0]))
-    return dst[starts], src[starts], values.astype(np.float32), n_dup, example, time
+    return Combined(dst=dst[starts], src=src[starts], rating=values.astype(np.float32),
+                    time=None if time is None else time[last], n_duplicates=n_dup, example=example)
 
 
 # -- tasks -----------------------------------------------------------------------
 
 
 def _stage_partition(
-    part: pd.DataFrame,
-    index: int,
-    offset: int,
-    path: str,
-    storage_options: dict | None,
-    ids: dict[str, pd.Index],
-    kinds: dict[str, str],
-    user_block: np.ndarray,
-    n_user_blocks: int,
+    part: pd.DataFrame, index: int, offset: int, writer: StoreWriter, ids: dict[Side, pd.Index],
+    kinds: dict[Side, str], user_block: np.ndarray, n_user_blocks: int,
 ) -> np.ndarray:
     """Map one partition's ids and stage it sorted by user block; returns its block offsets."""
-    dst = ids["users"].get_indexer(convert_ids(part["user"], kinds["users"]))
-    src = ids["items"].get_indexer(convert_ids(part["item"], kinds["items"]))
-    rating = normalize_ratings(part["rating"])[0].astype(np.float32)
-    row = offset + np.arange(len(part), dtype=np.int64)
-    block = user_block[dst]
-    order = np.argsort(block, kind="stable")
-    group = open_group(path, "r+", storage_options).require_group(f"{STAGING}/parts/{index}")
-    columns = [("dst", dst), ("src", src), ("rating", rating), ("row", row)]
+    columns = {
+        "dst": ids["users"].get_indexer(convert_ids(part["user"], kinds["users"])),
+        "src": ids["items"].get_indexer(convert_ids(part["item"], kinds["items"])),
+        "rating": normalize_ratings(part["rating"])[0].astype(np.float32),
+        "row": offset + np.arange(len(part), dtype=np.int64),
+    }
     if "timestamp" in part:
-        columns.append(("time", normalize_timestamps(part["timestamp"])[0]))
-    for name, values in columns:
-        write_array(group, name, values[order])
+        columns["time"] = normalize_timestamps(part["timestamp"])[0]
+    block = user_block[columns["dst"]]
+    order = np.argsort(block, kind="stable")
+    writer.stage("users", index, {name: values[order] for name, values in columns.items()})
     return np.searchsorted(block[order], np.arange(n_user_blocks + 1))
 
 
-def _gather_staged(root, stages: Sequence[tuple[str, np.ndarray]], block: int, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Concatenate the slices of ``block`` from each staged group (offsets known up front)."""
-    pieces: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for stage, ptr in stages:
-        lo, hi = int(ptr[block]), int(ptr[block + 1])
-        if lo == hi:  # most of the reads with many blocks; skip them
-            continue
-        group = root[stage]
-        for name in names:
-            pieces[name].append(group[name][lo:hi])
-    return {
-        name: np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32 if name == "rating" else np.int64)
-        for name, parts in pieces.items()
-    }
+def _block_ratings(
+    writer: StoreWriter, side: Side, block: int, stage_ptrs: Sequence[np.ndarray], duplicates: str | None, timed: bool
+) -> Combined:
+    """The staged ratings of one destination block; a user block's with repeats resolved."""
+    if side == "items":  # staged by the user pass, repeats already resolved
+        data = writer.read_staged(side, stage_ptrs, block, ("dst", "src", "rating"))
+        return Combined(**data, time=None, n_duplicates=0, example=None)
+    names = ("dst", "src", "rating", "row") + (("time",) if timed else ())
+    data = writer.read_staged(side, stage_ptrs, block, names)
+    return combine_duplicates(data["dst"], data["src"], data["rating"], data["row"], duplicates, data.get("time"))
 
 
 def _build_block(
-    path: str,
-    storage_options: dict | None,
-    side: Side,
-    block: int,
-    stages: Sequence[tuple[str, np.ndarray]],
-    assignment: dict[str, tuple[np.ndarray, np.ndarray]],
-    duplicates: str | None,
-    timed: bool = False,
-) -> dict[str, Any]:
-    """Build, write and (for users) restage one destination block; returns its stats."""
-    root = open_group(path, "r+", storage_options)
-    names = ("dst", "src", "rating", "row") if side == "users" else ("dst", "src", "rating")
-    data = _gather_staged(root, stages, block, names + (("time",) if timed and side == "users" else ()))
-    dst, src, rating, time = data["dst"], data["src"], data["rating"], data.get("time")
-    stats: dict[str, Any] = {"duplicates": 0, "example": None}
-    if duplicates is not None:
-        dst, src, rating, n_dup, example, time = combine_duplicates(dst, src, rating, data["row"], duplicates, time)
-        stats.update(duplicates=n_dup, example=example)
-        if n_dup and duplicates == "error":
-            return stats
+    writer: StoreWriter, side: Side, block: int, stage_ptrs: Sequence[np.ndarray],
+    assignment: dict[Side, tuple[np.ndarray, np.ndarray]], duplicates: str | None, timed: bool,
+) -> BlockStats:
+    """Build, write and (for users) restage one destination block."""
+    ratings = _block_ratings(writer, side, block, stage_ptrs, duplicates, timed)
+    if ratings.n_duplicates and duplicates == "error":
+        return BlockStats(duplicates=ratings.n_duplicates, example=ratings.example)
     dst_block, dst_local = assignment[side]
     src_block, src_local = assignment[other_side(side)]
     rows = np.flatnonzero(dst_block == block)
     n_src_blocks = int(src_block.max()) + 1
     # In-block order (by row, then the other side's global index), so timestamps line up.
-    order = np.lexsort((src, dst_local[dst]))
-    dst, src, rating = dst[order], src[order], rating[order]
-    inblock = build_inblock(
-        dst_local[dst], src_block[src], src_local[src], src, rating, rows.shape[0], n_src_blocks
-    )
-    group = root[f"{side}/blocks/{block}"]
-    write_array(group, "rows", rows)
-    for name in inblock.__dataclass_fields__:
-        write_array(group, name, getattr(inblock, name))
-    if time is not None:
-        write_array(group, "time", time[order])
-    if side == "users":
-        # Stage again, by item block, for the item-side pass.
-        order = np.argsort(src_block[src], kind="stable")
-        staged = root.require_group(f"{STAGING}/users/{block}")
-        write_array(staged, "dst", src[order])
-        write_array(staged, "src", dst[order])
-        write_array(staged, "rating", rating[order])
-        stats["staged"] = np.searchsorted(src_block[src][order], np.arange(n_src_blocks + 1))
-    stats.update(
+    order = np.lexsort((ratings.src, dst_local[ratings.dst]))
+    dst, src, rating = ratings.dst[order], ratings.src[order], ratings.rating[order]
+    inblock = build_inblock(dst_local[dst], src_block[src], src_local[src], src, rating, rows.shape[0], n_src_blocks)
+    writer.write_block(side, block, rows, inblock, None if ratings.time is None else ratings.time[order])
+    staged = None
+    if side == "users":  # stage again, by item block, for the item pass
+        by_item = np.argsort(src_block[src], kind="stable")
+        writer.stage("items", block, {"dst": src[by_item], "src": dst[by_item], "rating": rating[by_item]})
+        staged = np.searchsorted(src_block[src][by_item], np.arange(n_src_blocks + 1))
+    return BlockStats(
+        duplicates=ratings.n_duplicates,
+        example=ratings.example,
         nnz=int(inblock.nnz),
         rating_sum=float(rating.astype(np.float64).sum()),
         rating_min=float(rating.min()) if rating.size else np.inf,
         rating_max=float(rating.max()) if rating.size else -np.inf,
-        message_rows=np.diff(inblock.need_ptr).tolist(),
-        empty_rows=int((inblock.counts == 0).sum()),
+        message_rows=tuple(np.diff(inblock.need_ptr).tolist()),
+        staged=staged,
     )
-    return stats
 
 
-# -- driver ----------------------------------------------------------------------
+# -- stages ----------------------------------------------------------------------
 
 
 def cluster_budget() -> int:
@@ -202,27 +266,122 @@ def cluster_budget() -> int:
     return min(per_thread) // 3 if per_thread else DEFAULT_BLOCK_BUDGET
 
 
-def _prepare_target(path: str, overwrite: bool, storage_options: dict | None, clear: bool = True) -> None:
-    """Clear the way for a new store, refusing to destroy anything that is not ours.
-
-    With ``clear=False`` only refuse: nothing is removed until the source has passed its
-    checks, so a bad source does not cost the store it was meant to replace.
-    """
-    meta = writable_meta(path, FORMAT, "store", storage_options)
-    if meta is None:
-        return
-    if meta.get("complete") and not overwrite:
-        raise InputError(f"{path} already holds a complete ratings store; pass overwrite=True to replace it.")
-    if clear:
-        remove_path(path, storage_options)  # ours: complete (overwrite) or left half-written
-
-
 def _combine_counts(parts: Sequence[pd.Series], kind: str) -> tuple[np.ndarray, np.ndarray]:
     """Sorted unique ids (in their final type) and their rating counts."""
     counts = pd.concat(parts)
     ids = convert_ids(counts.index, kind)
     combined = pd.Series(counts.to_numpy(), index=ids).groupby(level=0, sort=True).sum()
     return combined.index.to_numpy(), combined.to_numpy(dtype=np.int64)
+
+
+def scan_source(src: Source, kinds: dict[Side, str] | None = None) -> SourceScan:
+    """Stage 1: check every partition of an opened source and count its ids (one Dask task each).
+
+    ``kinds`` fixes the type ids are read as (a ``like`` store's); by default a side's ids
+    are strings when any partition's are. Raises :class:`InputError` naming the first bad
+    row, counted across partitions, or when the source has no ratings.
+    """
+    partitions = tuple(src.frame.to_delayed())
+    with reading(src.description):  # a malformed row deep in a file fails inside its partition
+        checks = dask.compute(*[dask.delayed(check_partition)(p) for p in partitions])
+    offsets = np.concatenate([[0], np.cumsum([c.n_rows for c in checks])])
+    for check, offset in zip(checks, offsets):
+        if check.problem is not None:
+            row, sentence = check.problem
+            raise InputError(sentence.format(row=int(offset + row)))
+    if offsets[-1] == 0:
+        raise InputError(f"the source {src.description} has no ratings.")
+    if kinds is None:
+        kinds = {side: "str" if any(getattr(c, f"{side[:-1]}_kind") == "str" for c in checks) else "int"
+                 for side in SIDES}
+    counted = {side: _combine_counts([getattr(c, f"{side[:-1]}_counts") for c in checks], kinds[side])
+               for side in SIDES}
+    return SourceScan(
+        description=src.description, partitions=partitions, offsets=offsets, kinds=kinds,
+        ids={side: pd.Index(counted[side][0]) for side in SIDES},
+        counts={side: counted[side][1] for side in SIDES}, timed="timestamp" in src.frame.columns,
+    )
+
+
+def plan_blocks(
+    scan: SourceScan, n_user_blocks: int | None, n_item_blocks: int | None, *, block_budget: int | None,
+    like: RatingStore | None, columns: dict[str, str], duplicates: str,
+) -> BlockPlan:
+    """Stage 2: block counts (given, ``like``'s, or the fewest that fit the budget) and the
+    assignment of rows to blocks; ``columns`` and ``duplicates`` are recorded with them.
+
+    Raises :class:`InputError` for a count larger than its side's rows, or, with ``like``,
+    for an id that store does not hold.
+    """
+    if like is not None:
+        _raise_unless_known(scan.ids, like)
+    ids = scan.ids if like is None else {side: like.ids(side) for side in SIDES}
+    given = {"users": n_user_blocks, "items": n_item_blocks} if like is None else {
+        side: like.n_blocks(side) for side in SIDES}
+    budget = cluster_budget() if block_budget is None else block_budget
+    nnz_upper = int(scan.offsets[-1])  # repeats not yet combined
+    n_blocks = {
+        side: default_n_blocks(len(ids[side]), nnz_upper, budget, len(ids[other_side(side)])) if given[side] is None
+        else parse_n_blocks(given[side], f"n_{side[:-1]}_blocks", len(ids[side]))
+        for side in SIDES
+    }
+    assignment = {
+        side: assign_blocks(scan.counts[side], n_blocks[side]) if like is None else like.assignment(side)
+        for side in SIDES
+    }
+    params = {
+        "source": scan.description, **columns, "n_user_blocks": n_blocks["users"],
+        "n_item_blocks": n_blocks["items"], "block_budget": int(budget), "duplicates": duplicates,
+        "id_kinds": scan.kinds, "timestamps": scan.timed,
+    }
+    return BlockPlan(ids=ids, n_blocks=n_blocks, assignment=assignment, params=params)
+
+
+def write_store(writer: StoreWriter, scan: SourceScan, plan: BlockPlan, overwrite: bool) -> None:
+    """Stage 3: write the planned store through ``writer``, in three passes of Dask tasks.
+
+    What of ours is at the path is removed first (anything else is refused, as before the
+    scan); whatever fails from then on removes what was written. The completion marker is
+    written last.
+    """
+    writer.clear_target(overwrite)
+    try:
+        writer.create(plan.params, {side: plan.ids[side].to_numpy() for side in SIDES}, plan.assignment,
+                      plan.n_blocks)
+        part_ptrs = _stage_partitions(writer, scan, plan)
+        duplicates = plan.params["duplicates"]
+        user_stats = _build_blocks(writer, "users", part_ptrs, plan, duplicates, scan.timed)
+        _raise_on_duplicates(user_stats, plan.ids, duplicates)
+        item_stats = _build_blocks(writer, "items", [s.staged for s in user_stats], plan, None, False)
+        params = {**plan.params, "duplicates_resolved": sum(s.duplicates for s in user_stats)}
+        writer.commit(params, _store_stats(plan, user_stats, item_stats))
+    except BaseException:
+        writer.remove()
+        raise
+
+
+def _stage_partitions(writer: StoreWriter, scan: SourceScan, plan: BlockPlan) -> tuple[np.ndarray, ...]:
+    """Stage every partition (a task each); returns each one's user-block offsets."""
+    ids = dask.delayed(plan.ids, pure=True)
+    user_block = dask.delayed(plan.assignment["users"][0], pure=True)
+    return dask.compute(*[
+        dask.delayed(_stage_partition)(
+            part, p, int(scan.offsets[p]), writer, ids, scan.kinds, user_block, plan.n_blocks["users"]
+        )
+        for p, part in enumerate(scan.partitions)
+    ])
+
+
+def _build_blocks(
+    writer: StoreWriter, side: Side, stage_ptrs: Sequence[np.ndarray], plan: BlockPlan, duplicates: str | None,
+    timed: bool,
+) -> tuple[BlockStats, ...]:
+    """Build and write every block of ``side`` (a task each)."""
+    assignment = dask.delayed(plan.assignment, pure=True)
+    return dask.compute(*[
+        dask.delayed(_build_block)(writer, side, b, stage_ptrs, assignment, duplicates, timed)
+        for b in range(plan.n_blocks[side])
+    ])
 
 
 def _parse_duplicates(value: str) -> str:
@@ -291,129 +450,18 @@ def ingest(
         if value is not None:
             parse_n_blocks(value, name, np.iinfo(np.int64).max)
     src = read_source(source, user_col, item_col, rating_col, timestamp_col)
-    timed = "timestamp" in src.frame.columns
-    _prepare_target(path, overwrite, storage_options, clear=False)
-
-    partitions = src.frame.to_delayed()
-    with reading(src.description):  # a malformed row deep in a file fails inside its partition
-        checks = dask.compute(*[dask.delayed(check_partition)(p) for p in partitions])
-    offsets = np.concatenate([[0], np.cumsum([c.n_rows for c in checks])])
-    for check, offset in zip(checks, offsets):
-        if check.problem is not None:
-            row, sentence = check.problem
-            raise InputError(sentence.format(row=int(offset + row)))
-    if offsets[-1] == 0:
-        raise InputError(f"the source {src.description} has no ratings.")
-
-    kinds: dict[str, str] = {}
-    ids: dict[str, pd.Index] = {}
-    counts: dict[str, np.ndarray] = {}
-    for side, attr in (("users", "user"), ("items", "item")):
-        kinds[side] = "str" if any(getattr(c, f"{attr}_kind") == "str" for c in checks) else "int"
-        if like is not None:
-            kinds[side] = like.params["id_kinds"][side]
-        unique, counts[side] = _combine_counts([getattr(c, f"{attr}_counts") for c in checks], kinds[side])
-        ids[side] = pd.Index(unique)
-    if like is not None:
-        _raise_unless_known(ids, like)
-        ids = {side: like.ids(side) for side in SIDES}
-        n_user_blocks, n_item_blocks = like.n_user_blocks, like.n_item_blocks
-    n_blocks = {
-        "users": n_user_blocks
-        if n_user_blocks is None
-        else parse_n_blocks(n_user_blocks, "n_user_blocks", len(ids["users"])),
-        "items": n_item_blocks
-        if n_item_blocks is None
-        else parse_n_blocks(n_item_blocks, "n_item_blocks", len(ids["items"])),
-    }
-    nnz_upper = int(offsets[-1])
-    if block_budget is None:
-        block_budget = cluster_budget()
-    for side in SIDES:
-        if n_blocks[side] is None:
-            other = "items" if side == "users" else "users"
-            n_blocks[side] = default_n_blocks(len(ids[side]), nnz_upper, block_budget, len(ids[other]))
-    if like is None:
-        assignment = {side: assign_blocks(counts[side], n_blocks[side]) for side in SIDES}
-    else:
-        assignment = {side: like.assignment(side) for side in SIDES}
-
-    params = {
-        "source": src.description,
-        "user_col": user_col,
-        "item_col": item_col,
-        "rating_col": rating_col,
-        "n_user_blocks": n_blocks["users"],
-        "n_item_blocks": n_blocks["items"],
-        "block_budget": int(block_budget),
-        "duplicates": duplicates,
-        "id_kinds": kinds,
-        "timestamps": timed,
-    }
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "store_id": new_store_id(),
-        "params": params,
-        "complete": False,
-    }
-    _prepare_target(path, overwrite, storage_options)
-    try:
-        # Created with its attributes in one write: never a group that does not say it is ours.
-        root = open_group(path, "w", storage_options, attributes={"blockals": meta})
-        for side in SIDES:
-            group = root.require_group(side)
-            write_array(group, "ids", ids[side].to_numpy())
-            write_array(group, "block", assignment[side][0])
-            write_array(group, "local", assignment[side][1])
-            blocks = group.require_group("blocks")
-            for b in range(n_blocks[side]):
-                blocks.require_group(str(b))
-        root.require_group(f"{STAGING}/parts")
-        root.require_group(f"{STAGING}/users")
-
-        shared_ids = dask.delayed(ids, pure=True)
-        shared_assignment = dask.delayed(assignment, pure=True)
-        part_ptrs = dask.compute(
-            *[
-                dask.delayed(_stage_partition)(
-                    part, p, int(offsets[p]), path, storage_options, shared_ids, kinds,
-                    dask.delayed(assignment["users"][0], pure=True), n_blocks["users"],
-                )
-                for p, part in enumerate(partitions)
-            ]
-        )
-        part_stages = [(f"{STAGING}/parts/{p}", ptr) for p, ptr in enumerate(part_ptrs)]
-        user_stats = dask.compute(
-            *[
-                dask.delayed(_build_block)(
-                    path, storage_options, "users", b, part_stages, shared_assignment, duplicates, timed
-                )
-                for b in range(n_blocks["users"])
-            ]
-        )
-        _raise_on_duplicates(user_stats, ids, duplicates)
-        user_stages = [(f"{STAGING}/users/{b}", s["staged"]) for b, s in enumerate(user_stats)]
-        item_stats = dask.compute(
-            *[
-                dask.delayed(_build_block)(
-                    path, storage_options, "items", j, user_stages, shared_assignment, None
-                )
-                for j in range(n_blocks["items"])
-            ]
-        )
-        meta["stats"] = _store_stats(ids, assignment, n_blocks, user_stats, item_stats)
-        meta["params"]["duplicates_resolved"] = sum(s["duplicates"] for s in user_stats)
-        del root[STAGING]
-        meta["complete"] = True
-        root.attrs["blockals"] = meta  # the completion marker: written last
-    except BaseException:
-        remove_path(path, storage_options)
-        raise
+    writer = StoreWriter(path, storage_options)
+    writer.check_target(overwrite)  # before the pass over the source; removes nothing
+    scan = scan_source(src, None if like is None else like.params["id_kinds"])
+    plan = plan_blocks(
+        scan, n_user_blocks, n_item_blocks, block_budget=block_budget, like=like, duplicates=duplicates,
+        columns={"user_col": user_col, "item_col": item_col, "rating_col": rating_col},
+    )
+    write_store(writer, scan, plan, overwrite)
     return RatingStore(path, storage_options)
 
 
-def _raise_unless_known(ids: dict[str, pd.Index], like: RatingStore) -> None:
+def _raise_unless_known(ids: dict[Side, pd.Index], like: RatingStore) -> None:
     for side in SIDES:
         unknown = ids[side][like.ids(side).get_indexer(ids[side]) < 0]
         if len(unknown):
@@ -423,11 +471,11 @@ def _raise_unless_known(ids: dict[str, pd.Index], like: RatingStore) -> None:
             )
 
 
-def _raise_on_duplicates(stats: Sequence[dict], ids: dict[str, pd.Index], policy: str) -> None:
-    n_dup = sum(s["duplicates"] for s in stats)
+def _raise_on_duplicates(stats: Sequence[BlockStats], ids: dict[Side, pd.Index], policy: str) -> None:
+    n_dup = sum(s.duplicates for s in stats)
     if not n_dup or policy != "error":
         return
-    user, item, first, second = min((s["example"] for s in stats if s["example"]), key=lambda e: e[3])
+    user, item, first, second = min((s.example for s in stats if s.example), key=lambda e: e[3])
     # Python scalars, so the message shows 42 or 'abc' rather than np.int64(42).
     user_id, item_id = (ids["users"][user], ids["items"][item])
     user_id, item_id = (v.item() if isinstance(v, np.generic) else v for v in (user_id, item_id))
@@ -438,21 +486,24 @@ def _raise_on_duplicates(stats: Sequence[dict], ids: dict[str, pd.Index], policy
     )
 
 
-def _store_stats(ids, assignment, n_blocks, user_stats, item_stats) -> dict[str, Any]:
-    nnz = sum(s["nnz"] for s in user_stats)
-    stats: dict[str, Any] = {
-        "n_users": len(ids["users"]),
-        "n_items": len(ids["items"]),
-        "nnz": nnz,
-        "rating_mean": sum(s["rating_sum"] for s in user_stats) / max(nnz, 1),
-        "rating_min": min(s["rating_min"] for s in user_stats),
-        "rating_max": max(s["rating_max"] for s in user_stats),
-    }
-    for side, per_block in (("users", user_stats), ("items", item_stats)):
-        stats[side] = {
-            "block_rows": np.bincount(assignment[side][0], minlength=n_blocks[side]).tolist(),
-            "block_nnz": [s["nnz"] for s in per_block],
+def _store_stats(plan: BlockPlan, user_stats: Sequence[BlockStats], item_stats: Sequence[BlockStats]) -> dict[str, Any]:
+    """The store's ``stats`` attribute (storage/FORMAT.md), from what the block tasks learnt."""
+    nnz = sum(s.nnz for s in user_stats)
+    per_side = {
+        side: {
+            "block_rows": np.bincount(plan.assignment[side][0], minlength=plan.n_blocks[side]).tolist(),
+            "block_nnz": [s.nnz for s in per_block],
             # message_rows[j][b]: rows source block j ships to this side's block b.
-            "message_rows": np.array([s["message_rows"] for s in per_block]).T.tolist(),
+            "message_rows": np.array([s.message_rows for s in per_block]).T.tolist(),
         }
-    return stats
+        for side, per_block in (("users", user_stats), ("items", item_stats))
+    }
+    return {
+        "n_users": len(plan.ids["users"]),
+        "n_items": len(plan.ids["items"]),
+        "nnz": nnz,
+        "rating_mean": sum(s.rating_sum for s in user_stats) / max(nnz, 1),
+        "rating_min": min(s.rating_min for s in user_stats),
+        "rating_max": max(s.rating_max for s in user_stats),
+        **per_side,
+    }

@@ -334,7 +334,7 @@ def normalize_timestamps(values: pd.Series) -> tuple[np.ndarray, tuple[int, str]
     return t.astype(np.int64), None
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class PartitionCheck:
     """What the first ingest pass learns from one partition."""
 
@@ -342,7 +342,7 @@ class PartitionCheck:
     problem: tuple[int, str] | None  # (row within the partition, sentence with {row})
     user_kind: str
     item_kind: str
-    user_counts: pd.Series | None  # counts keyed by the raw values as read
+    user_counts: pd.Series | None  # counts keyed by the raw values as read; None with a problem
     item_counts: pd.Series | None
 
 
@@ -352,14 +352,12 @@ def check_partition(part: pd.DataFrame) -> PartitionCheck:
     item_kind, item_problem = id_kind(part["item"], "item")
     rating_problem = normalize_ratings(part["rating"])[1]
     time_problem = normalize_timestamps(part["timestamp"])[1] if "timestamp" in part else None
-    found = [p for p in (user_problem, item_problem, rating_problem, time_problem) if p is not None]
-    if found:
-        return PartitionCheck(len(part), min(found), user_kind, item_kind, None, None)
+    problem = min((p for p in (user_problem, item_problem, rating_problem, time_problem) if p is not None), default=None)
     return PartitionCheck(
-        len(part),
-        None,
-        user_kind,
-        item_kind,
-        part["user"].value_counts(sort=False),
-        part["item"].value_counts(sort=False),
+        n_rows=len(part),
+        problem=problem,
+        user_kind=user_kind,
+        item_kind=item_kind,
+        user_counts=None if problem is not None else part["user"].value_counts(sort=False),
+        item_counts=None if problem is not None else part["item"].value_counts(sort=False),
     )

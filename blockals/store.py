@@ -13,32 +13,42 @@ The full specification, with a worked example, is ``storage/FORMAT.md``. In shor
       users/blocks/<b>/rating     per rating: value (float32)
       users/blocks/<b>/need_ptr   out-blocks toward b (see blockals.routing)
       users/blocks/<b>/need_rows
+      users/blocks/<b>/time       per rating: timestamp (user blocks, when ingested with them)
       items/...                   the same, by item
+      _staging/                   only while an ingest writes the store
 
 Every chunk carries a CRC32C checksum, so a corrupted chunk fails to read with a message
 naming the array. ``complete`` is set last, after every array is written; readers refuse
-a store without it.
+a store without it, and check the length of every array they read against the sizes the
+store records (``stats``), so a store whose arrays were cut or swapped is refused naming
+the array.
+
+:class:`StoreWriter` is the writing half of the format, used by :func:`blockals.ingest`
+(which keeps the Dask orchestration: this module imports neither Dask nor anything above
+it); :class:`RatingStore` and the ``load_*`` functions are the reading half.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
-from blockals.formats import absolute, check_meta, open_group, read_array
+from blockals.errors import InputError, StoreError
+from blockals.formats import absolute, check_meta, open_group, read_array, remove_path, writable_meta, write_array
 from blockals.routing import InBlock, OutBlocks
 
 __all__ = [
     "FORMAT_VERSION",
     "RatingStore",
     "StoreRef",
+    "StoreWriter",
     "Side",
     "open_store",
     "other_side",
@@ -50,6 +60,10 @@ SIDES: tuple[Side, Side] = ("users", "items")
 FORMAT = "blockals-ratings"
 FORMAT_VERSION = 1
 INBLOCK_ARRAYS = ("indptr", "src_block", "src_index", "rating", "need_ptr", "need_rows")
+STAGING = "_staging"
+# Where each ingest pass finds its ratings: the user pass in the staged source partitions
+# (sorted by user block), the item pass in the staged user blocks (sorted by item block).
+STAGED = {"users": f"{STAGING}/parts", "items": f"{STAGING}/users"}
 
 
 def other_side(side: Side) -> Side:
@@ -118,6 +132,37 @@ class _BlockCache:
 BLOCK_CACHE = _BlockCache()
 
 
+def _expected_lengths(stats: dict, side: Side, block: int) -> dict[str, int]:
+    """The length each array of ``(side, block)`` must have, by the sizes the store records."""
+    rows, nnz = int(stats[side]["block_rows"][block]), int(stats[side]["block_nnz"][block])
+    routed = stats[side]["message_rows"]  # [source block][destination block]
+    return {"rows": rows, "indptr": rows + 1, "src_block": nnz, "src_index": nnz, "rating": nnz, "time": nnz,
+            "need_ptr": len(routed) + 1, "need_rows": sum(int(r[block]) for r in routed)}
+
+
+def _check_length(array: np.ndarray, expected: int, where: str) -> np.ndarray:
+    """``array`` (read from ``where``), refused unless it has the length the store records."""
+    if array.ndim != 1 or array.shape[0] != expected:
+        raise StoreError(f"{where} has shape {array.shape}, but the store records {expected} entries; it is damaged.")
+    return array
+
+
+def _read_block(ref: StoreRef, side: Side, block: int, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Arrays of ``(side, block)``, each checked against the recorded sizes (read with the
+    root's metadata, which opening the store reads anyway)."""
+    root = open_group(ref.path, storage_options=ref.options)
+    # A store being written again at its path has no stats: refused as incomplete.
+    meta = check_meta(root.attrs.get("blockals"), ref.path, FORMAT, FORMAT_VERSION, "ratings store")
+    if meta["store_id"] != ref.store_id:
+        raise StoreError(f"{ref.path} was written again after it was opened; open the new store and start over.")
+    expected = _expected_lengths(meta["stats"], side, block)
+    prefix = f"{side}/blocks/{block}"
+    return {
+        name: _check_length(read_array(root, f"{prefix}/{name}", ref.path), expected[name], f"{ref.path}/{prefix}/{name}")
+        for name in names
+    }
+
+
 def load_inblock(ref: StoreRef, side: Side, block: int, cache_limit: int = DEFAULT_CACHE_BYTES) -> InBlock:
     """Read the in-block of ``(side, block)``, from this process's cache when it is there.
 
@@ -128,9 +173,12 @@ def load_inblock(ref: StoreRef, side: Side, block: int, cache_limit: int = DEFAU
     cached = BLOCK_CACHE.get(key)
     if cached is not None:
         return cached
-    where = f"{ref.path}/{side}/blocks/{block}"
-    group = open_group(ref.path, storage_options=ref.options)[f"{side}/blocks/{block}"]
-    inblock = InBlock(**{name: read_array(group, name, where) for name in INBLOCK_ARRAYS})
+    inblock = InBlock(**_read_block(ref, side, block, INBLOCK_ARRAYS))
+    if inblock.indptr[-1] != inblock.nnz:
+        raise StoreError(
+            f"{ref.path}/{side}/blocks/{block}/indptr ends at {inblock.indptr[-1]}, but the block holds "
+            f"{inblock.nnz} ratings; it is damaged."
+        )
     BLOCK_CACHE.put(key, inblock, cache_limit)
     return inblock
 
@@ -141,15 +189,12 @@ def load_out_blocks(ref: StoreRef, side: Side, block: int) -> InBlock | OutBlock
     cached = BLOCK_CACHE.get((ref.store_id, side, block))
     if cached is not None:
         return cached
-    where = f"{ref.path}/{side}/blocks/{block}"
-    group = open_group(ref.path, storage_options=ref.options)[f"{side}/blocks/{block}"]
-    return OutBlocks(read_array(group, "need_ptr", where), read_array(group, "need_rows", where))
+    return OutBlocks(**_read_block(ref, side, block, ("need_ptr", "need_rows")))
 
 
 def load_rows(ref: StoreRef, side: Side, block: int) -> np.ndarray:
     """Global index of each local row of ``(side, block)``."""
-    group = open_group(ref.path, storage_options=ref.options)
-    return read_array(group, f"{side}/blocks/{block}/rows", ref.path)
+    return _read_block(ref, side, block, ("rows",))["rows"]
 
 
 def block_triples(
@@ -165,8 +210,7 @@ def block_triples(
 
 def load_times(ref: StoreRef, block: int) -> np.ndarray:
     """Timestamps of a user block's ratings, in in-block order (stores ingested with them)."""
-    group = open_group(ref.path, storage_options=ref.options)
-    return read_array(group, f"users/blocks/{block}/time", ref.path)
+    return _read_block(ref, "users", block, ("time",))["time"]
 
 
 class RatingStore:
@@ -245,8 +289,13 @@ class RatingStore:
     def ids(self, side: Side) -> pd.Index:
         """Original ids in global-index order."""
         if side not in self._ids:
-            self._ids[side] = pd.Index(read_array(self._group, f"{side}/ids", self.path))
+            self._ids[side] = pd.Index(self._per_row(side, "ids"))
         return self._ids[side]
+
+    def _per_row(self, side: Side, name: str) -> np.ndarray:
+        """The array ``side/name``, which holds one entry per row of ``side``."""
+        array = read_array(self._group, f"{side}/{name}", self.path)
+        return _check_length(array, self.n_rows(side), f"{self.path}/{side}/{name}")
 
     @property
     def user_ids(self) -> pd.Index:
@@ -259,10 +308,7 @@ class RatingStore:
     def assignment(self, side: Side) -> tuple[np.ndarray, np.ndarray]:
         """``(block, local)`` of every global row."""
         if side not in self._assignment:
-            self._assignment[side] = (
-                read_array(self._group, f"{side}/block", self.path),
-                read_array(self._group, f"{side}/local", self.path),
-            )
+            self._assignment[side] = (self._per_row(side, "block"), self._per_row(side, "local"))
         return self._assignment[side]
 
     def rows(self, side: Side, block: int) -> np.ndarray:
@@ -323,3 +369,102 @@ def open_store(path: str, storage_options: dict | None = None) -> RatingStore:
         If the path holds no store, an incomplete one, or one of an unknown format version.
     """
     return RatingStore(str(path), storage_options)
+
+
+@dataclass(frozen=True)
+class StoreWriter:
+    """The writing half of the format: a ratings store at ``path``, written in its order.
+
+    :meth:`check_target` refuses a path that is not ours to replace (removing nothing),
+    :meth:`clear_target` removes ours, :meth:`create` starts the store marked incomplete;
+    the ingest's tasks :meth:`stage` ratings, read them back (:meth:`read_staged`) and
+    :meth:`write_block` each block; :meth:`commit` drops the staging area and writes the
+    completion marker last. A failed ingest calls :meth:`remove`. Small and picklable, so
+    Dask tasks write through it.
+    """
+
+    path: str
+    storage_options: dict | None = None
+
+    def check_target(self, overwrite: bool) -> dict | None:
+        """Refuse anything at ``path`` but a ratings store we may replace; removes nothing.
+
+        Returns the attributes of the store there (complete or not), or None.
+        """
+        meta = writable_meta(self.path, FORMAT, "store", self.storage_options)
+        if meta is not None and meta.get("complete") and not overwrite:
+            raise InputError(f"{self.path} already holds a complete ratings store; pass overwrite=True to replace it.")
+        return meta
+
+    def clear_target(self, overwrite: bool) -> None:
+        """Check the path again (time has passed since :meth:`check_target`) and remove the
+        store of ours there: a complete one (``overwrite``) or one left half-written."""
+        if self.check_target(overwrite) is not None:
+            remove_path(self.path, self.storage_options)
+
+    def create(
+        self, params: dict[str, Any], ids: Mapping[Side, np.ndarray],
+        assignment: Mapping[Side, tuple[np.ndarray, np.ndarray]], n_blocks: Mapping[Side, int],
+    ) -> None:
+        """Start the store, marked incomplete, with its id maps, its block assignment and
+        empty block groups."""
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "store_id": new_store_id(), "params": params,
+                "complete": False}
+        # Created with its attributes in one write: never a group that does not say it is ours.
+        root = open_group(self.path, "w", self.storage_options, attributes={"blockals": meta})
+        for side in SIDES:
+            group = root.require_group(side)
+            write_array(group, "ids", ids[side])
+            write_array(group, "block", assignment[side][0])
+            write_array(group, "local", assignment[side][1])
+            blocks = group.require_group("blocks")
+            # Made here, not by the block writers: concurrent group creation races.
+            for b in range(n_blocks[side]):
+                blocks.require_group(str(b))
+        for staged in STAGED.values():
+            root.require_group(staged)
+
+    def stage(self, side: Side, index: int, columns: Mapping[str, np.ndarray]) -> None:
+        """Stage one group of ratings (a source partition, or a user block) for the ``side`` pass."""
+        group = open_group(self.path, "r+", self.storage_options).require_group(f"{STAGED[side]}/{index}")
+        for name, values in columns.items():
+            write_array(group, name, values)
+
+    def read_staged(
+        self, side: Side, ptrs: Sequence[np.ndarray], block: int, names: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        """The ratings staged for ``(side, block)``: slice ``ptrs[p][block]:ptrs[p][block + 1]``
+        of each staged group ``p``, concatenated."""
+        root = open_group(self.path, "r", self.storage_options)
+        pieces: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        for index, ptr in enumerate(ptrs):
+            lo, hi = int(ptr[block]), int(ptr[block + 1])
+            if lo == hi:  # most of the reads with many blocks; skip them
+                continue
+            group = root[f"{STAGED[side]}/{index}"]
+            for name in names:
+                pieces[name].append(group[name][lo:hi])
+        return {
+            name: np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32 if name == "rating" else np.int64)
+            for name, parts in pieces.items()
+        }
+
+    def write_block(self, side: Side, block: int, rows: np.ndarray, inblock: InBlock, time: np.ndarray | None) -> None:
+        """Write the rows and in-block of ``(side, block)``, and its ratings' timestamps if any."""
+        group = open_group(f"{self.path}/{side}/blocks/{block}", "r+", self.storage_options)
+        write_array(group, "rows", rows)
+        for name in INBLOCK_ARRAYS:
+            write_array(group, name, getattr(inblock, name))
+        if time is not None:
+            write_array(group, "time", time)
+
+    def commit(self, params: dict[str, Any], stats: dict[str, Any]) -> None:
+        """Drop the staging area, then record the final parameters and stats with the
+        completion marker, in the last write."""
+        root = open_group(self.path, "r+", self.storage_options)
+        del root[STAGING]
+        root.attrs["blockals"] = {**root.attrs["blockals"], "params": params, "complete": True, "stats": stats}
+
+    def remove(self) -> None:
+        """Remove what was written (after a failure); safe to interrupt."""
+        remove_path(self.path, self.storage_options)

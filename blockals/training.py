@@ -30,7 +30,7 @@ from blockals.formats import blockals_meta
 from blockals.ingest import ingest
 from blockals.lock import Lease
 from blockals.params import ALSConfig, RunParams, parse_params
-from blockals.store import RatingStore, Side, open_store
+from blockals.store import SIDES, RatingStore, Side, open_store
 
 __all__ = ["Trained", "train", "user_arrays"]
 
@@ -137,7 +137,9 @@ def _checkpoint(run: RunParams, store: RatingStore, path: str | None, resume: bo
             raise InputError("resume=True needs checkpoints; checkpoint_interval is 0.")
         return None, contextlib.nullcontext()
     path = path or f"{store.path}/checkpoints/{run.config.fingerprint()}"
-    checkpoint = Checkpoint(path, store.store_id, run.config.to_dict(), store.storage_options)
+    width = run.config.objective(float(store.stats["rating_mean"])).width
+    checkpoint = Checkpoint(path, store.store_id, run.config.to_dict(), store.storage_options,
+                            block_rows={side: store.block_rows(side).tolist() for side in SIDES}, width=width)
     checkpoint.check_writable()
     # Taken before a cluster starts, so a second training of this checkpoint is refused at once.
     return checkpoint, Lease(path, "checkpoint", store.storage_options, break_lease)

@@ -845,32 +845,6 @@ def test_block_cache_leaves_a_worker_room_for_its_solves(memory_limit, expected)
         assert cache_bytes() == 12345
 
 
-def test_route_tasks_read_only_the_routing_arrays(ratings, tmp_path):
-    from blockals.store import BLOCK_CACHE, load_out_blocks
-
-    path = tmp_path / "r.zarr"
-    store = blockals.ingest(ratings, path, n_user_blocks=2, n_item_blocks=3)
-    # Damage block 1's ratings: reading them fails, so a route that reads them would too.
-    chunk = next(p for p in (path / "users" / "blocks" / "1" / "rating").rglob("*") if p.is_file() and p.name != "zarr.json")
-    chunk.write_bytes(chunk.read_bytes()[::-1])
-    BLOCK_CACHE.clear()
-    routing = load_out_blocks(store.ref, "users", 1)
-    # out(j -> 1): the j-local rows of the items that block 1's users rate, sorted.
-    user = store.ids("users").get_indexer(ratings["user"])
-    item = store.ids("items").get_indexer(ratings["item"])
-    rated = set(item[np.isin(user, store.rows("users", 1))])
-    for j in range(store.n_item_blocks):
-        expected = [local for local, g in enumerate(store.rows("items", j)) if g in rated]
-        np.testing.assert_array_equal(routing.out_block(j), expected)
-    with pytest.raises(blockals.StoreError, match=r"users/blocks/1/rating is corrupted"):
-        store.inblock("users", 1)
-    # An in-block this process already holds answers without a read.
-    BLOCK_CACHE.clear()
-    inblock = store.inblock("users", 0)
-    assert load_out_blocks(store.ref, "users", 0) is inblock
-    BLOCK_CACHE.clear()
-
-
 @pytest.mark.parametrize("memory_limit,threads,expected", [("600MiB", 1, 200 * 2**20), ("600MiB", 2, 100 * 2**20),
                                                            (0, 1, 256 * 2**20)],
                          ids=["one-thread", "two-threads", "no-limit"])

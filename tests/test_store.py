@@ -1,0 +1,284 @@
+"""The ratings-store boundary: what StoreWriter writes, RatingStore reads back and checks.
+
+Stores here are written through the writer directly, without Dask, from a dense matrix
+the test makes; every check compares against that matrix or against sizes the test counts
+itself, never against earlier output of blockals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import blockals
+from blockals.routing import build_inblock
+from blockals.store import BLOCK_CACHE, StoreWriter, load_out_blocks, load_times
+
+SIDES = ("users", "items")
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache():
+    """Blocks cached by one test (keyed by store id) must not answer for another's edits."""
+    BLOCK_CACHE.clear()
+    yield
+    BLOCK_CACHE.clear()
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """A small rating matrix and the blocks the test deals its rows and columns to."""
+
+    values: np.ndarray  # (n_users, n_items), NaN where unrated
+    block: dict[str, np.ndarray]  # per side, block of each row
+
+    @property
+    def mask(self) -> np.ndarray:
+        return ~np.isnan(self.values)
+
+    def side(self, side: str) -> tuple[np.ndarray, np.ndarray]:
+        """(values, mask) with ``side``'s rows as rows."""
+        return (self.values, self.mask) if side == "users" else (self.values.T, self.mask.T)
+
+    def local(self, side: str) -> np.ndarray:
+        """Index of each row inside its block, rows of a block taken in increasing order."""
+        block = self.block[side]
+        return np.array([np.sum(block[:g] == block[g]) for g in range(block.size)], dtype=np.int32)
+
+    def n_blocks(self, side: str) -> int:
+        return int(self.block[side].max()) + 1
+
+
+def make_dense(seed: int = 0) -> Dense:
+    rng = np.random.default_rng(seed)
+    values = np.where(rng.random((9, 7)) < 0.4, rng.integers(1, 11, (9, 7)) / 2, np.nan)
+    values[0] = np.nan  # a user without ratings
+    values[3, 2] = 4.5  # item 2 rated once
+    return Dense(values, {"users": np.array([0, 1, 2, 0, 1, 2, 0, 1, 2]), "items": np.array([1, 0, 1, 0, 1, 0, 0])})
+
+
+def recorded_stats(dense: Dense) -> dict:
+    """The ``stats`` attribute of the matrix, counted here from the mask."""
+    out: dict = {"n_users": dense.values.shape[0], "n_items": dense.values.shape[1], "nnz": int(dense.mask.sum()),
+                 "rating_mean": float(np.nanmean(dense.values)), "rating_min": float(np.nanmin(dense.values)),
+                 "rating_max": float(np.nanmax(dense.values))}
+    for side, other in (("users", "items"), ("items", "users")):
+        _, mask = dense.side(side)
+        blocks, others = range(dense.n_blocks(side)), range(dense.n_blocks(other))
+        out[side] = {
+            "block_rows": [int((dense.block[side] == b).sum()) for b in blocks],
+            "block_nnz": [int(mask[dense.block[side] == b].sum()) for b in blocks],
+            # [j][b]: rows of other-side block j that some row of block b rates.
+            "message_rows": [[int(mask[dense.block[side] == b][:, dense.block[other] == j].any(axis=0).sum())
+                              for b in blocks] for j in others],
+        }
+    return out
+
+
+def block_arrays(dense: Dense, side: str, b: int):
+    """Rows, in-block and timestamps of one block, built from the matrix."""
+    other = "items" if side == "users" else "users"
+    values, mask = dense.side(side)
+    rows = np.flatnonzero(dense.block[side] == b)
+    local, src = np.nonzero(mask[rows])  # by local row, then other-side index
+    inblock = build_inblock(local, dense.block[other][src], dense.local(other)[src], src, values[rows][local, src],
+                            rows.size, dense.n_blocks(other))
+    time = 1000 * rows[local] + src if side == "users" else None  # a value the test can predict
+    return rows, inblock, time
+
+
+def write_store(path: Path, dense: Dense, edit=None, commit: bool = True) -> StoreWriter:
+    """Write ``dense`` through the writer; ``edit(side, b, rows, inblock, time)`` may change a block."""
+    writer = StoreWriter(str(path))
+    writer.check_target(overwrite=False)
+    ids = {"users": np.arange(dense.values.shape[0]) * 7 + 3,
+           "items": np.array([f"item{k}" for k in range(dense.values.shape[1])], dtype=object)}
+    assignment = {side: (dense.block[side].astype(np.int32), dense.local(side)) for side in SIDES}
+    params = {"source": "test", "timestamps": True}
+    writer.create(params, ids, assignment, {side: dense.n_blocks(side) for side in SIDES})
+    for side in SIDES:
+        for b in range(dense.n_blocks(side)):
+            arrays = block_arrays(dense, side, b)
+            writer.write_block(side, b, *(arrays if edit is None else edit(side, b, *arrays)))
+    if commit:
+        writer.commit(params, recorded_stats(dense))
+    return writer
+
+
+def edit_stats(path: Path, change) -> None:
+    """Change the recorded ``stats`` straight in the root ``zarr.json``."""
+    meta_path = path / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    change(meta["attributes"]["blockals"]["stats"])
+    meta_path.write_text(json.dumps(meta))
+
+
+# -- writing and reading back --------------------------------------------------------
+
+
+def test_blocks_written_through_the_writer_read_back_as_the_matrix(tmp_path):
+    dense = make_dense()
+    write_store(tmp_path / "s.zarr", dense)
+    store = blockals.open_store(tmp_path / "s.zarr")
+    assert list(store.user_ids) == [7 * k + 3 for k in range(9)]
+    assert list(store.item_ids) == [f"item{k}" for k in range(7)]
+    for side in SIDES:
+        values, mask = dense.side(side)
+        np.testing.assert_array_equal(store.assignment(side)[0], dense.block[side])
+        np.testing.assert_array_equal(store.assignment(side)[1], dense.local(side))
+        got = np.full(values.shape, np.nan)
+        for b in range(store.n_blocks(side)):
+            np.testing.assert_array_equal(store.rows(side, b), np.flatnonzero(dense.block[side] == b))
+            rows, others, ratings = store.triples(side, b)
+            got[rows, others] = ratings
+        np.testing.assert_array_equal(got, values)
+    # Timestamps line up with the user blocks' ratings.
+    for b in range(store.n_user_blocks):
+        rows, items, _ = store.triples("users", b)
+        np.testing.assert_array_equal(load_times(store.ref, b), 1000 * rows + items)
+    assert not (tmp_path / "s.zarr" / "_staging").exists()
+
+
+def test_staged_slices_read_back_concatenated(tmp_path):
+    writer = write_store(tmp_path / "s.zarr", make_dense(), commit=False)
+    rng = np.random.default_rng(1)
+    parts = []
+    for p, n in enumerate((5, 0, 8)):
+        block = np.sort(rng.integers(0, 3, n))  # staged sorted by destination block
+        part = {"dst": rng.integers(0, 9, n), "src": rng.integers(0, 7, n), "rating": rng.random(n).astype(np.float32),
+                "block": block}
+        writer.stage("users", p, {name: part[name] for name in ("dst", "src", "rating")})
+        parts.append(part)
+    ptrs = [np.searchsorted(part["block"], np.arange(4)) for part in parts]
+    for b in range(3):
+        got = writer.read_staged("users", ptrs, b, ("dst", "src", "rating"))
+        for name in ("dst", "src", "rating"):
+            expected = np.concatenate([part[name][part["block"] == b] for part in parts])
+            np.testing.assert_array_equal(got[name], expected, err_msg=f"{name} of block {b}")
+    writer.commit({"source": "test"}, recorded_stats(make_dense()))
+    assert not (tmp_path / "s.zarr" / "_staging").exists()
+
+
+# -- what is refused -----------------------------------------------------------------
+
+
+def test_a_store_left_incomplete_is_refused_and_replaceable(tmp_path):
+    path = tmp_path / "s.zarr"
+    writer = write_store(path, make_dense(), commit=False)
+    with pytest.raises(blockals.StoreError, match=r"s\.zarr is incomplete"):
+        blockals.open_store(path)
+    assert writer.check_target(overwrite=False)["complete"] is False  # ours, replaceable without overwrite
+    writer.clear_target(overwrite=False)
+    assert not path.exists()
+
+    write_store(path, make_dense())
+    with pytest.raises(blockals.InputError, match=r"already holds a complete ratings store; pass overwrite=True"):
+        writer.check_target(overwrite=False)
+    assert writer.check_target(overwrite=True)["complete"] is True
+    assert blockals.open_store(path).nnz == int(make_dense().mask.sum())
+
+
+def test_foreign_content_is_never_cleared(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    writer = StoreWriter(str(tmp_path / "mine"))
+    for call in (writer.check_target, writer.clear_target):
+        with pytest.raises(blockals.InputError, match=r"mine exists and is not a blockals store"):
+            call(overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+
+
+def _plus_one(*keys):
+    def change(stats):
+        *outer, last = keys
+        target = stats
+        for key in outer:
+            target = target[key]
+        target[last] += 1
+    return change
+
+
+RECORDED = [
+    # (stats entry made to disagree, the read, the array named)
+    (("n_users",), lambda s: s.user_ids, r"users/ids"),
+    (("n_items",), lambda s: s.assignment("items"), r"items/block"),
+    (("users", "block_rows", 1), lambda s: s.rows("users", 1), r"users/blocks/1/rows"),
+    (("users", "block_rows", 1), lambda s: s.inblock("users", 1), r"users/blocks/1/indptr"),
+    (("items", "block_nnz", 0), lambda s: s.inblock("items", 0), r"items/blocks/0/src_block"),
+    (("users", "block_nnz", 2), lambda s: load_times(s.ref, 2), r"users/blocks/2/time"),
+    (("items", "message_rows", 1, 0), lambda s: load_out_blocks(s.ref, "items", 0), r"items/blocks/0/need_rows"),
+]
+
+
+@pytest.mark.parametrize("keys,read,array", [pytest.param(*r, id="-".join(map(str, r[0]))) for r in RECORDED])
+def test_arrays_disagreeing_with_the_recorded_sizes_are_refused(keys, read, array, tmp_path):
+    path = tmp_path / "s.zarr"
+    write_store(path, make_dense())
+    edit_stats(path, _plus_one(*keys))
+    with pytest.raises(blockals.StoreError, match=rf"s\.zarr/{array} has shape \(\d+,\), but the store records \d+ entries"):
+        read(blockals.open_store(path))
+
+
+def _truncate(name):
+    def edit(side, b, rows, inblock, time):
+        if (side, b) != ("users", 1):
+            return rows, inblock, time
+        if name == "time":
+            return rows, inblock, time[:-1]
+        return rows, dataclasses.replace(inblock, **{name: getattr(inblock, name)[:-1]}), time
+    return edit
+
+
+@pytest.mark.parametrize("name", ["rating", "src_index", "need_ptr", "time"])
+def test_a_block_written_short_is_refused_naming_the_array(name, tmp_path):
+    path = tmp_path / "s.zarr"
+    write_store(path, make_dense(), edit=_truncate(name))
+    store = blockals.open_store(path)
+    read = (lambda: load_times(store.ref, 1)) if name == "time" else (lambda: store.inblock("users", 1))
+    with pytest.raises(blockals.StoreError, match=rf"users/blocks/1/{name} has shape \(\d+,\), but the store records"):
+        read()
+    assert store.inblock("users", 0).nnz == store.block_nnz("users")[0]  # other blocks are intact
+
+
+def test_indptr_must_end_at_the_block_nnz(tmp_path):
+    def edit(side, b, rows, inblock, time):
+        if (side, b) == ("items", 1):
+            inblock = dataclasses.replace(inblock, indptr=np.minimum(inblock.indptr, inblock.indptr[-1] - 1))
+        return rows, inblock, time
+
+    write_store(tmp_path / "s.zarr", make_dense(), edit=edit)
+    with pytest.raises(blockals.StoreError, match=r"items/blocks/1/indptr ends at \d+, but the block holds \d+ ratings"):
+        blockals.open_store(tmp_path / "s.zarr").inblock("items", 1)
+
+
+# -- reading only what is needed -------------------------------------------------------
+
+
+def test_route_tasks_read_only_the_routing_arrays(tmp_path):
+    rng = np.random.default_rng(2)
+    pairs = rng.choice(30 * 20, 200, replace=False)
+    ratings = pd.DataFrame({"user": pairs // 20 * 7 + 3, "item": pairs % 20 * 11 + 100,
+                            "rating": rng.integers(1, 11, 200) / 2.0})
+    path = tmp_path / "r.zarr"
+    store = blockals.ingest(ratings, path, n_user_blocks=2, n_item_blocks=3)
+    # Damage block 1's ratings: reading them fails, so a route that reads them would too.
+    chunk = next(p for p in (path / "users" / "blocks" / "1" / "rating").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(chunk.read_bytes()[::-1])
+    routing = load_out_blocks(store.ref, "users", 1)
+    # out(j -> 1): the j-local rows of the items that block 1's users rate, sorted.
+    user = store.ids("users").get_indexer(ratings["user"])
+    item = store.ids("items").get_indexer(ratings["item"])
+    rated = set(item[np.isin(user, store.rows("users", 1))])
+    for j in range(store.n_item_blocks):
+        expected = [local for local, g in enumerate(store.rows("items", j)) if g in rated]
+        np.testing.assert_array_equal(routing.out_block(j), expected)
+    with pytest.raises(blockals.StoreError, match=r"users/blocks/1/rating is corrupted"):
+        store.inblock("users", 1)
+    # An in-block this process already holds answers without a read.
+    inblock = store.inblock("users", 0)
+    assert load_out_blocks(store.ref, "users", 0) is inblock
