@@ -362,8 +362,17 @@ def _cli_value(p: Param) -> Callable[[str], Any]:
     if isinstance(p.default, float) or p.default is None:
         return float
     if p.name in ("row_weights", "col_weights"):
-        return lambda text: text if text == "counts" else float(text)
+        return _counts_or_number
     return str
+
+
+def _counts_or_number(text: str) -> str | float:
+    if text == "counts":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'counts' or a number, got {text!r}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

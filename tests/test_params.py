@@ -125,6 +125,15 @@ def test_command_line_offers_every_parameter_with_the_table_defaults():
         8, True, 0.5, 2.5, "counts", "cg")
 
 
+def test_command_line_refuses_a_bad_weight_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["train", "r.zarr", "m.zarr", "--row-weights", "abc"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "blockals train: error: argument --row-weights: must be 'counts' or a number, got 'abc'; "
+        "see 'blockals train --help'.")
+
+
 def test_command_line_help_carries_the_table_help():
     out = subprocess.run([sys.executable, "-m", "blockals.cli", "train", "--help"], capture_output=True, text=True,
                          timeout=120)
