@@ -33,6 +33,9 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 from blockals.routing import InBlock, build_inblock
 
@@ -58,6 +61,29 @@ SIDE_TAGS = {"users": 0, "items": 1}
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 # Reassociation lets the dot products vectorize; NaN and inf keep their IEEE meaning.
 _jit = numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz"})
+# Ratings ahead whose routed rows a gather loop asks the cache for. A block whose routed
+# rows outgrow the cache (an item block of 1.38M users) otherwise waits on memory for
+# every rating; the loops' arithmetic is too long for the out-of-order window to reach
+# the next rating's load by itself (docs/performance.md has the measurements).
+PREFETCH_AHEAD = 16
+
+
+@intrinsic
+def _prefetch(typingctx, rows, index):
+    """Hint the cache to load the start of ``rows[index]`` (a 2-D C-contiguous array): no effect on results."""
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        stride = builder.extract_value(ary.strides, 0)
+        offset = builder.mul(args[1], stride)
+        i8p = ir.IntType(8).as_pointer()
+        ptr = builder.gep(builder.bitcast(ary.data, i8p), [offset])
+        i32 = ir.IntType(32)
+        fn = builder.module.declare_intrinsic("llvm.prefetch", (i8p,), ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
+        # read, high temporal locality, data cache
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(rows, types.intp), codegen
 
 
 # -- initialization -----------------------------------------------------------------
@@ -224,6 +250,8 @@ def _add_gram(A, D, col, a, start, end):
     w = A.shape[0]
     p = start
     while p + 4 <= end:
+        for t in range(p + PREFETCH_AHEAD, min(p + PREFETCH_AHEAD + 4, col.shape[0])):
+            _prefetch(D, col[t])
         d0, d1, d2, d3 = D[col[p]], D[col[p + 1]], D[col[p + 2]], D[col[p + 3]]
         a0, a1, a2, a3 = a[p], a[p + 1], a[p + 2], a[p + 3]
         for j in range(w):
@@ -254,9 +282,12 @@ def _add_gram_gemm(A, b, D, col, a, beta, start, end, E, F):
     """
     w = A.shape[0]
     chunk = F.shape[0]
+    nnz = col.shape[0]
     for c0 in range(start, end, chunk):
         n = min(c0 + chunk, end) - c0
         for q in range(n):
+            if c0 + q + PREFETCH_AHEAD < nnz:
+                _prefetch(D, col[c0 + q + PREFETCH_AHEAD])
             d = D[col[c0 + q]]
             ap = a[c0 + q]
             for j in range(w):
@@ -380,6 +411,8 @@ def _apply(u, p, indptr, col, D, a, G, reg, out, pf, outf):
         outf[j] = 0.0
     q, end = indptr[u], indptr[u + 1]
     while q + 4 <= end:  # four independent dot products, one pass over outf
+        for t in range(q + PREFETCH_AHEAD, min(q + PREFETCH_AHEAD + 4, col.shape[0])):
+            _prefetch(D, col[t])
         d0, d1, d2, d3 = D[col[q]], D[col[q + 1]], D[col[q + 2]], D[col[q + 3]]
         t0, t1, t2, t3 = d0[0] * pf[0], d1[0] * pf[0], d2[0] * pf[0], d3[0] * pf[0]
         for j in range(1, w):
@@ -415,6 +448,8 @@ def _residual(u, x, indptr, col, D, a, beta, G, reg, r, xf, rf):
         xf[j] = x[j]
         rf[j] = 0.0
     for q in range(indptr[u], indptr[u + 1]):
+        if q + PREFETCH_AHEAD < col.shape[0]:
+            _prefetch(D, col[q + PREFETCH_AHEAD])
         d = D[col[q]]
         t = d[0] * xf[0]
         for j in range(1, w):
