@@ -56,8 +56,12 @@ class Factors:
         """The learned attributes of ``model``; refused when it is not fitted."""
         if not hasattr(model, "user_factors_"):
             raise InputError("this ALS model is not fitted yet; call fit() or ALS.load() first.")
-        names = [f for f in cls.__dataclass_fields__]
-        return cls(**{name: getattr(model, f"{name}_") for name in names if hasattr(model, f"{name}_")})
+        return cls(**{name: getattr(model, f"{name}_") for name in cls.__dataclass_fields__ if hasattr(model, f"{name}_")})
+
+    def attributes(self) -> dict[str, Any]:
+        """``{attribute_: value}`` for the estimator: every array the mode has, and the records."""
+        return {f"{name}_": getattr(self, name) for name in self.__dataclass_fields__
+                if getattr(self, name) is not None or name == "store_path"}
 
     def ids(self, side: Side) -> np.ndarray:
         return self.user_ids if side == "users" else self.item_ids
@@ -174,10 +178,9 @@ class Factors:
 
     def _carried(self, F: np.ndarray, prefix: str, config: ALSConfig) -> np.ndarray:
         """Factor rows with the column their mode carries (bias or WALS weight), as routed in training."""
-        carried = {"biased": "bias", "wals": "weights"}.get(config.mode)
-        if carried is None:
+        if config.carried is None:
             return F
-        return np.hstack([F, getattr(self, f"{prefix}_{carried}")[:, None].astype(F.dtype)])
+        return np.hstack([F, getattr(self, f"{prefix}_{config.carried}")[:, None].astype(F.dtype)])
 
     def _given_weights(self, ids: np.ndarray, known: np.ndarray, side: Side, config: ALSConfig) -> np.ndarray | None:
         """The rows' WALS weights when the model's were given as an array (they cannot be derived)."""

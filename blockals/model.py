@@ -108,8 +108,9 @@ class ALS:
         """
         trained = training.train(self.get_params(), ratings, client, resume=resume, checkpoint_path=checkpoint_path,
                                  storage_options=storage_options, break_lease=break_lease)
-        for name, value in trained.learned().items():
+        for name, value in trained.factors.attributes().items():
             setattr(self, name, value)
+        self.history_ = trained.history
         return self
 
     # -- using the model -----------------------------------------------------------------

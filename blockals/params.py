@@ -229,6 +229,12 @@ class _ConfigMethods:
         return "biased" if self.biases else "explicit"
 
     @property
+    def carried(self) -> str | None:
+        """The column a factor block carries after the factors, named as the model's
+        attribute (``user_bias``, ``user_weights``), or None."""
+        return {"biased": "bias", "wals": "weights"}.get(self.mode)
+
+    @property
     def warm_start(self) -> bool:
         """Whether a solve starts from the previous factors of its own rows."""
         return self.solver == "cg" or self.nonnegative

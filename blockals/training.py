@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ from blockals.checkpoint import Checkpoint
 from blockals.cluster import connect
 from blockals.engine import Engine
 from blockals.errors import InputError
+from blockals.factors import Factors
 from blockals.formats import blockals_meta
 from blockals.ingest import ingest
 from blockals.lock import Lease
@@ -39,29 +40,11 @@ log = logging.getLogger("blockals")
 
 @dataclass(frozen=True, kw_only=True)
 class Trained:
-    """What a training learned; each field is the estimator's attribute of that name plus ``_``.
+    """What a training learned: the factors (rows in the store's sorted id order;
+    ``store_path`` None when the ratings went to a temporary store) and the history."""
 
-    Factor rows are in the order of ``user_ids`` / ``item_ids`` (the store's sorted ids).
-    ``store_path`` is None when the ratings were ingested into a temporary store.
-    """
-
-    user_factors: np.ndarray
-    item_factors: np.ndarray
-    user_ids: np.ndarray
-    item_ids: np.ndarray
-    config: dict[str, Any]
-    store_path: str | None
+    factors: Factors
     history: list[dict[str, Any]]
-    user_bias: np.ndarray | None = None
-    item_bias: np.ndarray | None = None
-    global_mean: float | None = None
-    user_weights: np.ndarray | None = None
-    item_weights: np.ndarray | None = None
-
-    def learned(self) -> dict[str, Any]:
-        """``{attribute_: value}`` of every field the mode has."""
-        return {f"{f.name}_": getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
-                or f.name == "store_path"}
 
 
 def user_arrays(params: dict[str, Any], store: RatingStore) -> dict[str, np.ndarray]:
@@ -149,16 +132,16 @@ def _trained(store: RatingStore, config: ALSConfig, blocks: dict[Side, list[np.n
              temporary: bool) -> Trained:
     users = _assemble(store, "users", blocks["users"], config.dtype)
     items = _assemble(store, "items", blocks["items"], config.dtype)
-    k = config.rank
-    carried = {"biased": "bias", "wals": "weights"}.get(config.mode)
+    k, carried = config.rank, config.carried
     extra = {} if carried is None else {f"user_{carried}": users[:, k].copy(), f"item_{carried}": items[:, k].copy()}
     if config.mode == "biased":
         extra["global_mean"] = float(store.stats["rating_mean"])
-    return Trained(
+    factors = Factors(
         user_factors=users[:, :k], item_factors=items[:, :k],
         user_ids=store.user_ids.to_numpy(), item_ids=store.item_ids.to_numpy(),
-        config=config.to_dict(), store_path=None if temporary else store.path, history=history, **extra,
+        config=config.to_dict(), store_path=None if temporary else store.path, **extra,
     )
+    return Trained(factors=factors, history=history)
 
 
 def train(
