@@ -259,9 +259,14 @@ def cluster_budget() -> int:
     from distributed import default_client
 
     try:
-        workers = default_client().scheduler_info(n_workers=-1)["workers"].values()
+        client = default_client()
     except ValueError:  # no client
         return DEFAULT_BLOCK_BUDGET
+    try:  # a worker still registering (or restarting) would leave the module default in force
+        client.wait_for_workers(1, timeout=60)
+    except TimeoutError:
+        return DEFAULT_BLOCK_BUDGET
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
     per_thread = [w["memory_limit"] // max(1, w["nthreads"]) for w in workers if w.get("memory_limit")]
     return min(per_thread) // 3 if per_thread else DEFAULT_BLOCK_BUDGET
 
