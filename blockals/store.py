@@ -92,10 +92,14 @@ DEFAULT_CACHE_BYTES = 1 << 30
 
 
 class _BlockCache:
-    """Per-process LRU of decoded in-blocks, so iterations after the first skip the read.
+    """Per-process cache of decoded in-blocks, so iterations after the first skip the read.
 
     Keyed by the store's unique id: a store rewritten at the same path never hits stale
-    entries.
+    entries. Training reads a store's blocks in the same cyclic order every half-step, and
+    an LRU smaller than that cycle evicts each block just before it is needed again: it
+    never hits. So once full, the cache keeps the blocks of a store it holds and turns new
+    ones away (a hit rate of cache size / store size); entries of other stores are the
+    first to go, least recently used first.
     """
 
     def __init__(self) -> None:
@@ -112,16 +116,17 @@ class _BlockCache:
 
     def put(self, key: tuple, block: InBlock, max_bytes: int) -> None:
         size = block.nbytes
-        if size > max_bytes:
-            return
         with self._lock:
             if key in self._items:
                 return
-            self._items[key] = block
-            self._bytes += size
-            while self._bytes > max_bytes:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= old.nbytes
+            others = [k for k in self._items if k[0] != key[0]]
+            while self._bytes + size > max_bytes and others:
+                self._bytes -= self._items.pop(others.pop(0)).nbytes
+            while self._bytes > max_bytes:  # the limit shrank below what the store's blocks hold
+                self._bytes -= self._items.popitem(last=False)[1].nbytes
+            if self._bytes + size <= max_bytes:
+                self._items[key] = block
+                self._bytes += size
 
     def clear(self) -> None:
         with self._lock:

@@ -282,3 +282,68 @@ def test_route_tasks_read_only_the_routing_arrays(tmp_path):
     # An in-block this process already holds answers without a read.
     inblock = store.inblock("users", 0)
     assert load_out_blocks(store.ref, "users", 0) is inblock
+
+
+def _tiny_inblock(n: int):
+    return build_inblock(np.arange(n), np.zeros(n, int), np.arange(n), np.arange(n), np.ones(n), n, 1)
+
+
+def test_block_cache_keeps_its_blocks_through_a_cyclic_scan():
+    """Training reads blocks in the same order every half-step; a cache holding two of four
+    blocks must hit on two per cycle (an LRU would hit on none)."""
+    from blockals.store import _BlockCache
+
+    cache, blocks = _BlockCache(), [_tiny_inblock(10) for _ in range(4)]
+    limit = int(2.5 * blocks[0].nbytes)
+    hits = 0
+    for cycle in range(3):
+        for b, block in enumerate(blocks):
+            if cache.get(("s", "users", b)) is not None:
+                hits += 1
+            else:
+                cache.put(("s", "users", b), block, limit)
+    assert hits == 2 * 2
+    # Another store's block takes the room of the first store's blocks, least recent first.
+    cache.put(("t", "users", 0), blocks[0], limit)
+    assert cache.get(("t", "users", 0)) is blocks[0]
+    assert [cache.get(("s", "users", b)) is not None for b in range(4)].count(True) == 1
+    # Full of its own store's blocks, it keeps them and turns the next one away...
+    cache.put(("t", "users", 1), blocks[1], blocks[0].nbytes)
+    assert cache.get(("t", "users", 1)) is None and cache.get(("t", "users", 0)) is blocks[0]
+    # ...but a limit lowered below what it holds evicts rather than staying over it.
+    cache.put(("t", "users", 1), blocks[1], blocks[0].nbytes // 2)
+    assert cache.get(("t", "users", 0)) is None and cache.get(("t", "users", 1)) is None
+
+
+def test_chunks_are_what_format_md_says(tmp_path):
+    """A reader written from storage/FORMAT.md alone (a Blosc frame, then the CRC32C of the
+    frame; vlen-utf8 inside for strings) gets the arrays back from the raw chunk files."""
+    import google_crc32c
+    import zarr
+    from numcodecs.blosc import decompress
+
+    from blockals.formats import write_array
+
+    numbers, names = np.arange(1000, dtype=np.uint32) * 7, np.array(["a", "bé", ""], dtype=object)
+    group = zarr.open_group(tmp_path / "g.zarr", mode="w")
+    write_array(group, "numbers", numbers)
+    write_array(group, "names", names)
+
+    def frame(name: str) -> bytes:
+        meta = json.loads((tmp_path / "g.zarr" / name / "zarr.json").read_text())
+        blosc = meta["codecs"][-2]
+        assert blosc["name"] == "blosc" and meta["codecs"][-1] == {"name": "crc32c"}
+        assert {k: blosc["configuration"][k] for k in ("cname", "clevel", "shuffle")} == {
+            "cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
+        raw = (tmp_path / "g.zarr" / name / "c" / "0").read_bytes()
+        assert int.from_bytes(raw[-4:], "little") == google_crc32c.value(raw[:-4])
+        return decompress(raw[:-4])
+
+    assert np.array_equal(np.frombuffer(frame("numbers"), dtype="<u4"), numbers)
+    data, strings = frame("names"), []
+    count, pos = int.from_bytes(data[:4], "little"), 4
+    for _ in range(count):
+        n = int.from_bytes(data[pos : pos + 4], "little")
+        strings.append(data[pos + 4 : pos + 4 + n].decode("utf-8"))
+        pos += 4 + n
+    assert strings == list(names)
