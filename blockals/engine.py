@@ -7,7 +7,10 @@ One iteration is two half-steps, items first as in Spark. A half-step toward sid
   message ``Y_j[out(j -> b)]`` (skipped when ``b`` rates nothing in ``j``). The out-blocks
   are read once per run (``blockals-outblocks-users-<b>``, split into
   ``blockals-out-users-<j>-<b>``) and stay in the cluster: a route task receives its few
-  indices rather than reading the destination block's routing from the store;
+  indices rather than reading the destination block's routing from the store. Where
+  ``out(j -> b)`` holds more than half of ``Y_j`` there is no route task: the solve
+  receives ``Y_j`` itself, which Dask sends once to each worker for all the blocks solved
+  there, and cuts the slice (:func:`blockals.routing.ship_whole`);
 * ``blockals-gram-users-<it>-<j>`` and ``blockals-gramsum-users-<it>-...`` (modes with a
   term over all pairs): ``Y^T Y`` as a tree reduction over item blocks, computed once and
   shared by every solve;
@@ -42,7 +45,8 @@ from blockals.cluster import blas_context, blas_limits, cache_bytes
 from blockals.halfstep import LossTerms, SolvedBlock, gram, routed_rows, solve_block
 from blockals.objectives import Objective
 from blockals.params import ALSConfig
-from blockals.store import RatingStore, Side, StoreRef, load_inblock, load_out_blocks, load_rows
+from blockals.routing import ship_whole
+from blockals.store import RatingStore, Side, StoreRef, load_inblock, load_out_blocks, load_rows, other_side
 
 __all__ = ["Engine", "FitResult"]
 
@@ -83,11 +87,12 @@ def _sum_task(*parts: np.ndarray) -> np.ndarray:
 
 def _solve_task(
     ref: StoreRef, side: Side, block: int, config: ALSConfig, obj: Objective, limits: dict[str, int],
-    G: np.ndarray | None, previous: np.ndarray | None, weights: np.ndarray | None, *messages: np.ndarray,
+    G: np.ndarray | None, previous: np.ndarray | None, weights: np.ndarray | None, whole: np.ndarray,
+    *messages: np.ndarray,
 ) -> SolvedBlock:
     """Solve one block (:func:`blockals.halfstep.solve_block`) from its routed messages."""
     inblock = load_inblock(ref, side, block, cache_bytes())
-    M = routed_rows(messages, obj.width, config.dtype)
+    M = routed_rows(inblock, messages, whole, obj.width, config.dtype)
     with blas_context(limits):
         return solve_block(inblock, M, obj, config, G=G, previous=previous,
                            weights=obj.side_weights(side, inblock, weights))
@@ -179,9 +184,18 @@ class Engine:
     def _submit(self, fn: Callable, *args: Any, key: str) -> Future:
         return self.client.submit(fn, *args, key=key, pure=False)
 
+    def _whole(self, dst: Side) -> np.ndarray:
+        """``[j, b]``: source block ``j`` ships to block ``b`` of ``dst`` whole (:func:`ship_whole`)."""
+        return ship_whole(self.store.message_rows(dst), self.store.block_rows(other_side(dst)))
+
     def bytes_routed(self) -> int:
-        """Bytes of factor rows one iteration ships between blocks."""
-        rows = sum(int(self.store.message_rows(side).sum()) for side in ("users", "items"))
+        """Bytes of factor rows the solves of one iteration receive: each out-block, or the
+        whole source block where a pair ships it whole. A whole block reaches each worker
+        once, however many of its destination blocks run there."""
+        rows = 0
+        for dst in ("users", "items"):
+            sent, whole = self.store.message_rows(dst), self._whole(dst)
+            rows += int(np.where(whole, self.store.block_rows(other_side(dst))[:, None], sent).sum())
         return rows * self.objective.width * np.dtype(self.config.dtype).itemsize
 
     def _weights(self, side: Side) -> list[np.ndarray | None]:
@@ -247,19 +261,21 @@ class Engine:
     ) -> tuple[list[Future], list[Future]]:
         """Solve every block of ``dst``; returns factor futures and loss-term futures."""
         routes = self._out_blocks(dst)
+        whole = self._whole(dst)
         G = self._gram(it, dst, src_factors)
         weights = self._weights(dst)
         solved, stats = [], []
         for b in range(self.store.n_blocks(dst)):
             msgs = [
-                self._submit(_route_task, routes[b][j], src_factors[j], key=self._key("route", dst, it, j, b))
+                src_factors[j] if whole[j, b]
+                else self._submit(_route_task, routes[b][j], src_factors[j], key=self._key("route", dst, it, j, b))
                 for j in range(len(src_factors))
                 if routes[b][j] is not None
             ]
             prev = None if previous is None else previous[b]
             result = self._submit(
-                _solve_task, self.ref, dst, b, self.config, self.objective, self.limits, G, prev, weights[b], *msgs,
-                key=self._key("solve", dst, it, b),
+                _solve_task, self.ref, dst, b, self.config, self.objective, self.limits, G, prev, weights[b],
+                whole[:, b], *msgs, key=self._key("solve", dst, it, b),
             )
             solved.append(self._submit(_factors, result, key=self._key("factors", dst, it, b)))
             stats.append(self._submit(_terms, result, key=self._key("loss", dst, it, b)))

@@ -11,6 +11,7 @@ prices it (:class:`LossTerms`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,12 +60,25 @@ def gram(factors: np.ndarray, rank: int) -> np.ndarray:
     return F.T @ F
 
 
-def routed_rows(messages: tuple[np.ndarray, ...] | list[np.ndarray], width: int, dtype: str) -> np.ndarray:
-    """The messages a block received, concatenated in source-block order: the rows its
-    in-block's ``col`` points at."""
-    if not messages:
-        return np.zeros((0, width), dtype=dtype)
-    return np.concatenate(messages) if len(messages) > 1 else messages[0]
+def routed_rows(
+    inblock: InBlock, messages: Sequence[np.ndarray], whole: np.ndarray, width: int, dtype: str,
+) -> np.ndarray:
+    """The rows a block's in-block points at (``inblock.col``): its out-blocks laid end to end
+    in source-block order.
+
+    ``messages`` holds one array per source block that sends anything (in block order):
+    ``Y_j[out(j -> b)]``, or, where ``whole[j]`` (:func:`blockals.routing.ship_whole`), the
+    whole factor block ``Y_j``, from which its out-block is cut here.
+    """
+    M = np.empty((int(inblock.need_ptr[-1]), width), dtype=dtype)
+    senders = np.flatnonzero(np.diff(inblock.need_ptr) > 0)
+    for j, message in zip(senders, messages, strict=True):
+        part = M[inblock.need_ptr[j] : inblock.need_ptr[j + 1]]
+        if whole[j]:
+            np.take(message, inblock.out_block(j), axis=0, out=part)
+        else:
+            part[...] = message
+    return M
 
 
 def solve_block(
@@ -84,7 +98,7 @@ def solve_block(
     inblock : InBlock
         The block's ratings; ``inblock.col`` indexes rows of ``M``.
     M : ndarray of shape (m, objective.width)
-        The routed factor rows of the other side.
+        The routed factor rows of the other side (:func:`routed_rows`).
     objective : Objective
         What the mode minimizes (``config.objective(global_mean)``).
     config : ALSConfig

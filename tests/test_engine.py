@@ -58,12 +58,23 @@ def test_resume_refuses_other_parameters(store, client2, tmp_path):
         blockals.ALS(rank=3, max_iter=2).fit(store, client2, checkpoint_path=str(tmp_path / "d"), resume=True)
 
 
-def test_task_prefixes_name_the_stages(store, client2):
-    fit(store, client2, 1)
+@pytest.fixture(scope="module")
+def sparse_store(tmp_path_factory):
+    """Sparse enough that some block pairs need under half of their source block."""
+    R, M = random_ratings(60, 40, 0.05, seed=7)
+    return blockals.ingest(to_frame(R, M), tmp_path_factory.mktemp("s") / "r.zarr", n_user_blocks=3, n_item_blocks=4)
+
+
+def test_task_prefixes_name_the_stages(sparse_store, client2):
+    fit(sparse_store, client2, 1)
     prefixes = client2.run_on_scheduler(lambda dask_scheduler: set(dask_scheduler.task_prefixes))
-    for stage in ("blockals-init-users", "blockals-route-items", "blockals-route-users", "blockals-solve-items",
-                  "blockals-solve-users", "blockals-loss-users", "blockals-loss-items", "blockals-checkpoint-users"):
+    for stage in ("blockals-init-users", "blockals-solve-items", "blockals-solve-users", "blockals-loss-users",
+                  "blockals-loss-items", "blockals-checkpoint-users"):
         assert stage in prefixes
+    # Pairs that need under half of their source block ship a slice, cut by a route task.
+    assert prefixes & {"blockals-route-items", "blockals-route-users"}
+    stages = {"init", "route", "solve", "loss", "factors", "checkpoint", "restart", "outblocks", "out", "gram", "gramsum"}
+    assert {p.split("-")[1] for p in prefixes if p.startswith("blockals-")} <= stages
 
 
 def test_only_current_iteration_is_held(store, client2, tmp_path):
@@ -87,33 +98,24 @@ def test_only_current_iteration_is_held(store, client2, tmp_path):
     assert client2.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) == 0
 
 
-def test_bytes_routed_is_what_each_block_needs(store, client2):
+def test_bytes_routed_is_what_each_block_needs(sparse_store, client2):
+    store = sparse_store
     model = fit(store, client2, 1)
-    # Brute force: a user block needs each distinct item its users rated, once.
-    ub, _ = store.assignment("users")
-    ib, _ = store.assignment("items")
-    users, items = [], []
-    for b in range(store.n_user_blocks):
-        inb, rows = store.inblock("users", b), store.rows("users", b)
-        users.append(rows[inb.row])
-    u = np.concatenate(users)
-    # Reconstruct the item of every rating from the item side instead (independent path).
-    pairs = set()
-    for j in range(store.n_item_blocks):
-        inb, rows = store.inblock("items", j), store.rows("items", j)
-        for item, user_local, src in zip(rows[inb.row], inb.src_index, inb.src_block):
-            pairs.add(item)
-    needed_rows = 0
-    for b in range(store.n_user_blocks):
-        inb = store.inblock("users", b)
-        needed_rows += np.unique(np.stack([inb.src_block.astype(int), inb.need_rows[inb.col]]), axis=1).shape[1]
-    for j in range(store.n_item_blocks):
-        inb = store.inblock("items", j)
-        needed_rows += np.unique(np.stack([inb.src_block.astype(int), inb.need_rows[inb.col]]), axis=1).shape[1]
-    assert model.history_[0]["bytes_routed"] == needed_rows * 5 * 8
-    whole = (store.n_items * store.n_user_blocks + store.n_users * store.n_item_blocks) * 5 * 8
-    assert model.history_[0]["bytes_routed"] < whole
-    assert u.size == store.nnz and len(pairs) == store.n_items
+    # Brute force from the ratings: block b needs the distinct rows it rates in each source
+    # block j; a source block whose rows b mostly needs (more than half) ships whole.
+    received, shipped = 0, set()
+    for dst, src in (("users", "items"), ("items", "users")):
+        src_of = store.assignment(src)[0]
+        for b in range(store.n_blocks(dst)):
+            rows, others, _ = store.triples(dst, b)
+            for j in range(store.n_blocks(src)):
+                needed = np.unique(others[src_of[others] == j]).size
+                size = int((src_of == j).sum())
+                received += size if 2 * needed > size else needed
+                if needed:
+                    shipped.add("whole" if 2 * needed > size else "slice")
+    assert shipped == {"whole", "slice"}  # the store exercises both
+    assert model.history_[0]["bytes_routed"] == received * 5 * 8
 
 
 def _blas_threads_in_task(limits):

@@ -126,9 +126,27 @@ def test_solve_block_equals_dense_per_row_solves(block, mode):
         assert terms.gram is None
 
 
-def test_routed_rows_concatenate_in_source_order():
-    a, b = np.ones((2, 3)), np.zeros((1, 3))
-    np.testing.assert_array_equal(routed_rows([a, b], 3, "float64"), np.vstack([a, b]))
-    assert routed_rows([a], 3, "float64") is a
-    empty = routed_rows([], 4, "float32")
-    assert empty.shape == (0, 4) and empty.dtype == np.float32
+@pytest.mark.parametrize("whole", [(False, False, False), (True, False, True), (True, True, True)],
+                         ids=["slices", "mixed", "whole"])
+def test_routed_rows_point_every_rating_at_its_source_row(whole):
+    """Messages are slices ``Y_j[out(j -> b)]`` or whole blocks ``Y_j``; either way the
+    rating's row of the concatenation is its source row's factors."""
+    rng = np.random.default_rng(8)
+    sizes = [6, 4, 5]  # source block 1 sends nothing: its message is missing, not empty
+    blocks = [rng.standard_normal((n, RANK)) for n in sizes]
+    dst = np.repeat(np.arange(4), 3)
+    src_block = np.array([0, 2, 0, 2, 2, 0, 0, 2, 0, 2, 0, 2])
+    src_local = np.array([5, 1, 2, 4, 0, 0, 3, 1, 1, 3, 4, 2])
+    src_global = np.array([0, 6, 5])[src_block] + src_local  # blocks laid end to end globally
+    inblock = build_inblock(dst, src_block, src_local, src_global, np.ones(dst.size), 4, 3)
+    messages = [blocks[j] if whole[j] else blocks[j][inblock.out_block(j)] for j in (0, 2)]
+    M = routed_rows(inblock, messages, np.array(whole), RANK, "float64")
+    order = np.lexsort((src_global, dst))  # the in-block's rating order
+    expected = np.stack([blocks[j][i] for j, i in zip(src_block[order], src_local[order])])
+    np.testing.assert_array_equal(M[inblock.col], expected)
+
+
+def test_routed_rows_of_a_block_without_ratings():
+    inblock = build_inblock(np.zeros(0, int), np.zeros(0, int), np.zeros(0, int), np.zeros(0, int), np.zeros(0), 2, 3)
+    M = routed_rows(inblock, [], np.zeros(3, bool), 4, "float32")
+    assert M.shape == (0, 4) and M.dtype == np.float32
