@@ -343,6 +343,8 @@ def _row_loss(u, x, indptr, col, D, a, beta, gamma, tau, acc):
     w = x.shape[0]
     observed = sq_err = 0.0
     for p in range(indptr[u], indptr[u + 1]):
+        if p + PREFETCH_AHEAD < col.shape[0]:
+            _prefetch(D, col[p + PREFETCH_AHEAD])
         d = D[col[p]]
         s = 0.0
         for j in range(w):
