@@ -142,18 +142,20 @@ class RowSystems:
     col : ndarray of shape (nnz,)
         Row of ``D`` for each rating.
     beta : ndarray of shape (nnz,)
-        Right-hand-side coefficient of each rating.
+        Right-hand-side coefficient of each rating: float64, or the float32 ratings
+        themselves, which the loops widen (explicit mode makes no copy of them).
     a : ndarray of shape (nnz,) or None
-        Gram weight of each rating (None: all ones).
+        Gram weight of each rating (None: all ones, stored as one).
     G : ndarray of shape (w, w) or None
         Term shared by every row's matrix.
     reg : ndarray of shape (n_rows, w)
         Ridge diagonal of each row.
-    gamma : ndarray of shape (nnz,)
+    gamma : ndarray of shape (nnz,) or None
         Constant of each rating's loss term: the objective's sum over the observed pairs
-        is ``sum (a s^2 - 2 beta s + gamma)`` at predictions ``s = d . x``.
+        is ``sum (a s^2 - 2 beta s + gamma)`` at predictions ``s = d . x`` (None:
+        ``beta^2``, computed in the loss pass).
     tau : ndarray of shape (nnz,)
-        What ``train_rmse`` compares ``s`` with.
+        What ``train_rmse`` compares ``s`` with (float64 or float32, as ``beta``).
     """
 
     inblock: InBlock
@@ -163,7 +165,7 @@ class RowSystems:
     a: np.ndarray | None
     G: np.ndarray | None
     reg: np.ndarray
-    gamma: np.ndarray
+    gamma: np.ndarray | None
     tau: np.ndarray
 
     @property
@@ -173,8 +175,9 @@ class RowSystems:
     def kernel_arrays(self) -> KernelArrays:
         """The arrays in the layouts and types the compiled loops take.
 
-        Missing weights become ones and a missing ``G`` zeros, so each dtype of ``D``
-        compiles once.
+        Missing weights become one 1 seen through a zero stride, a missing ``gamma`` an
+        empty array and a missing ``G`` zeros: no ``nnz``-long array is made for them,
+        since at scale each one is a fresh allocation at every solve.
         """
         D = np.ascontiguousarray(self.D)
         nnz = self.col.shape[0]
@@ -182,13 +185,19 @@ class RowSystems:
             indptr=self.inblock.indptr.astype(np.int64),
             col=np.ascontiguousarray(self.col),  # int32 or int64, as InBlock.col gives it
             D=D,
-            a=np.ones(nnz, dtype=D.dtype) if self.a is None else np.ascontiguousarray(self.a, dtype=D.dtype),
-            beta=np.ascontiguousarray(self.beta, dtype=np.float64),
+            a=(np.broadcast_to(np.ones(1, dtype=D.dtype), (nnz,)) if self.a is None
+               else np.ascontiguousarray(self.a, dtype=D.dtype)),
+            beta=_per_rating(self.beta),
             G=np.zeros((self.width, self.width)) if self.G is None else np.ascontiguousarray(self.G, dtype=np.float64),
             reg=np.ascontiguousarray(self.reg, dtype=np.float64),
-            gamma=np.ascontiguousarray(self.gamma, dtype=np.float64),
-            tau=np.ascontiguousarray(self.tau, dtype=np.float64),
+            gamma=np.zeros(0) if self.gamma is None else np.ascontiguousarray(self.gamma, dtype=np.float64),
+            tau=_per_rating(self.tau),
         )
+
+
+def _per_rating(values: np.ndarray) -> np.ndarray:
+    """float32 values as they are (the loops widen them), anything else as float64."""
+    return np.ascontiguousarray(values, dtype=np.float32 if values.dtype == np.float32 else np.float64)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -325,8 +334,9 @@ def _system(u, indptr, col, D, a, beta, G, reg, A, E, F, M, b):
         _add_gram(A, D, col, a, start, end)
         for p in range(start, end):
             d = D[col[p]]
+            bp = np.float64(beta[p])
             for j in range(w):
-                b[j] += beta[p] * d[j]
+                b[j] += bp * d[j]
     for j in range(w):
         for l in range(w):
             M[j, l] = A[j, l] + G[j, l]
@@ -349,7 +359,8 @@ def _row_loss(u, x, indptr, col, D, a, beta, gamma, tau, acc):
         s = 0.0
         for j in range(w):
             s += d[j] * x[j]
-        observed += a[p] * s * s - 2.0 * beta[p] * s + gamma[p]
+        bp = np.float64(beta[p])
+        observed += a[p] * s * s - 2.0 * bp * s + (gamma[p] if gamma.shape[0] else bp * bp)
         sq_err += (tau[p] - s) ** 2
     acc[0] += observed
     acc[1] += sq_err
@@ -456,7 +467,7 @@ def _residual(u, x, indptr, col, D, a, beta, G, reg, r, xf, rf):
         t = d[0] * xf[0]
         for j in range(1, w):
             t += d[j] * xf[j]
-        t = beta[q] - a[q] * t
+        t = np.float64(beta[q]) - a[q] * t
         for j in range(w):
             rf[j] += t * d[j]
     for j in range(w):
@@ -670,9 +681,15 @@ def precompile() -> None:
     """
     inblock = build_inblock(np.zeros(5, int), np.zeros(5, int), np.arange(5), np.arange(5), np.ones(5), 1, 1)
     ones = np.ones(5)
+    # Explicit mode passes the float32 ratings as they are and no loss constants; the
+    # other modes float64 terms and per-rating weights.
+    variants = ({"beta": inblock.rating, "a": None, "gamma": None, "tau": inblock.rating},
+                {"beta": ones, "a": ones, "gamma": ones, "tau": ones},
+                {"beta": ones, "a": None, "gamma": None, "tau": ones})
     for dtype in (np.float32, np.float64):
-        sys = RowSystems(inblock=inblock, D=np.eye(5, 2, dtype=dtype), col=inblock.col, beta=ones, a=None, G=None,
-                         reg=np.ones((1, 2)), gamma=ones, tau=ones)
-        solve_cholesky(sys, loss=True)
-        solve_cg(sys, np.zeros((1, 2)), 1)
-        solve_nnls(sys, np.zeros((1, 2)), np.ones(2, dtype=bool))
+        for terms in variants:
+            sys = RowSystems(inblock=inblock, D=np.eye(5, 2, dtype=dtype), col=inblock.col, G=None,
+                             reg=np.ones((1, 2)), **terms)
+            solve_cholesky(sys, loss=True)
+            solve_cg(sys, np.zeros((1, 2)), 1, loss=True)
+            solve_nnls(sys, np.zeros((1, 2)), np.ones(2, dtype=bool), loss=True)

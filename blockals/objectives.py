@@ -82,9 +82,9 @@ class Objective:
 
     # -- one half-step ---------------------------------------------------------------
     def systems(self, inblock: InBlock, M: np.ndarray, G: np.ndarray | None, weights: np.ndarray | None) -> RowSystems:
-        r = inblock.rating.astype(np.float64)
+        r = inblock.rating  # float32, widened in the loops: no nnz-long copy
         return RowSystems(inblock=inblock, D=M[:, : self.rank], col=inblock.col, beta=r, a=None, G=None,
-                          reg=self.ridge(inblock), gamma=r * r, tau=r)
+                          reg=self.ridge(inblock), gamma=None, tau=r)
 
     def finish(self, X: np.ndarray, inblock: InBlock, weights: np.ndarray | None) -> np.ndarray:
         """The factor block to keep, from the systems' solution."""
@@ -137,7 +137,7 @@ class Biased(Objective):
         # float64 first: float32 ratings minus a Python float would stay float32 and round mu.
         beta = inblock.rating.astype(np.float64) - self.mu - M[col, k]
         return RowSystems(inblock=inblock, D=D, col=col, beta=beta, a=None, G=None, reg=self.ridge(inblock),
-                          gamma=beta * beta, tau=beta)
+                          gamma=None, tau=beta)
 
     def initial(self, factors, inblock, weights):
         return np.hstack([factors, np.zeros((factors.shape[0], 1), dtype=factors.dtype)])
