@@ -243,16 +243,20 @@ class Engine:
         return level[0]
 
     def _out_blocks(self, dst: Side) -> list[list[Future | None]]:
-        """``out(j -> b)`` for every block ``b`` of ``dst`` and source block ``j`` (None where
-        ``b`` needs nothing from ``j``), read from the store once per run."""
+        """``out(j -> b)`` for every block ``b`` of ``dst`` and source block ``j`` whose pair
+        ships a slice (None where ``b`` needs nothing from ``j`` or takes ``Y_j`` whole),
+        read from the store once per run."""
         if dst not in self.routes:
-            rows = self.store.message_rows(dst)
+            sliced = (self.store.message_rows(dst) > 0) & ~self._whole(dst)
             self.routes[dst] = []
             for b in range(self.store.n_blocks(dst)):
-                whole = self._submit(_out_blocks_task, self.ref, dst, b, key=self._key("outblocks", dst, b))
+                if not sliced[:, b].any():
+                    self.routes[dst].append([None] * sliced.shape[0])
+                    continue
+                table = self._submit(_out_blocks_task, self.ref, dst, b, key=self._key("outblocks", dst, b))
                 self.routes[dst].append([
-                    self._submit(_list_item, whole, j, key=self._key("out", dst, j, b)) if rows[j, b] else None
-                    for j in range(rows.shape[0])
+                    self._submit(_list_item, table, j, key=self._key("out", dst, j, b)) if sliced[j, b] else None
+                    for j in range(sliced.shape[0])
                 ])
         return self.routes[dst]
 
@@ -261,7 +265,7 @@ class Engine:
     ) -> tuple[list[Future], list[Future]]:
         """Solve every block of ``dst``; returns factor futures and loss-term futures."""
         routes = self._out_blocks(dst)
-        whole = self._whole(dst)
+        sends, whole = self.store.message_rows(dst) > 0, self._whole(dst)
         G = self._gram(it, dst, src_factors)
         weights = self._weights(dst)
         solved, stats = [], []
@@ -270,7 +274,7 @@ class Engine:
                 src_factors[j] if whole[j, b]
                 else self._submit(_route_task, routes[b][j], src_factors[j], key=self._key("route", dst, it, j, b))
                 for j in range(len(src_factors))
-                if routes[b][j] is not None
+                if sends[j, b]
             ]
             prev = None if previous is None else previous[b]
             result = self._submit(

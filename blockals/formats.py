@@ -42,7 +42,7 @@ __all__ = [
 CHUNK_ELEMENTS = 1 << 22
 # LZ4 in Blosc with byte shuffling: within 10% of zstd's size on the in-blocks, decoded
 # 2.4x as fast, and at scale the in-blocks are read again every iteration
-# (docs/performance.md, "Reading in-blocks").
+# (docs/performance.md, "One 200M iteration, stage by stage").
 CODECS = (zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), zarr.codecs.Crc32cCodec())
 
 
