@@ -73,15 +73,16 @@ def check_meta(meta: Any, path: str, fmt: str, version: int, kind: str, complete
     return meta
 
 
-def write_array(group: zarr.Group, name: str, data: np.ndarray) -> zarr.Array:
-    """Write ``data`` as a checksummed, compressed 1-D or 2-D array."""
+def write_array(group: zarr.Group, name: str, data: np.ndarray, chunk_elements: int = CHUNK_ELEMENTS) -> zarr.Array:
+    """Write ``data`` as a checksummed, compressed 1-D or 2-D array, in chunks of about
+    ``chunk_elements``."""
     data = np.asarray(data)
     if data.dtype.kind in "OUT":
         dtype: Any = str
         data = data.astype(str)
     else:
         dtype = data.dtype
-    rows = max(1, min(data.shape[0], CHUNK_ELEMENTS // max(1, int(np.prod(data.shape[1:])))))
+    rows = max(1, min(data.shape[0], chunk_elements // max(1, int(np.prod(data.shape[1:])))))
     arr = group.create_array(
         name,
         shape=data.shape,

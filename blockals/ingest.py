@@ -36,7 +36,7 @@ import pandas as pd
 
 from blockals.errors import InputError
 from blockals.partition import DEFAULT_BLOCK_BUDGET, assign_blocks, default_n_blocks, parse_n_blocks
-from blockals.routing import build_inblock
+from blockals.routing import build_inblock, counting_order, pair_order
 from blockals.sources import (
     Source, check_partition, convert_ids, normalize_ratings, normalize_timestamps, read_source, reading,
 )
@@ -109,7 +109,7 @@ class BlockPlan:
 
 @dataclass(frozen=True, kw_only=True)
 class Combined:
-    """A block's ratings sorted by (dst, src), repeated pairs resolved by :func:`combine_duplicates`.
+    """A block's ratings, repeated pairs resolved by :func:`combine_duplicates`, which returns them sorted by (dst, src).
 
     ``example`` is ``(dst, src, first_row, second_row)`` of the pair whose repeat comes
     first in the source (the earliest row that repeats an earlier one), or None.
@@ -147,12 +147,17 @@ def combine_duplicates(
 ) -> Combined:
     """Resolve repeated (dst, src) pairs, ``row`` being each rating's position in the source.
 
-    With ``policy="error"`` and repeats present, the ratings are returned unresolved.
-    ``"sum"`` adds the values (as Spark does silently), ``"mean"`` averages them,
-    ``"last"`` keeps the value of the latest source row. A combined pair keeps the
-    timestamp of its latest source row.
+    ``dst`` and ``src`` are indices (non-negative integers). With ``policy="error"`` and
+    repeats present, the ratings are returned unresolved. ``"sum"`` adds the values (as
+    Spark does silently), ``"mean"`` averages them, ``"last"`` keeps the value of the
+    latest source row. A combined pair keeps the timestamp of its latest source row.
     """
-    order = np.lexsort((row, src, dst))
+    n_dst, n_src = (int(v.max()) + 1 if v.size else 0 for v in (dst, src))
+    if np.all(row[1:] >= row[:-1]):  # staged ratings come in source order
+        order = pair_order(dst, n_dst, src, n_src)
+    else:
+        by_row = np.argsort(row, kind="stable")
+        order = by_row[pair_order(dst[by_row], n_dst, src[by_row], n_src)]
     dst, src, rating, row = dst[order], src[order], rating[order], row[order]
     time = None if time is None else time[order]
     first = np.ones(dst.shape[0], dtype=bool)
@@ -196,21 +201,25 @@ def _stage_partition(
     if "timestamp" in part:
         columns["time"] = normalize_timestamps(part["timestamp"])[0]
     block = user_block[columns["dst"]]
-    order = np.argsort(block, kind="stable")
+    order = counting_order(block, n_user_blocks)
     writer.stage("users", index, {name: values[order] for name, values in columns.items()})
     return np.searchsorted(block[order], np.arange(n_user_blocks + 1))
 
 
 def _block_ratings(
-    writer: StoreWriter, side: Side, block: int, stage_ptrs: Sequence[np.ndarray], duplicates: str | None, timed: bool
+    writer: StoreWriter, side: Side, block: int, stage_ptrs: Sequence[np.ndarray], dst_local: np.ndarray,
+    duplicates: str | None, timed: bool,
 ) -> Combined:
-    """The staged ratings of one destination block; a user block's with repeats resolved."""
-    if side == "items":  # staged by the user pass, repeats already resolved
+    """The staged ratings of one destination block, by local row; a user block's with
+    repeats resolved and sorted by (row, source index)."""
+    if side == "items":  # staged by the user pass, repeats already resolved; build_inblock sorts them
         data = writer.read_staged(side, stage_ptrs, block, ("dst", "src", "rating"))
-        return Combined(**data, time=None, n_duplicates=0, example=None)
+        return Combined(dst=dst_local[data["dst"]], src=data["src"], rating=data["rating"], time=None,
+                        n_duplicates=0, example=None)
     names = ("dst", "src", "rating", "row") + (("time",) if timed else ())
     data = writer.read_staged(side, stage_ptrs, block, names)
-    return combine_duplicates(data["dst"], data["src"], data["rating"], data["row"], duplicates, data.get("time"))
+    return combine_duplicates(dst_local[data["dst"]], data["src"], data["rating"], data["row"], duplicates,
+                              data.get("time"))
 
 
 def _build_block(
@@ -218,26 +227,27 @@ def _build_block(
     assignment: dict[Side, tuple[np.ndarray, np.ndarray]], duplicates: str | None, timed: bool,
 ) -> BlockStats:
     """Build, write and (for users) restage one destination block."""
-    ratings = _block_ratings(writer, side, block, stage_ptrs, duplicates, timed)
-    if ratings.n_duplicates and duplicates == "error":
-        return BlockStats(duplicates=ratings.n_duplicates, example=ratings.example)
     dst_block, dst_local = assignment[side]
     src_block, src_local = assignment[other_side(side)]
-    rows = np.flatnonzero(dst_block == block)
+    rows = np.flatnonzero(dst_block == block)  # global index of each local row
+    ratings = _block_ratings(writer, side, block, stage_ptrs, dst_local, duplicates, timed)
+    example = None if ratings.example is None else (int(rows[ratings.example[0]]), *ratings.example[1:])
+    if ratings.n_duplicates and duplicates == "error":
+        return BlockStats(duplicates=ratings.n_duplicates, example=example)
     n_src_blocks = int(src_block.max()) + 1
-    # In-block order (by row, then the other side's global index), so timestamps line up.
-    order = np.lexsort((ratings.src, dst_local[ratings.dst]))
-    dst, src, rating = ratings.dst[order], ratings.src[order], ratings.rating[order]
-    inblock = build_inblock(dst_local[dst], src_block[src], src_local[src], src, rating, rows.shape[0], n_src_blocks)
-    writer.write_block(side, block, rows, inblock, None if ratings.time is None else ratings.time[order])
+    # In-block order is (row, the other side's global index); a user block's ratings come
+    # so already, lined up with their timestamps.
+    dst, src, rating = ratings.dst, ratings.src, ratings.rating
+    inblock = build_inblock(dst, src_block[src], src_local[src], src, rating, rows.shape[0], n_src_blocks)
+    writer.write_block(side, block, rows, inblock, ratings.time)
     staged = None
     if side == "users":  # stage again, by item block, for the item pass
-        by_item = np.argsort(src_block[src], kind="stable")
-        writer.stage("items", block, {"dst": src[by_item], "src": dst[by_item], "rating": rating[by_item]})
+        by_item = counting_order(src_block[src], n_src_blocks)
+        writer.stage("items", block, {"dst": src[by_item], "src": rows[dst[by_item]], "rating": rating[by_item]})
         staged = np.searchsorted(src_block[src][by_item], np.arange(n_src_blocks + 1))
     return BlockStats(
         duplicates=ratings.n_duplicates,
-        example=ratings.example,
+        example=example,
         nnz=int(inblock.nnz),
         rating_sum=float(rating.astype(np.float64).sum()),
         rating_min=float(rating.min()) if rating.size else np.inf,

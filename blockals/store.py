@@ -64,6 +64,9 @@ STAGING = "_staging"
 # Where each ingest pass finds its ratings: the user pass in the staged source partitions
 # (sorted by user block), the item pass in the staged user blocks (sorted by item block).
 STAGED = {"users": f"{STAGING}/parts", "items": f"{STAGING}/users"}
+# Each destination block reads a slice of every staged group, and a read decodes whole
+# chunks: small chunks keep each staged rating decoded about once, not once per block.
+STAGED_CHUNK = 1 << 18
 
 
 def other_side(side: Side) -> Side:
@@ -433,7 +436,7 @@ class StoreWriter:
         """Stage one group of ratings (a source partition, or a user block) for the ``side`` pass."""
         group = open_group(self.path, "r+", self.storage_options).require_group(f"{STAGED[side]}/{index}")
         for name, values in columns.items():
-            write_array(group, name, values)
+            write_array(group, name, values, STAGED_CHUNK)
 
     def read_staged(
         self, side: Side, ptrs: Sequence[np.ndarray], block: int, names: Sequence[str]

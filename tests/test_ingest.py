@@ -19,6 +19,7 @@ import pytest
 import zarr
 
 import blockals
+from blockals.ingest import combine_duplicates
 from blockals.partition import BYTES_PER_RATING
 from blockals.store import BLOCK_CACHE
 
@@ -629,6 +630,33 @@ def test_duplicates_combined(with_duplicates, policy, tmp_path):
     assert store.params["duplicates_resolved"] == _first_duplicate(df)[0]
     assert_store_holds(store, expected)
     assert store.stats["rating_mean"] == pytest.approx(expected["rating"].mean())
+
+
+@pytest.mark.parametrize("policy", ["sum", "last", "mean", "error"])
+@pytest.mark.parametrize("row_order", ["ascending", "shuffled"])
+def test_combine_duplicates_against_pandas(policy, row_order):
+    rng = np.random.default_rng(3)
+    n = 4000
+    dst, src = rng.integers(0, 40, n), rng.integers(0, 30, n)  # about 3 ratings per pair
+    rating = rng.integers(1, 11, n).astype(np.float32) / 2
+    row = np.arange(n) if row_order == "ascending" else rng.permutation(n)
+    combined = combine_duplicates(dst, src, rating, row, policy, time=row * 10)
+    df = pd.DataFrame({"dst": dst, "src": src, "rating": rating.astype(np.float64), "row": row}).sort_values("row")
+    groups = df.groupby(["dst", "src"], sort=True)
+    repeats = df[df.duplicated(["dst", "src"])]
+    assert combined.n_duplicates == len(repeats)
+    first_repeat = repeats.iloc[0]
+    earliest = groups["row"].min()[(first_repeat["dst"], first_repeat["src"])]
+    assert combined.example == (first_repeat["dst"], first_repeat["src"], earliest, first_repeat["row"])
+    if policy == "error":  # unresolved, sorted by (dst, src, row)
+        expected = df.sort_values(["dst", "src", "row"])
+        np.testing.assert_array_equal(combined.time, expected["row"].to_numpy() * 10)
+    else:
+        expected = getattr(groups["rating"], policy)().reset_index()
+        np.testing.assert_array_equal(combined.time, groups["row"].max().to_numpy() * 10)
+    np.testing.assert_array_equal(combined.dst, expected["dst"])
+    np.testing.assert_array_equal(combined.src, expected["src"])
+    np.testing.assert_allclose(combined.rating, expected["rating"], rtol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 import blockals
-from blockals.routing import InBlock, build_inblock, index_dtype
+from blockals.routing import InBlock, build_inblock, counting_order, index_dtype, pair_order
 
 FORMAT_MD = Path(__file__).resolve().parents[1] / "storage" / "FORMAT.md"
 BLOCKS = [(1, 1), (3, 2), (7, 5)]
@@ -146,6 +146,27 @@ def test_build_inblock_routes_exactly_what_is_needed(blocks, density):
         if len(rows[other]) >= 2 and len(rows[side]) >= 2:
             assert (shipped == 0).any()
             assert (shipped > 0).any() or density == 0.0
+
+
+@pytest.mark.parametrize("n_major, n_minor", [(1, 1), (5, 3), (40, 100_000), (3000, 7)])
+@pytest.mark.parametrize("layout", ["random", "sorted", "reversed", "repeats"])
+def test_pair_and_counting_orders_are_numpys_stable_sorts(n_major, n_minor, layout):
+    rng = np.random.default_rng(n_major + n_minor)
+    major = rng.integers(0, n_major, 5000)
+    minor = rng.integers(0, n_minor, 5000)
+    if layout == "sorted":
+        order = np.lexsort((minor, major))
+        major, minor = major[order], minor[order]
+    elif layout == "reversed":
+        order = np.lexsort((minor, major))[::-1]
+        major, minor = major[order], minor[order]
+    elif layout == "repeats":  # equal pairs: only a stable sort keeps their order
+        major, minor = np.repeat(major[:50], 100), np.repeat(minor[:50], 100)
+    for dtype in (np.int64, np.int32, np.uint32):
+        np.testing.assert_array_equal(pair_order(major.astype(dtype), n_major, minor.astype(dtype), n_minor),
+                                      np.lexsort((minor, major)))
+        np.testing.assert_array_equal(counting_order(major.astype(dtype), n_major), np.argsort(major, kind="stable"))
+    assert pair_order(major[:0], 0, minor[:0], 0).shape == (0,)
 
 
 def test_build_inblock_of_an_empty_block():
