@@ -3,15 +3,16 @@
 :func:`ingest` composes three stages. Their passes over the data are sets of Dask tasks,
 none holding more than one partition or one block in memory:
 
-1. :func:`scan_source` (*check*): each partition is validated (ids, ratings) and its ids
-   counted; the driver builds the id maps.
+1. :func:`scan_source` (*check*): each partition is validated (ids, ratings), its ids
+   counted, and what the later passes need of it kept in a scratch group beside the
+   target (the source is read once); the driver builds the id maps.
 2. :func:`plan_blocks`: the driver chooses the block counts and deals users and items to
    blocks (:mod:`blockals.partition`).
 3. :func:`write_store`, through :class:`blockals.store.StoreWriter`, which owns the
    layout:
 
-   * *stage*: each partition maps its ids to global indices and is written to a staging
-     area sorted by user block;
+   * *stage*: each kept partition maps its ids to global indices and is written to a
+     staging area sorted by user block; the scratch group is then removed;
    * *users*: each user block gathers its ratings from every staged partition, resolves
      duplicate (user, item) pairs, builds its in-block and out-blocks
      (:mod:`blockals.routing`), writes them, and stages its ratings again by item block;
@@ -27,10 +28,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import dask
+from dask.base import get_scheduler
 import numpy as np
 import pandas as pd
 
@@ -38,7 +41,8 @@ from blockals.errors import InputError
 from blockals.partition import DEFAULT_BLOCK_BUDGET, assign_blocks, default_n_blocks, parse_n_blocks
 from blockals.routing import build_inblock, counting_order, pair_order
 from blockals.sources import (
-    Source, check_partition, convert_ids, normalize_ratings, normalize_timestamps, read_source, reading,
+    PartitionCheck, Source, check_partition, convert_ids, normalize_ratings, normalize_timestamps, read_source,
+    reading,
 )
 from blockals.store import SIDES, RatingStore, Side, StoreWriter, other_side
 
@@ -61,8 +65,6 @@ class SourceScan:
     ----------
     description : str
         The source, as the store records it.
-    partitions : tuple of Delayed
-        The source's partitions, read again by the staging pass.
     offsets : ndarray of int64, shape (n_partitions + 1,)
         Source row of each partition's first row; the last entry is the number of rows.
     kinds : dict
@@ -76,7 +78,6 @@ class SourceScan:
     """
 
     description: str
-    partitions: tuple[Any, ...]
     offsets: np.ndarray
     kinds: dict[Side, str]
     ids: dict[Side, pd.Index]
@@ -187,19 +188,43 @@ def combine_duplicates(
 # -- tasks -----------------------------------------------------------------------
 
 
-def _stage_partition(
-    part: pd.DataFrame, index: int, offset: int, writer: StoreWriter, ids: dict[Side, pd.Index],
-    kinds: dict[Side, str], user_block: np.ndarray, n_user_blocks: int,
-) -> np.ndarray:
-    """Map one partition's ids and stage it sorted by user block; returns its block offsets."""
-    columns = {
-        "dst": ids["users"].get_indexer(convert_ids(part["user"], kinds["users"])),
-        "src": ids["items"].get_indexer(convert_ids(part["item"], kinds["items"])),
-        "rating": normalize_ratings(part["rating"])[0].astype(np.float32),
-        "row": offset + np.arange(len(part), dtype=np.int64),
-    }
+def _scan_partition(part: pd.DataFrame, index: int, writer: StoreWriter) -> tuple[PartitionCheck, dict | None]:
+    """Check one partition, count its ids and keep it for the staging pass.
+
+    Ids are kept as codes into the partition's own unique ids (numbers as int64, anything
+    else as text, to be typed once every partition is seen), so the staging pass maps a
+    few thousand ids per partition, not a million.
+    """
+    check = check_partition(part)
+    if check.problem is not None:
+        return check, None
+    kept = {"rating": normalize_ratings(part["rating"])[0].astype(np.float32)}
     if "timestamp" in part:
-        columns["time"] = normalize_timestamps(part["timestamp"])[0]
+        kept["time"] = normalize_timestamps(part["timestamp"])[0]
+    counts = {}
+    for side in SIDES:
+        codes, uniques = pd.factorize(part[side[:-1]])
+        kept[f"{side}_code"] = codes.astype(np.int32)
+        kept[f"{side}_id"] = convert_ids(uniques, "int") if uniques.dtype.kind in "iuf" else uniques.astype(str)
+        counts[side] = pd.Series(np.bincount(codes, minlength=len(uniques)), index=uniques)
+    writer.keep_partition(index, kept)
+    return check, counts
+
+
+def _stage_partition(
+    index: int, offset: int, writer: StoreWriter, ids: dict[Side, pd.Index], kinds: dict[Side, str],
+    user_block: np.ndarray, n_user_blocks: int,
+) -> np.ndarray:
+    """Map one kept partition's ids and stage it sorted by user block; returns its block offsets."""
+    kept = writer.read_partition(index)
+    global_index = {
+        side: ids[side].get_indexer(convert_ids(kept[f"{side}_id"].astype(object), kinds[side]))[kept[f"{side}_code"]]
+        for side in SIDES
+    }
+    columns = {"dst": global_index["users"], "src": global_index["items"], "rating": kept["rating"],
+               "row": offset + np.arange(kept["rating"].shape[0], dtype=np.int64)}
+    if "time" in kept:
+        columns["time"] = kept["time"]
     block = user_block[columns["dst"]]
     order = counting_order(block, n_user_blocks)
     writer.stage("users", index, {name: values[order] for name, values in columns.items()})
@@ -260,6 +285,25 @@ def _build_block(
 # -- stages ----------------------------------------------------------------------
 
 
+def _compute_all(tasks: Sequence[Any]) -> tuple[Any, ...]:
+    """``dask.compute(*tasks)``, returning or raising only once every task has ended.
+
+    A pass that fails is followed by the removal of what its tasks write (the scratch
+    group, the store); a task still running would write into it as it goes, or leave
+    files behind. On a distributed client the futures are waited for; otherwise the
+    threaded scheduler runs on a pool whose closing waits for its threads.
+    """
+    from distributed import Client, wait
+
+    client = getattr(get_scheduler(), "__self__", None)  # the client dask.compute would use
+    if not isinstance(client, Client):
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            return dask.compute(*tasks, scheduler="threads", pool=pool)
+    futures = client.compute(list(tasks))
+    wait(futures)
+    return tuple(client.gather(futures))
+
+
 def cluster_budget() -> int:
     """A third of the memory limit per thread of the current client's smallest worker.
 
@@ -289,16 +333,20 @@ def _combine_counts(parts: Sequence[pd.Series], kind: str) -> tuple[np.ndarray, 
     return combined.index.to_numpy(), combined.to_numpy(dtype=np.int64)
 
 
-def scan_source(src: Source, kinds: dict[Side, str] | None = None) -> SourceScan:
-    """Stage 1: check every partition of an opened source and count its ids (one Dask task each).
+def scan_source(src: Source, writer: StoreWriter, kinds: dict[Side, str] | None = None) -> SourceScan:
+    """Stage 1: check every partition of an opened source, count its ids and keep it in
+    ``writer``'s scratch group (one Dask task each; the caller removes the scratch).
 
     ``kinds`` fixes the type ids are read as (a ``like`` store's); by default a side's ids
     are strings when any partition's are. Raises :class:`InputError` naming the first bad
     row, counted across partitions, or when the source has no ratings.
     """
-    partitions = tuple(src.frame.to_delayed())
+    writer.start_scratch()
     with reading(src.description):  # a malformed row deep in a file fails inside its partition
-        checks = dask.compute(*[dask.delayed(check_partition)(p) for p in partitions])
+        scanned = _compute_all([
+            dask.delayed(_scan_partition)(part, p, writer) for p, part in enumerate(src.frame.to_delayed())
+        ])
+    checks = [check for check, _ in scanned]
     offsets = np.concatenate([[0], np.cumsum([c.n_rows for c in checks])])
     for check, offset in zip(checks, offsets):
         if check.problem is not None:
@@ -309,10 +357,9 @@ def scan_source(src: Source, kinds: dict[Side, str] | None = None) -> SourceScan
     if kinds is None:
         kinds = {side: "str" if any(getattr(c, f"{side[:-1]}_kind") == "str" for c in checks) else "int"
                  for side in SIDES}
-    counted = {side: _combine_counts([getattr(c, f"{side[:-1]}_counts") for c in checks], kinds[side])
-               for side in SIDES}
+    counted = {side: _combine_counts([counts[side] for _, counts in scanned], kinds[side]) for side in SIDES}
     return SourceScan(
-        description=src.description, partitions=partitions, offsets=offsets, kinds=kinds,
+        description=src.description, offsets=offsets, kinds=kinds,
         ids={side: pd.Index(counted[side][0]) for side in SIDES},
         counts={side: counted[side][1] for side in SIDES}, timed="timestamp" in src.frame.columns,
     )
@@ -364,6 +411,7 @@ def write_store(writer: StoreWriter, scan: SourceScan, plan: BlockPlan, overwrit
         writer.create(plan.params, {side: plan.ids[side].to_numpy() for side in SIDES}, plan.assignment,
                       plan.n_blocks)
         part_ptrs = _stage_partitions(writer, scan, plan)
+        writer.remove_scratch()
         duplicates = plan.params["duplicates"]
         user_stats = _build_blocks(writer, "users", part_ptrs, plan, duplicates, scan.timed)
         _raise_on_duplicates(user_stats, plan.ids, duplicates)
@@ -376,14 +424,14 @@ def write_store(writer: StoreWriter, scan: SourceScan, plan: BlockPlan, overwrit
 
 
 def _stage_partitions(writer: StoreWriter, scan: SourceScan, plan: BlockPlan) -> tuple[np.ndarray, ...]:
-    """Stage every partition (a task each); returns each one's user-block offsets."""
+    """Stage every kept partition (a task each); returns each one's user-block offsets."""
     ids = dask.delayed(plan.ids, pure=True)
     user_block = dask.delayed(plan.assignment["users"][0], pure=True)
-    return dask.compute(*[
+    return _compute_all([
         dask.delayed(_stage_partition)(
-            part, p, int(scan.offsets[p]), writer, ids, scan.kinds, user_block, plan.n_blocks["users"]
+            p, int(scan.offsets[p]), writer, ids, scan.kinds, user_block, plan.n_blocks["users"]
         )
-        for p, part in enumerate(scan.partitions)
+        for p in range(len(scan.offsets) - 1)
     ])
 
 
@@ -393,7 +441,7 @@ def _build_blocks(
 ) -> tuple[BlockStats, ...]:
     """Build and write every block of ``side`` (a task each)."""
     assignment = dask.delayed(plan.assignment, pure=True)
-    return dask.compute(*[
+    return _compute_all([
         dask.delayed(_build_block)(writer, side, b, stage_ptrs, assignment, duplicates, timed)
         for b in range(plan.n_blocks[side])
     ])
@@ -467,12 +515,15 @@ def ingest(
     src = read_source(source, user_col, item_col, rating_col, timestamp_col)
     writer = StoreWriter(path, storage_options)
     writer.check_target(overwrite)  # before the pass over the source; removes nothing
-    scan = scan_source(src, None if like is None else like.params["id_kinds"])
-    plan = plan_blocks(
-        scan, n_user_blocks, n_item_blocks, block_budget=block_budget, like=like, duplicates=duplicates,
-        columns={"user_col": user_col, "item_col": item_col, "rating_col": rating_col},
-    )
-    write_store(writer, scan, plan, overwrite)
+    try:
+        scan = scan_source(src, writer, None if like is None else like.params["id_kinds"])
+        plan = plan_blocks(
+            scan, n_user_blocks, n_item_blocks, block_budget=block_budget, like=like, duplicates=duplicates,
+            columns={"user_col": user_col, "item_col": item_col, "rating_col": rating_col},
+        )
+        write_store(writer, scan, plan, overwrite)
+    finally:
+        writer.remove_scratch()
     return RatingStore(path, storage_options)
 
 

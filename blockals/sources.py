@@ -342,12 +342,10 @@ class PartitionCheck:
     problem: tuple[int, str] | None  # (row within the partition, sentence with {row})
     user_kind: str
     item_kind: str
-    user_counts: pd.Series | None  # counts keyed by the raw values as read; None with a problem
-    item_counts: pd.Series | None
 
 
 def check_partition(part: pd.DataFrame) -> PartitionCheck:
-    """First ingest pass over one partition: length, first problem, id kinds and counts."""
+    """First ingest pass over one partition: length, first problem and id kinds."""
     user_kind, user_problem = id_kind(part["user"], "user")
     item_kind, item_problem = id_kind(part["item"], "item")
     rating_problem = normalize_ratings(part["rating"])[1]
@@ -358,6 +356,4 @@ def check_partition(part: pd.DataFrame) -> PartitionCheck:
         problem=problem,
         user_kind=user_kind,
         item_kind=item_kind,
-        user_counts=None if problem is not None else part["user"].value_counts(sort=False),
-        item_counts=None if problem is not None else part["item"].value_counts(sort=False),
     )

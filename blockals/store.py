@@ -34,7 +34,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -389,10 +389,39 @@ class StoreWriter:
     :meth:`write_block` each block; :meth:`commit` drops the staging area and writes the
     completion marker last. A failed ingest calls :meth:`remove`. Small and picklable, so
     Dask tasks write through it.
+
+    The first pass over the source runs before the target may be touched (a bad source
+    must not cost the store it would replace), so what it keeps of each partition goes to
+    a scratch group beside the target, :attr:`scratch` (:meth:`start_scratch`,
+    :meth:`keep_partition`, :meth:`read_partition`, :meth:`remove_scratch`): the source
+    is read once.
     """
 
     path: str
     storage_options: dict | None = None
+    token: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @property
+    def scratch(self) -> str:
+        """A hidden sibling of the target, named after it and this writer."""
+        parent, _, name = absolute(self.path).rstrip("/").rpartition("/")
+        return f"{parent}/.{name}.scan-{self.token}"
+
+    def start_scratch(self) -> None:
+        open_group(self.scratch, "w", self.storage_options, attributes={"blockals": {"format": "blockals-scratch"}})
+
+    def keep_partition(self, index: int, columns: Mapping[str, np.ndarray]) -> None:
+        """Keep what the later passes need of source partition ``index``."""
+        group = open_group(self.scratch, "r+", self.storage_options).require_group(str(index))
+        for name, values in columns.items():
+            write_array(group, name, values, STAGED_CHUNK)
+
+    def read_partition(self, index: int) -> dict[str, np.ndarray]:
+        group = open_group(self.scratch, "r", self.storage_options)[str(index)]
+        return {name: read_array(group, name, f"{self.scratch}/{index}") for name, _ in group.arrays()}
+
+    def remove_scratch(self) -> None:
+        remove_path(self.scratch, self.storage_options)
 
     def check_target(self, overwrite: bool) -> dict | None:
         """Refuse anything at ``path`` but a ratings store we may replace; removes nothing.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import dask
@@ -520,6 +521,51 @@ def test_partitions_are_numbered_globally(small, tmp_path):
     with pytest.raises(blockals.InputError, match=r"rating in row 27 is missing"):
         blockals.ingest(frame, tmp_path / "r.zarr")
     assert not (tmp_path / "r.zarr").exists()
+
+
+def _counted_read(args: tuple[str, pd.DataFrame, int]) -> pd.DataFrame:
+    """A partition that leaves a file behind each time it is read."""
+    folder, part, index = args
+    Path(folder, f"{index}-{len(list(Path(folder).glob(f'{index}-*')))}").touch()
+    return part
+
+
+@pytest.mark.parametrize("kind", ["int", "text"])
+def test_the_source_is_read_once_and_the_scratch_removed(client, small, kind, tmp_path):
+    reads = tmp_path / "reads"
+    reads.mkdir()
+    df = small if kind == "int" else small.assign(user="u" + small["user"].astype(str), item=small["item"] * 10)
+    parts = [(str(reads), df.iloc[i : i + 10], p) for p, i in enumerate(range(0, len(df), 10))]
+    frame = dd.from_map(_counted_read, parts, meta=df.iloc[:0])
+    store = blockals.ingest(frame, tmp_path / "r.zarr", n_user_blocks=3, n_item_blocks=2)
+    assert_store_holds(store, df)
+    assert sorted(f.name for f in reads.iterdir()) == [f"{p}-0" for p in range(len(parts))]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["r.zarr", "reads"]  # no scratch left beside it
+
+    # A source refused in its last partition, over a complete store: the store stays, no scratch is left.
+    bad = df.assign(rating=np.where(np.arange(len(df)) == len(df) - 1, np.nan, df["rating"]))
+    with pytest.raises(blockals.InputError, match=rf"rating in row {len(df) - 1} is missing"):
+        blockals.ingest(dd.from_pandas(bad, npartitions=3, sort=False), tmp_path / "r.zarr", overwrite=True)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["r.zarr", "reads"]
+    assert_store_holds(blockals.open_store(tmp_path / "r.zarr"), df)
+
+
+def _slow_or_failing_read(args: tuple[pd.DataFrame, int]) -> pd.DataFrame:
+    part, index = args
+    if index == 0:
+        raise OSError("partition 0 is unreadable")
+    time.sleep(0.3)  # still scanning, and writing its scratch, when partition 0 has failed
+    return part
+
+
+@pytest.mark.parametrize("scheduler", [None, "threads"], ids=["distributed", "threads"])
+def test_a_failing_partition_leaves_nothing_once_ingest_returns(scheduler, client2, small, tmp_path):
+    parts = [(small.iloc[i : i + 10], p) for p, i in enumerate(range(0, 60, 10))]
+    frame = dd.from_map(_slow_or_failing_read, parts, meta=small.iloc[:0])
+    with dask.config.set(scheduler=scheduler), pytest.raises(OSError, match="partition 0 is unreadable"):
+        blockals.ingest(frame, tmp_path / "r.zarr", block_budget=2**20)
+    time.sleep(0.5)  # what a scan task still running would write lands by now
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_csv_errors_deep_in_the_file_name_the_row(tmp_path):
