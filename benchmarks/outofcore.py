@@ -1,17 +1,24 @@
-"""Out-of-core scale: a synthetic store made partition by partition, trained by workers with
-a hard memory limit, and a Parquet source of the same size ingested within the same bound.
+"""Out-of-core scale: a Parquet source ingested, trained and recommended from by workers
+with a hard memory limit.
 
-The store is generated straight into Zarr by :func:`blockals.datasets.make_store` (never
-whole in memory); a LocalCluster of ``--workers`` single-threaded workers, each with
-``--memory-limit``, trains it. The peak RSS of this process's whole tree (driver, nannies,
-workers) is sampled every 0.2 s for each stage. Per-iteration seconds are the median over
-iterations 2..N. Run it at two sizes to see how time grows with the data:
+Each stage runs on a LocalCluster of ``--workers`` single-threaded workers, each with
+``--memory-limit``:
 
-    python benchmarks/outofcore.py --ratings 20000000 --users 138000 --items 27000
-    python benchmarks/outofcore.py --ratings 200000000 --users 1380000 --items 27000 --parquet
+1. *source*: synthetic ratings (:func:`blockals.datasets.synthetic_ratings`) written to
+   Parquet partition by partition (never whole in memory);
+2. *ingest*: the Parquet source read once into a store, blocks from ``--block-budget``;
+3. *train*: ``--iters`` iterations at ``--rank`` with the default checkpointing;
+4. *recommend* (``--recommend``): the top 10 items of every user, written to Zarr.
 
-Stores and Parquet files stay under ``storage/data/outofcore`` for reuse (``--fresh``
-rebuilds them).
+The peak RSS of this process's whole tree (driver, nannies, workers) is sampled every
+0.2 s for each stage, and the disk each stage leaves is measured. Per-iteration seconds
+are the median over iterations 2..N. Run it at two sizes to see how time grows:
+
+    python benchmarks/outofcore.py --ratings 20000000 --users 138000 --items 27000 --iters 12
+    python benchmarks/outofcore.py --ratings 200000000 --users 1380000 --items 27000 --iters 5
+
+Sources and stores stay under ``storage/data/outofcore`` for reuse (``--fresh`` rebuilds
+them); checkpoints and recommendations are removed after they are measured.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -69,6 +77,11 @@ class PeakRSS:
         return self.peak / 2**30
 
 
+def disk_bytes(path: Path) -> int:
+    """Bytes of the files under ``path``."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ratings", type=int, default=200_000_000)
@@ -80,55 +93,73 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-limit", default="2GiB")
     p.add_argument("--block-budget", help="ingest's block budget (default: half of --memory-limit; "
                    "a worker runs one block at a time)")
-    p.add_argument("--parquet", action="store_true", help="also write a Parquet source of the same ratings and ingest it")
-    p.add_argument("--fresh", action="store_true", help="rebuild stored inputs")
+    p.add_argument("--recommend", action="store_true", help="also write the top 10 items of every user")
+    p.add_argument("--fresh", action="store_true", help="rebuild the stored source and store")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     import blockals
-    from blockals.datasets import make_store, synthetic_ratings
+    from blockals.datasets import synthetic_ratings
     from dask.utils import parse_bytes
     from distributed import Client, LocalCluster
 
     args = parse(argv)
     budget = parse_bytes(args.block_budget or args.memory_limit) // (1 if args.block_budget else 2)
     name = f"{args.users}x{args.items}-{args.ratings}"
-    store_path, parquet_path = DATA / f"{name}-b{budget >> 20}M.zarr", DATA / f"{name}.parquet"
+    parquet_path, store_path = DATA / f"{name}.parquet", DATA / f"{name}-b{budget >> 20}M.zarr"
     if args.fresh:
-        for path in (store_path, parquet_path):
+        for path in (parquet_path, store_path):
             shutil.rmtree(path, ignore_errors=True)
     DATA.mkdir(parents=True, exist_ok=True)
-    shape = dict(n_users=args.users, n_items=args.items, n_ratings=args.ratings)
     report: dict = {"ratings": args.ratings, "users": args.users, "items": args.items, "rank": args.rank,
-                    "workers": args.workers, "memory_limit": args.memory_limit, "block_budget": budget}
+                    "workers": args.workers, "memory_limit": args.memory_limit, "block_budget": budget,
+                    "machine": f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+                               f"{platform.processor() or platform.machine()}", "date": time.strftime("%Y-%m-%d")}
+
+    def show() -> None:  # after every stage: a later one failing keeps these figures
+        print(json.dumps(report), flush=True)
+
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, memory_limit=args.memory_limit,
                       host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
-        if store_path.exists():
-            store = blockals.open_store(str(store_path))
-        else:
+        if not parquet_path.exists():
             with PeakRSS() as made:
-                store = make_store(str(store_path), block_budget=budget, **shape)
-            report.update(generate_s=made.seconds, generate_rss_gib=made.gib)
-        report["blocks"] = [store.n_user_blocks, store.n_item_blocks]
-        with PeakRSS() as trained:
-            model = blockals.ALS(rank=args.rank, max_iter=args.iters, reg=0.05, seed=0).fit(store, client)
-        secs = [h["seconds"] for h in model.history_]
-        report.update(per_iter=float(np.median(secs[1:] if len(secs) > 1 else secs)), train_rss_gib=trained.gib,
-                      train_rmse=model.history_[-1].get("train_rmse"))
-        print(json.dumps(report), flush=True)  # a later stage failing keeps these figures
-        if args.parquet:
-            if not parquet_path.exists():
-                synthetic_ratings(**shape).to_parquet(str(parquet_path), write_index=False)
-            target = DATA / f"{name}-from-parquet.zarr"
-            shutil.rmtree(target, ignore_errors=True)
+                synthetic_ratings(n_users=args.users, n_items=args.items, n_ratings=args.ratings).to_parquet(
+                    str(parquet_path), write_index=False)
+            report.update(source_s=round(made.seconds, 1), source_rss_gib=round(made.gib, 2))
+        report["source_gb"] = round(disk_bytes(parquet_path) / 1e9, 2)
+        if not store_path.exists():
             with PeakRSS() as ingested:
-                blockals.ingest(str(parquet_path), str(target), block_budget=budget)
-            report.update(parquet_ingest_s=ingested.seconds, parquet_ingest_rss_gib=ingested.gib)
-            shutil.rmtree(target)
-    report.update(machine=f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-                  f"{platform.processor() or platform.machine()}", date=time.strftime("%Y-%m-%d"))
-    print(json.dumps(report))
+                blockals.ingest(str(parquet_path), str(store_path), block_budget=budget)
+            report.update(ingest_s=round(ingested.seconds, 1), ingest_rss_gib=round(ingested.gib, 2),
+                          ingest_ratings_per_s=round(args.ratings / ingested.seconds))
+        store = blockals.open_store(str(store_path))
+        report.update(store_gb=round(disk_bytes(store_path) / 1e9, 2), blocks=[store.n_user_blocks, store.n_item_blocks])
+        show()
+        checkpoints = Path(tempfile.mkdtemp(dir=DATA, prefix="checkpoints-"))
+        try:
+            with PeakRSS() as trained:
+                model = blockals.ALS(rank=args.rank, max_iter=args.iters, reg=0.05, seed=0).fit(
+                    store, client, checkpoint_path=str(checkpoints / "als"))
+            secs = [h["seconds"] for h in model.history_]
+            report.update(seconds=[round(s, 2) for s in secs],
+                          per_iter=round(float(np.median(secs[1:] if len(secs) > 1 else secs)), 2),
+                          train_rss_gib=round(trained.gib, 2), train_rmse=model.history_[-1].get("train_rmse"),
+                          checkpoint_gb=round(disk_bytes(checkpoints) / 1e9, 2))
+        finally:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        show()
+        if args.recommend:
+            output = DATA / f"{name}-top10.zarr"
+            shutil.rmtree(output, ignore_errors=True)
+            try:
+                with PeakRSS() as recommended:
+                    model.recommend_all(10, str(output), client=client)
+                report.update(recommend_s=round(recommended.seconds, 1), recommend_rss_gib=round(recommended.gib, 2),
+                              recommend_gb=round(disk_bytes(output) / 1e9, 2))
+            finally:
+                shutil.rmtree(output, ignore_errors=True)
+            show()
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@
 :class:`connect` gives a client (the one passed, one to a scheduler address, the current
 one, or a LocalCluster started for the run); :func:`blas_limits` and
 :func:`blas_context` keep Dask threads x BLAS threads within each host's cores;
-:func:`cache_bytes` sizes a worker's in-block cache from its memory limit.
+:func:`cache_bytes` sizes a worker's in-block cache from its memory limit, and
+:func:`retain_freed_memory` lets a worker reuse the memory of one solve in the next.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 
@@ -18,7 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from blockals.errors import InputError
 
-__all__ = ["connect", "blas_limits", "blas_context", "cache_bytes"]
+__all__ = ["connect", "blas_limits", "blas_context", "cache_bytes", "retain_freed_memory"]
 
 log = logging.getLogger("blockals")
 
@@ -33,11 +35,46 @@ def cache_bytes() -> int:
     configured = dask.config.get("blockals.block-cache-bytes", None)
     if configured is not None:
         return int(configured)
+    return _quarter_of_memory_limit()
+
+
+def _quarter_of_memory_limit() -> int:
+    """1 GiB, but at most a quarter of this worker's memory limit."""
     try:
         limit = get_worker().memory_manager.memory_limit
     except ValueError:  # not on a worker
         limit = None
     return min(1 << 30, limit // 4) if limit else 1 << 30
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_retained: int | None = None
+
+
+def retain_freed_memory() -> int:
+    """Let this process's allocator keep freed arrays for reuse, up to :func:`cache_bytes`'s
+    share of the worker (1 GiB, at most a quarter of its memory limit); returns those
+    bytes, or 0 where the C library is not glibc. Takes effect once per process.
+
+    Each solve allocates its in-block, routed rows and per-rating arrays afresh (about
+    200 MB for an item block of 7M ratings). glibc serves arrays above its mmap threshold
+    by mapping new pages and unmaps them when they are freed, and Dask's nanny starts
+    workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also pins that threshold at
+    128 KiB: every solve then faults its memory in a page at a time again, about 0.8 ms
+    per MB on the machine of benchmarks/RESULTS.md and a quarter of a 200M-rating
+    iteration. With both thresholds raised, freed arrays go back to the heap and the
+    next solve reuses them.
+    """
+    global _retained
+    if _retained is None:
+        keep = _quarter_of_memory_limit()
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            ok = libc.mallopt(_M_MMAP_THRESHOLD, keep) and libc.mallopt(_M_TRIM_THRESHOLD, keep)
+        except (OSError, AttributeError):  # not glibc
+            ok = False
+        _retained = keep if ok else 0
+    return _retained
 
 
 def blas_context(limits: dict[str, int]):

@@ -37,6 +37,7 @@ from dask.base import get_scheduler
 import numpy as np
 import pandas as pd
 
+from blockals.cluster import retain_freed_memory
 from blockals.errors import InputError
 from blockals.partition import DEFAULT_BLOCK_BUDGET, assign_blocks, default_n_blocks, parse_n_blocks
 from blockals.routing import build_inblock, counting_order, pair_order
@@ -195,6 +196,7 @@ def _scan_partition(part: pd.DataFrame, index: int, writer: StoreWriter) -> tupl
     else as text, to be typed once every partition is seen), so the staging pass maps a
     few thousand ids per partition, not a million.
     """
+    retain_freed_memory()
     check = check_partition(part)
     if check.problem is not None:
         return check, None
@@ -216,6 +218,7 @@ def _stage_partition(
     user_block: np.ndarray, n_user_blocks: int,
 ) -> np.ndarray:
     """Map one kept partition's ids and stage it sorted by user block; returns its block offsets."""
+    retain_freed_memory()
     kept = writer.read_partition(index)
     global_index = {
         side: ids[side].get_indexer(convert_ids(kept[f"{side}_id"].astype(object), kinds[side]))[kept[f"{side}_code"]]
@@ -252,6 +255,7 @@ def _build_block(
     assignment: dict[Side, tuple[np.ndarray, np.ndarray]], duplicates: str | None, timed: bool,
 ) -> BlockStats:
     """Build, write and (for users) restage one destination block."""
+    retain_freed_memory()
     dst_block, dst_local = assignment[side]
     src_block, src_local = assignment[other_side(side)]
     rows = np.flatnonzero(dst_block == block)  # global index of each local row

@@ -16,6 +16,7 @@ import pytest
 from distributed import Client
 
 import blockals
+from blockals.cluster import retain_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -231,3 +232,37 @@ def test_a_second_training_of_one_path_is_refused_while_the_first_runs(tmp_path,
     assert saved.seed == 1 and [h["iteration"] for h in saved.history_] == [1, 2, 3, 4]
     np.testing.assert_allclose(saved.user_factors_, alone.user_factors_, atol=1e-10)
     np.testing.assert_allclose(saved.item_factors_, alone.item_factors_, atol=1e-10)
+
+
+_FAULTS_OF_A_REUSED_ARRAY = """
+import resource, sys
+import numpy as np
+from blockals.cluster import retain_freed_memory
+
+def faults_of_second_array():
+    np.ones(2**24).sum()  # 128 MB allocated, touched and freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    np.ones(2**24).sum()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+plain = faults_of_second_array()
+kept = retain_freed_memory()
+print(plain, kept, faults_of_second_array())
+"""
+
+
+def test_a_worker_reuses_freed_arrays_instead_of_faulting_them_in(client2):
+    # As Dask's nanny starts a worker: freed arrays go back to the OS, and the next one is
+    # faulted in again (a fault per 4 KiB page, or per 2 MiB page where NumPy asks for huge
+    # pages: at least 64 for 128 MB).
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_REUSED_ARRAY], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    plain, kept, reused = (int(v) for v in out)
+    assert plain >= 64
+    assert kept == 1 << 30  # not on a worker: 1 GiB
+    assert reused < plain / 10
+    # On a worker: a quarter of its memory limit.
+    limits = client2.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
+    for addr, limit in limits.items():
+        assert client2.submit(retain_freed_memory, workers=[addr], pure=False).result() == min(1 << 30, limit // 4)
