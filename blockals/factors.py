@@ -158,7 +158,7 @@ class Factors:
         if problem is not None:
             raise InputError(problem[1].format(row=problem[0]))
         ids, dst = np.unique(ratings[own].to_numpy(), return_inverse=True)
-        inblock = build_inblock(dst, np.zeros_like(src), src, src, rating, ids.shape[0], 1)
+        inblock = build_inblock(dst, np.zeros_like(src), src, rating, ids.shape[0], 1)
         F = self._carried(self.factors(other_side), other_side[:-1], config)
         known = self.index(ids, side)
         previous = np.zeros((ids.shape[0], obj.width))

@@ -40,7 +40,7 @@ import pandas as pd
 from blockals.cluster import retain_freed_memory
 from blockals.errors import InputError
 from blockals.partition import DEFAULT_BLOCK_BUDGET, assign_blocks, default_n_blocks, parse_n_blocks
-from blockals.routing import build_inblock, counting_order, pair_order
+from blockals.routing import build_inblock, counting_order, inblock_order, pair_order
 from blockals.sources import (
     PartitionCheck, Source, check_partition, convert_ids, normalize_ratings, normalize_timestamps, read_source,
     reading,
@@ -264,11 +264,12 @@ def _build_block(
     if ratings.n_duplicates and duplicates == "error":
         return BlockStats(duplicates=ratings.n_duplicates, example=example)
     n_src_blocks = int(src_block.max()) + 1
-    # In-block order is (row, the other side's global index); a user block's ratings come
-    # so already, lined up with their timestamps.
-    dst, src, rating = ratings.dst, ratings.src, ratings.rating
-    inblock = build_inblock(dst, src_block[src], src_local[src], src, rating, rows.shape[0], n_src_blocks)
-    writer.write_block(side, block, rows, inblock, ratings.time)
+    # Put the ratings in in-block order here, so the timestamps stay lined up with them;
+    # build_inblock then finds them sorted.
+    order = inblock_order(ratings.dst, rows.shape[0], src_block[ratings.src], src_local[ratings.src], n_src_blocks)
+    dst, src, rating = ratings.dst[order], ratings.src[order], ratings.rating[order]
+    inblock = build_inblock(dst, src_block[src], src_local[src], rating, rows.shape[0], n_src_blocks)
+    writer.write_block(side, block, rows, inblock, None if ratings.time is None else ratings.time[order])
     staged = None
     if side == "users":  # stage again, by item block, for the item pass
         by_item = counting_order(src_block[src], n_src_blocks)

@@ -19,7 +19,13 @@ routed rows four ratings per pass, so that the update of ``A_u`` stays in the ve
 units. It is then solved by a double-precision Cholesky (:func:`solve_cholesky`); or
 ``A_u`` is applied without being formed (:func:`solve_cg`); or the formed systems are
 solved under ``x >= 0`` (:func:`solve_nnls`). The loss at the solution is summed right
-after each row's solve, while its routed rows are still in cache. The compiled functions
+after each row's solve, while its routed rows are still in cache.
+
+A block whose routed rows outgrow a core's share of the cache (an item block at scale
+reads the factors of a million users) is built by :func:`solve_cholesky` in tiles
+instead: a group of rows accumulates its systems together, a stretch of routed rows at a
+time, so each stretch is read from memory once per group rather than once per rating
+(``TILE_BYTES``; the in-block keeps each row's ratings in routed-row order for this). The compiled functions
 release the GIL, so a multi-threaded Dask worker runs several blocks at once.
 
 They are pure functions of one block; the engine calls them inside Dask tasks and the
@@ -56,6 +62,13 @@ BATCH_BYTES = 32 * 2**20
 # Rows with at least this many ratings build A_u by GEMM on up to GEMM_CHUNK gathered
 # rows at a time (docs/performance.md has the measurements behind both numbers).
 GEMM_MIN_RATINGS = 32
+# The tiled build (:func:`_cholesky_tiled`): bytes of routed rows per tile (a core's
+# share of a last-level cache), bytes of a row group's accumulated systems (to stay in
+# L2), and the fewest ratings a row must have per tile on average for tiling to be
+# chosen: enough for the GEMM build.
+TILE_BYTES = 4 * 2**20
+GROUP_BYTES = 512 * 2**10
+TILE_MIN_RATINGS = GEMM_MIN_RATINGS
 GEMM_CHUNK = 128
 SIDE_TAGS = {"users": 0, "items": 1}
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -320,23 +333,25 @@ def _scratch(D):
 
 
 @_jit
-def _system(u, indptr, col, D, a, beta, G, reg, A, E, F, M, b):
-    """Row ``u``'s ``A_u`` into ``M`` and ``b_u`` into ``b`` (float64); ``A``, ``E``, ``F`` are
-    scratch. Rows of at least ``GEMM_MIN_RATINGS`` ratings are built by GEMM, shorter
-    ones by the four-ratings loop, which wins where a GEMM call has too little to tile."""
-    w = A.shape[0]
-    start, end = indptr[u], indptr[u + 1]
-    A[:, :] = 0.0
-    b[:] = 0.0
+def _accumulate(A, b, D, col, a, beta, start, end, E, F):
+    """``A += sum a_p d_p d_p^T`` and ``b += sum beta_p d_p`` over ratings ``[start, end)``:
+    by GEMM from ``GEMM_MIN_RATINGS`` ratings, below that by the four-ratings loop, which
+    wins where a GEMM call has too little to tile. ``E``, ``F`` are scratch."""
     if end - start >= GEMM_MIN_RATINGS:
         _add_gram_gemm(A, b, D, col, a, beta, start, end, E, F)
-    else:
-        _add_gram(A, D, col, a, start, end)
-        for p in range(start, end):
-            d = D[col[p]]
-            bp = np.float64(beta[p])
-            for j in range(w):
-                b[j] += bp * d[j]
+        return
+    _add_gram(A, D, col, a, start, end)
+    for p in range(start, end):
+        d = D[col[p]]
+        bp = np.float64(beta[p])
+        for j in range(b.shape[0]):
+            b[j] += bp * d[j]
+
+
+@_jit
+def _finish_system(u, A, G, reg, M):
+    """``M = A + G + diag(reg_u)`` in float64."""
+    w = A.shape[0]
     for j in range(w):
         for l in range(w):
             M[j, l] = A[j, l] + G[j, l]
@@ -344,15 +359,21 @@ def _system(u, indptr, col, D, a, beta, G, reg, A, E, F, M, b):
 
 
 @_jit
-def _row_loss(u, x, indptr, col, D, a, beta, gamma, tau, acc):
-    """Add row ``u``'s ``sum (a s^2 - 2 beta s + gamma)`` to ``acc[0]`` and ``sum (tau - s)^2``
-    to ``acc[1]``, at predictions ``s = d . x`` (``x`` float64).
+def _system(u, indptr, col, D, a, beta, G, reg, A, E, F, M, b):
+    """Row ``u``'s ``A_u`` into ``M`` and ``b_u`` into ``b`` (float64); ``A``, ``E``, ``F`` are scratch."""
+    A[:, :] = 0.0
+    b[:] = 0.0
+    _accumulate(A, b, D, col, a, beta, indptr[u], indptr[u + 1], E, F)
+    _finish_system(u, A, G, reg, M)
 
-    Called right after the row's solve, while its routed rows are still in cache.
-    """
+
+@_jit
+def _segment_loss(x, start, end, col, D, a, beta, gamma, tau, acc):
+    """Add ``sum (a s^2 - 2 beta s + gamma)`` over ratings ``[start, end)`` to ``acc[0]`` and
+    ``sum (tau - s)^2`` to ``acc[1]``, at predictions ``s = d . x`` (``x`` float64)."""
     w = x.shape[0]
     observed = sq_err = 0.0
-    for p in range(indptr[u], indptr[u + 1]):
+    for p in range(start, end):
         if p + PREFETCH_AHEAD < col.shape[0]:
             _prefetch(D, col[p + PREFETCH_AHEAD])
         d = D[col[p]]
@@ -367,32 +388,44 @@ def _row_loss(u, x, indptr, col, D, a, beta, gamma, tau, acc):
 
 
 @_jit
-def _cholesky_rows(rows, indptr, col, D, a, beta, G, reg, gamma, tau, X, ok, acc):
-    """Solve the systems of ``rows`` by Cholesky; ``ok[k]`` is False where it broke down.
+def _row_loss(u, x, indptr, col, D, a, beta, gamma, tau, acc):
+    """Row ``u``'s loss terms (:func:`_segment_loss`), called right after the row's solve,
+    while its routed rows are still in cache."""
+    _segment_loss(x, indptr[u], indptr[u + 1], col, D, a, beta, gamma, tau, acc)
 
-    With a non-empty ``acc``, each solved row's loss terms are added to it.
-    """
+
+@_jit
+def _cholesky_solve(M, b):
+    """``b = M^{-1} b`` by Cholesky, in place; False where the factorization breaks down
+    or the solution is not finite."""
+    w = b.shape[0]
+    try:
+        R = np.linalg.cholesky(M)
+    except Exception:
+        return False
+    for j in range(w):  # R y = b
+        v = b[j]
+        for i in range(j):
+            v -= R[j, i] * b[i]
+        b[j] = v / R[j, j]
+    for j in range(w - 1, -1, -1):  # R^T x = y
+        v = b[j]
+        for i in range(j + 1, w):
+            v -= R[i, j] * b[i]
+        b[j] = v / R[j, j]
+    return np.isfinite(b).all()
+
+
+@_jit
+def _cholesky_rows(rows, indptr, col, D, a, beta, G, reg, gamma, tau, X, ok, acc):
+    """Solve the systems of ``rows`` by Cholesky, a row at a time; ``ok[k]`` is False where
+    it broke down. With a non-empty ``acc``, each solved row's loss terms are added to it."""
     w = D.shape[1]
     A, E, F, M, b = _scratch(D)
     for k in range(rows.shape[0]):
         u = rows[k]
         _system(u, indptr, col, D, a, beta, G, reg, A, E, F, M, b)
-        try:
-            R = np.linalg.cholesky(M)
-        except Exception:
-            ok[k] = False
-            continue
-        for j in range(w):  # R y = b
-            v = b[j]
-            for i in range(j):
-                v -= R[j, i] * b[i]
-            b[j] = v / R[j, j]
-        for j in range(w - 1, -1, -1):  # R^T x = y
-            v = b[j]
-            for i in range(j + 1, w):
-                v -= R[i, j] * b[i]
-            b[j] = v / R[j, j]
-        ok[k] = np.isfinite(b).all()
+        ok[k] = _cholesky_solve(M, b)
         if not ok[k]:
             continue
         for j in range(w):
@@ -400,6 +433,73 @@ def _cholesky_rows(rows, indptr, col, D, a, beta, G, reg, gamma, tau, X, ok, acc
             b[j] = X[u, j]  # the loss is taken at the factors as stored
         if acc.shape[0]:
             _row_loss(u, b, indptr, col, D, a, beta, gamma, tau, acc)
+
+
+@_jit
+def _tile_ends(rows, indptr, col, pos, c1, ends):
+    """``ends[i]``: where row ``rows[i]``'s ratings from ``pos[i]`` on reach routed row ``c1``."""
+    for i in range(rows.shape[0]):
+        e, end = pos[i], indptr[rows[i] + 1]
+        while e < end and col[e] < c1:
+            e += 1
+        ends[i] = e
+
+
+@_jit
+def _cholesky_tiled(rows, indptr, col, D, a, beta, G, reg, gamma, tau, X, ok, acc, tile, group):
+    """:func:`_cholesky_rows` with the routed rows read a tile at a time.
+
+    Rows go in groups of ``group``; a group's systems are accumulated together, tile by
+    tile of ``tile`` routed rows, so the tile and the group's ``A_u`` stay in cache while
+    every rating that reads the tile is added, and the loss is summed the same way once
+    the group is solved. Needs each row's ratings sorted by routed row (``col``).
+    """
+    w = D.shape[1]
+    _, E, F, M, b = _scratch(D)
+    x = np.empty(w)
+    for k0 in range(0, rows.shape[0], group):
+        part = rows[k0 : k0 + group]
+        n = part.shape[0]
+        As = np.zeros((n, w, w), dtype=D.dtype)
+        bs = np.zeros((n, w))
+        pos, ends = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+        for i in range(n):
+            pos[i] = indptr[part[i]]
+        for c1 in range(tile, D.shape[0] + tile, tile):
+            _tile_ends(part, indptr, col, pos, c1, ends)
+            for i in range(n):
+                if ends[i] > pos[i]:
+                    _accumulate(As[i], bs[i], D, col, a, beta, pos[i], ends[i], E, F)
+                    pos[i] = ends[i]
+        for i in range(n):
+            u = part[i]
+            _finish_system(u, As[i], G, reg, M)
+            b[:] = bs[i]
+            ok[k0 + i] = _cholesky_solve(M, b)
+            if ok[k0 + i]:
+                for j in range(w):
+                    X[u, j] = b[j]
+        if not acc.shape[0]:
+            continue
+        for i in range(n):
+            pos[i] = indptr[part[i]]
+        for c1 in range(tile, D.shape[0] + tile, tile):
+            _tile_ends(part, indptr, col, pos, c1, ends)
+            for i in range(n):
+                if ok[k0 + i] and ends[i] > pos[i]:
+                    for j in range(w):
+                        x[j] = X[part[i], j]  # the loss is taken at the factors as stored
+                    _segment_loss(x, pos[i], ends[i], col, D, a, beta, gamma, tau, acc)
+                pos[i] = ends[i]
+
+
+@_jit
+def _sorted_within_rows(indptr, col):
+    for u in range(indptr.shape[0] - 1):
+        for p in range(indptr[u] + 1, indptr[u + 1]):
+            if col[p] < col[p - 1]:
+                return False
+    return True
 
 
 @_jit
@@ -561,6 +661,28 @@ def _solve_batch(A: np.ndarray, b: np.ndarray) -> np.ndarray:
         return _min_norm(A, b)
 
 
+def _tiling(arrays: KernelArrays, rows: np.ndarray) -> tuple[int, int] | None:
+    """``(tile, group)`` of :func:`_cholesky_tiled` (routed rows per tile, rows per group),
+    or None where a row at a time is as fast.
+
+    Tiling pays where the routed rows outgrow the cache and a row's ratings in one tile
+    are enough to be worth a pass: an item block at scale (a few hundred items, each rated
+    by thousands of the million users it reads). It needs each row's ratings in routed-row
+    order, which stores written since 2026-12-03 keep (FORMAT.md); older ones are solved a
+    row at a time.
+    """
+    D = arrays.D
+    w = D.shape[1]
+    tile = max(1, TILE_BYTES // (D.itemsize * w))
+    n_tiles = -(-D.shape[0] // tile)
+    nnz = arrays.col.shape[0]
+    if n_tiles < 2 or nnz < TILE_MIN_RATINGS * n_tiles * max(1, rows.size):
+        return None
+    if not _sorted_within_rows(arrays.indptr, arrays.col):
+        return None
+    return tile, max(1, GROUP_BYTES // (w * w * D.itemsize + 8 * w))
+
+
 def solve_cholesky(sys: RowSystems, batch_bytes: int = BATCH_BYTES, loss: bool = False) -> Solution:
     """Exact solve of every row's system; rows without ratings get zeros.
 
@@ -577,7 +699,11 @@ def solve_cholesky(sys: RowSystems, batch_bytes: int = BATCH_BYTES, loss: bool =
     regularized = (sys.reg > 0).all(axis=1)
     rows = np.flatnonzero(nonempty & regularized)
     ok = np.ones(rows.size, dtype=bool)
-    _cholesky_rows(rows, *arrays.system, arrays.gamma, arrays.tau, X, ok, acc)
+    tiling = _tiling(arrays, rows)
+    if tiling is None:
+        _cholesky_rows(rows, *arrays.system, arrays.gamma, arrays.tau, X, ok, acc)
+    else:
+        _cholesky_tiled(rows, *arrays.system, arrays.gamma, arrays.tau, X, ok, acc, *tiling)
     singular = np.concatenate([rows[~ok], np.flatnonzero(nonempty & ~regularized)])
     for chunk, Ms, bs in _formed(arrays, singular, batch_bytes):
         X[chunk] = _min_norm(Ms, bs)
@@ -679,7 +805,7 @@ def precompile() -> None:
     numba caches compiled code beside this module (or in ``NUMBA_CACHE_DIR``); images
     call this once at build time so that workers start without compiling.
     """
-    inblock = build_inblock(np.zeros(5, int), np.zeros(5, int), np.arange(5), np.arange(5), np.ones(5), 1, 1)
+    inblock = build_inblock(np.zeros(5, int), np.zeros(5, int), np.arange(5), np.ones(5), 1, 1)
     ones = np.ones(5)
     # Explicit mode passes the float32 ratings as they are and no loss constants; the
     # other modes float64 terms and per-rating weights.
@@ -691,5 +817,9 @@ def precompile() -> None:
             sys = RowSystems(inblock=inblock, D=np.eye(5, 2, dtype=dtype), col=inblock.col, G=None,
                              reg=np.ones((1, 2)), **terms)
             solve_cholesky(sys, loss=True)
+            arrays = sys.kernel_arrays()  # the tiled build, which a block this small never chooses
+            _sorted_within_rows(arrays.indptr, arrays.col)
+            _cholesky_tiled(np.zeros(1, dtype=np.int64), *arrays.system, arrays.gamma, arrays.tau,
+                            np.zeros((1, 2), dtype=dtype), np.ones(1, dtype=bool), np.zeros(2), 2, 1)
             solve_cg(sys, np.zeros((1, 2)), 1, loss=True)
             solve_nnls(sys, np.zeros((1, 2)), np.ones(2, dtype=bool), loss=True)

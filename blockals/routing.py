@@ -18,8 +18,10 @@ is ``out(j -> b)``. The route task for ``(j -> b)`` reads that slice and ships
 
 The in-block of ``b`` is CSR by local row: ``indptr`` (``n_rows + 1``), and per rating
 ``src_block`` (``j``), ``src_index`` (position inside message ``j``) and ``rating``.
-Inside a row, ratings are sorted by the source row's global index, so the sums that build
-a row's normal equations run in the same order however the data was partitioned.
+Inside a row, ratings are sorted by source block, then source row: by their row in the
+concatenated messages (:attr:`InBlock.col`). A solve can then read the messages a
+stretch at a time, adding every rating that reads the stretch while it is in cache
+(:func:`blockals.kernels.solve_cholesky`).
 
 Worked example
 --------------
@@ -65,7 +67,9 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-__all__ = ["InBlock", "OutBlocks", "build_inblock", "counting_order", "index_dtype", "pair_order", "ship_whole"]
+__all__ = [
+    "InBlock", "OutBlocks", "build_inblock", "inblock_order", "counting_order", "index_dtype", "pair_order", "ship_whole",
+]
 
 
 def index_dtype(n: int) -> np.dtype:
@@ -269,11 +273,21 @@ def _route(order, dst_local, src_block, src_local, rating, n_src_blocks, stride,
     return needed
 
 
+def inblock_order(
+    dst_local: np.ndarray, n_rows: int, src_block: np.ndarray, src_local: np.ndarray, n_src_blocks: int,
+) -> np.ndarray:
+    """The order of a block's ratings in its in-block: by destination row, then source
+    block, then source row; inside a row, by routed row (:attr:`InBlock.col`)."""
+    src_block, src_local = np.asarray(src_block), np.asarray(src_local)
+    stride = int(src_local.max()) + 1 if src_local.size else 1
+    key = src_block.astype(np.int64) * stride + src_local
+    return pair_order(dst_local, n_rows, key, n_src_blocks * stride)
+
+
 def build_inblock(
     dst_local: np.ndarray,
     src_block: np.ndarray,
     src_local: np.ndarray,
-    src_global: np.ndarray,
     rating: np.ndarray,
     n_rows: int,
     n_src_blocks: int,
@@ -284,8 +298,8 @@ def build_inblock(
     ----------
     dst_local : ndarray, shape (nnz,)
         Local row of each rating in the destination block.
-    src_block, src_local, src_global : ndarray, shape (nnz,)
-        Block, local index and global index of each rating's other side.
+    src_block, src_local : ndarray, shape (nnz,)
+        Block and local index of each rating's other side.
     rating : ndarray, shape (nnz,)
         Values; (destination, source) pairs must be unique.
     n_rows : int
@@ -293,14 +307,13 @@ def build_inblock(
     n_src_blocks : int
         Blocks on the source side.
     """
-    src_global = np.asarray(src_global)
-    order = pair_order(dst_local, n_rows, src_global, int(src_global.max()) + 1 if src_global.size else 0)
     src_local = np.asarray(src_local)
     # One key per (source block, source row): the keys present, in order, are the
     # out-blocks laid end to end in source-block order, and a rating's rank among them is
     # its row in the concatenated messages. Keys span about the source side's rows, so a
     # presence table finds them without sorting the ratings.
     stride = int(src_local.max()) + 1 if src_local.size else 1
+    order = inblock_order(dst_local, n_rows, src_block, src_local, n_src_blocks)
     n_rated = np.zeros(n_rows + 1, dtype=np.int64)
     out = (np.empty(order.shape[0], dtype=index_dtype(n_src_blocks)), np.empty(order.shape[0], dtype=np.uint32),
            np.empty(order.shape[0], dtype=np.float32))

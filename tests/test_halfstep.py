@@ -79,7 +79,7 @@ def test_solve_block_equals_dense_per_row_solves(block, mode):
     reg = 0.15
     config = parse_params({"rank": RANK, "reg": reg, "dtype": "float64", **MODES[mode]}).config
     obj = config.objective(0.7)
-    inblock = build_inblock(dst, np.zeros_like(src), src, src, rating, N_ROWS, 1)
+    inblock = build_inblock(dst, np.zeros_like(src), src, rating, N_ROWS, 1)
     carried = np.hstack([Y, extra[:, None]]) if obj.width > RANK else Y
     weights = np.arange(1, N_ROWS + 1) / 3.0 if mode == "wals" else None
     G = gram(carried, RANK) if obj.gram_weight else None
@@ -137,16 +137,15 @@ def test_routed_rows_point_every_rating_at_its_source_row(whole):
     dst = np.repeat(np.arange(4), 3)
     src_block = np.array([0, 2, 0, 2, 2, 0, 0, 2, 0, 2, 0, 2])
     src_local = np.array([5, 1, 2, 4, 0, 0, 3, 1, 1, 3, 4, 2])
-    src_global = np.array([0, 6, 5])[src_block] + src_local  # blocks laid end to end globally
-    inblock = build_inblock(dst, src_block, src_local, src_global, np.ones(dst.size), 4, 3)
+    inblock = build_inblock(dst, src_block, src_local, np.ones(dst.size), 4, 3)
     messages = [blocks[j] if whole[j] else blocks[j][inblock.out_block(j)] for j in (0, 2)]
     M = routed_rows(inblock, messages, np.array(whole), RANK, "float64")
-    order = np.lexsort((src_global, dst))  # the in-block's rating order
+    order = np.lexsort((src_local, src_block, dst))  # the in-block's rating order
     expected = np.stack([blocks[j][i] for j, i in zip(src_block[order], src_local[order])])
     np.testing.assert_array_equal(M[inblock.col], expected)
 
 
 def test_routed_rows_of_a_block_without_ratings():
-    inblock = build_inblock(np.zeros(0, int), np.zeros(0, int), np.zeros(0, int), np.zeros(0, int), np.zeros(0), 2, 3)
+    inblock = build_inblock(np.zeros(0, int), np.zeros(0, int), np.zeros(0, int), np.zeros(0), 2, 3)
     M = routed_rows(inblock, [], np.zeros(3, bool), 4, "float32")
     assert M.shape == (0, 4) and M.dtype == np.float32

@@ -43,9 +43,11 @@ def store_triples(store: blockals.RatingStore, side: str) -> pd.DataFrame:
         sb = ib.src_block.astype(np.int64)
         src_local = ib.need_rows[ib.need_ptr[sb] + ib.src_index.astype(np.int64)].astype(np.int64)
         row_src = other_all[starts[sb] + src_local]
-        # Inside a row, ratings are sorted by the other side's global index (a fixed key).
+        # Inside a row, ratings are sorted by source block, then source row: strictly
+        # increasing positions in the source blocks laid end to end.
         same_row = ib.row[1:] == ib.row[:-1]
-        assert np.all(row_src[1:][same_row] > row_src[:-1][same_row]), (side, b)
+        position = starts[sb] + src_local
+        assert np.all(position[1:][same_row] > position[:-1][same_row]), (side, b)
         dst.append(rows[ib.row])
         src.append(row_src)
         rating.append(ib.rating)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from blockals import kernels
 from blockals.kernels import RowSystems, init_factors, solve_cg, solve_cholesky, solve_nnls
 from blockals.objectives import Objective
 from blockals.routing import build_inblock
@@ -24,7 +27,7 @@ def random_block(n_rows, n_src, rank, seed, heavy=0, empty=0):
     dst = np.repeat(np.arange(n_rows), counts)
     src = np.concatenate([rng.choice(n_src, c, replace=False) for c in counts])
     rating = rng.integers(1, 11, dst.size) / 2.0
-    inblock = build_inblock(dst, np.zeros_like(src), src, src, rating, n_rows, 1)
+    inblock = build_inblock(dst, np.zeros_like(src), src, rating, n_rows, 1)
     Y_src = rng.standard_normal((n_src, rank))
     return inblock, Y_src[inblock.need_rows], (dst, src, rating), Y_src
 
@@ -68,6 +71,40 @@ def test_singular_rows_get_the_minimum_norm_solution():
         m = dst == u
         expected = np.linalg.lstsq(Y_src[src[m]], rating[m], rcond=None)[0]
         np.testing.assert_allclose(X[u], expected, atol=1e-8)
+
+
+def shuffled_within_rows(inblock, seed):
+    """The same in-block with each row's ratings in a random order."""
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.random(inblock.nnz), inblock.row))
+    return dataclasses.replace(inblock, src_block=inblock.src_block[order], src_index=inblock.src_index[order],
+                               rating=inblock.rating[order])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("tile_rows,group_rows", [(7, 5), (64, 40), (500, 7)])
+def test_tiled_build_equals_per_row_solves(tile_rows, group_rows, dtype, monkeypatch):
+    # Long rows reading many routed rows, as an item block at scale; tiles of a few routed
+    # rows and small row groups force the tiled build onto a small block.
+    rank, reg = 6, 0.3
+    inblock, Y, (dst, src, rating), Y_src = random_block(40, 2000, rank, seed=6, heavy=30, empty=3)
+    size = np.dtype(dtype).itemsize
+    monkeypatch.setattr(kernels, "TILE_BYTES", tile_rows * rank * size)
+    monkeypatch.setattr(kernels, "GROUP_BYTES", group_rows * (rank * rank * size + 8 * rank))
+    monkeypatch.setattr(kernels, "TILE_MIN_RATINGS", 1)
+    expected = per_row_solution(40, (dst, src, rating), Y_src, reg, "count")
+    tol = {"atol": 1e-10} if dtype == np.float64 else {"rtol": 1e-3, "atol": 1e-4}
+    for block, tiled in ((inblock, True), (shuffled_within_rows(inblock, 1), False)):
+        systems = Objective(rank, reg, "count").systems(block, Y.astype(dtype), None, None)
+        rows = np.flatnonzero(block.counts)
+        assert kernels._tiling(systems.kernel_arrays(), rows) == ((tile_rows, group_rows) if tiled else None)
+        solution = solve_cholesky(systems, loss=True)
+        np.testing.assert_allclose(solution.X, expected, **tol)
+        # The loss at the factors as stored, summed tile by tile.
+        s = np.einsum("pk,pk->p", Y_src[src].astype(dtype).astype(np.float64), solution.X[dst].astype(np.float64))
+        sq_err = float(((rating.astype(np.float32).astype(np.float64) - s) ** 2).sum())
+        assert solution.sq_err == pytest.approx(sq_err, rel=1e-9)
+        assert solution.observed == pytest.approx(sq_err, rel=1e-9)
 
 
 @pytest.mark.parametrize("steps", [8, 12])
@@ -142,7 +179,7 @@ def test_every_solver_reports_its_loss_for_any_row_length(width, weighted):
     n_src = 320
     dst = np.repeat(np.arange(lengths.size), lengths)
     src = np.concatenate([rng.choice(n_src, n, replace=False) for n in lengths])
-    inblock = build_inblock(dst, np.zeros_like(src), src, src, rng.integers(1, 11, dst.size) / 2.0, lengths.size, 1)
+    inblock = build_inblock(dst, np.zeros_like(src), src, rng.integers(1, 11, dst.size) / 2.0, lengths.size, 1)
     Y_src = rng.standard_normal((n_src, width))
     Y = Y_src[inblock.need_rows]
     a = rng.random(inblock.nnz) * 2 if weighted else None

@@ -44,12 +44,16 @@ def check_inblocks(inblocks, dst_rows, src_rows, mask, values, seed=0) -> np.nda
     n_src = len(src_rows)
     Y = np.random.default_rng(seed).standard_normal((mask.shape[1], 3))  # distinct rows
     shipped = np.zeros((n_src, len(inblocks)), dtype=np.int64)
+    routed_position = np.empty(mask.shape[1], dtype=np.int64)
+    routed_position[np.concatenate(src_rows)] = np.arange(mask.shape[1])
     for b, (inblock, rows) in enumerate(zip(inblocks, dst_rows)):
         assert isinstance(inblock, InBlock)
         sub = mask[rows]
-        # Row-major nonzeros: by local row, then by the source's global index -- the
-        # order the in-block must have.
+        # Nonzeros by local row, then by source block and source-local row (the order of
+        # the concatenated messages) -- the order the in-block must have.
         r, s = np.nonzero(sub)
+        by_message = np.lexsort((routed_position[s], r))
+        r, s = r[by_message], s[by_message]
         # CSR structure and values match the dense matrix.
         assert inblock.indptr.dtype == np.int64
         np.testing.assert_array_equal(inblock.indptr, np.concatenate([[0], np.cumsum(sub.sum(axis=1))]))
@@ -129,7 +133,7 @@ def test_build_inblock_routes_exactly_what_is_needed(blocks, density):
             m = block[side][dst] == b
             inblocks.append(
                 build_inblock(
-                    local[side][dst[m]], block[other][src[m]], local[other][src[m]], src[m], r[m],
+                    local[side][dst[m]], block[other][src[m]], local[other][src[m]], r[m],
                     members.size, len(rows[other]),
                 )
             )
@@ -171,7 +175,7 @@ def test_pair_and_counting_orders_are_numpys_stable_sorts(n_major, n_minor, layo
 
 def test_build_inblock_of_an_empty_block():
     empty = np.zeros(0, dtype=np.int64)
-    inblock = build_inblock(empty, empty, empty, empty, np.zeros(0), 4, 3)
+    inblock = build_inblock(empty, empty, empty, np.zeros(0), 4, 3)
     np.testing.assert_array_equal(inblock.indptr, [0, 0, 0, 0, 0])
     np.testing.assert_array_equal(inblock.need_ptr, [0, 0, 0, 0])
     assert inblock.nnz == 0 and inblock.need_rows.size == 0 and inblock.col.size == 0

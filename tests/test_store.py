@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 import blockals
-from blockals.routing import build_inblock
+from blockals.routing import build_inblock, inblock_order
 from blockals.store import BLOCK_CACHE, StoreWriter, load_out_blocks, load_times
 
 SIDES = ("users", "items")
@@ -85,8 +85,10 @@ def block_arrays(dense: Dense, side: str, b: int):
     other = "items" if side == "users" else "users"
     values, mask = dense.side(side)
     rows = np.flatnonzero(dense.block[side] == b)
-    local, src = np.nonzero(mask[rows])  # by local row, then other-side index
-    inblock = build_inblock(local, dense.block[other][src], dense.local(other)[src], src, values[rows][local, src],
+    local, src = np.nonzero(mask[rows])
+    order = inblock_order(local, rows.size, dense.block[other][src], dense.local(other)[src], dense.n_blocks(other))
+    local, src = local[order], src[order]  # in in-block order, as the timestamps must be
+    inblock = build_inblock(local, dense.block[other][src], dense.local(other)[src], values[rows][local, src],
                             rows.size, dense.n_blocks(other))
     time = 1000 * rows[local] + src if side == "users" else None  # a value the test can predict
     return rows, inblock, time
@@ -285,7 +287,7 @@ def test_route_tasks_read_only_the_routing_arrays(tmp_path):
 
 
 def _tiny_inblock(n: int):
-    return build_inblock(np.arange(n), np.zeros(n, int), np.arange(n), np.arange(n), np.ones(n), n, 1)
+    return build_inblock(np.arange(n), np.zeros(n, int), np.arange(n), np.ones(n), n, 1)
 
 
 def test_block_cache_keeps_its_blocks_through_a_cyclic_scan():
