@@ -91,6 +91,7 @@ def test_tiled_build_equals_per_row_solves(tile_rows, group_rows, dtype, monkeyp
     size = np.dtype(dtype).itemsize
     monkeypatch.setattr(kernels, "TILE_BYTES", tile_rows * rank * size)
     monkeypatch.setattr(kernels, "GROUP_BYTES", group_rows * (rank * rank * size + 8 * rank))
+    monkeypatch.setattr(kernels, "TILED_ABOVE_BYTES", tile_rows * rank * size)
     monkeypatch.setattr(kernels, "TILE_MIN_RATINGS", 1)
     expected = per_row_solution(40, (dst, src, rating), Y_src, reg, "count")
     tol = {"atol": 1e-10} if dtype == np.float64 else {"rtol": 1e-3, "atol": 1e-4}
