@@ -9,9 +9,11 @@ one, or a LocalCluster started for the run); :func:`blas_limits` and
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+from collections.abc import Iterator
 
 import dask
 from distributed import Client, get_worker
@@ -20,7 +22,7 @@ from threadpoolctl import threadpool_limits
 
 from blockals.errors import InputError
 
-__all__ = ["connect", "blas_limits", "blas_context", "cache_bytes", "retain_freed_memory"]
+__all__ = ["connect", "blas_limits", "blas_context", "cache_bytes", "retain_freed_memory", "reusing_memory"]
 
 log = logging.getLogger("blockals")
 
@@ -49,6 +51,32 @@ def _quarter_of_memory_limit() -> int:
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 _retained: int | None = None
+# Above this share of its memory limit a worker hands freed memory back (malloc_trim):
+# Dask pauses a worker at 80%, and a paused worker runs no task that could free any.
+RELEASE_ABOVE = 0.7
+
+
+@contextlib.contextmanager
+def reusing_memory() -> Iterator[None]:
+    """Run a task (a ``with`` block, or a function it decorates) with
+    :func:`retain_freed_memory` in force, handing freed memory back to the OS after it
+    when the process holds more than ``RELEASE_ABOVE`` of its memory limit."""
+    retain_freed_memory()
+    try:
+        yield
+    finally:
+        if _retained:
+            _release_if_crowded()
+
+
+def _release_if_crowded() -> None:
+    try:
+        worker = get_worker()
+    except ValueError:  # not on a worker
+        return
+    limit = worker.memory_manager.memory_limit
+    if limit and worker.monitor.get_process_memory() > RELEASE_ABOVE * limit:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def retain_freed_memory() -> int:
@@ -63,7 +91,8 @@ def retain_freed_memory() -> int:
     128 KiB: every solve then faults its memory in a page at a time again, about 0.8 ms
     per MB on the machine of benchmarks/RESULTS.md and a quarter of a 200M-rating
     iteration. With both thresholds raised, freed arrays go back to the heap and the
-    next solve reuses them.
+    next solve reuses them; :func:`reusing_memory` hands them back when the worker nears
+    Dask's pause threshold.
     """
     global _retained
     if _retained is None:

@@ -41,7 +41,7 @@ from distributed import Client, Future, as_completed
 
 from blockals import kernels
 from blockals.checkpoint import Checkpoint, Committed, write_block
-from blockals.cluster import blas_context, blas_limits, cache_bytes, retain_freed_memory
+from blockals.cluster import blas_context, blas_limits, cache_bytes, reusing_memory
 from blockals.halfstep import LossTerms, SolvedBlock, gram, routed_rows, solve_block
 from blockals.objectives import Objective
 from blockals.params import ALSConfig
@@ -85,13 +85,13 @@ def _sum_task(*parts: np.ndarray) -> np.ndarray:
     return np.sum(parts, axis=0)
 
 
+@reusing_memory()
 def _solve_task(
     ref: StoreRef, side: Side, block: int, config: ALSConfig, obj: Objective, limits: dict[str, int],
     G: np.ndarray | None, previous: np.ndarray | None, weights: np.ndarray | None, whole: np.ndarray,
     *messages: np.ndarray,
 ) -> SolvedBlock:
     """Solve one block (:func:`blockals.halfstep.solve_block`) from its routed messages."""
-    retain_freed_memory()
     inblock = load_inblock(ref, side, block, cache_bytes())
     M = routed_rows(inblock, messages, whole, obj.width, config.dtype)
     with blas_context(limits):

@@ -37,7 +37,7 @@ from dask.base import get_scheduler
 import numpy as np
 import pandas as pd
 
-from blockals.cluster import retain_freed_memory
+from blockals.cluster import reusing_memory
 from blockals.errors import InputError
 from blockals.partition import DEFAULT_BLOCK_BUDGET, assign_blocks, default_n_blocks, parse_n_blocks
 from blockals.routing import build_inblock, counting_order, inblock_order, pair_order
@@ -189,6 +189,7 @@ def combine_duplicates(
 # -- tasks -----------------------------------------------------------------------
 
 
+@reusing_memory()
 def _scan_partition(part: pd.DataFrame, index: int, writer: StoreWriter) -> tuple[PartitionCheck, dict | None]:
     """Check one partition, count its ids and keep it for the staging pass.
 
@@ -196,7 +197,6 @@ def _scan_partition(part: pd.DataFrame, index: int, writer: StoreWriter) -> tupl
     else as text, to be typed once every partition is seen), so the staging pass maps a
     few thousand ids per partition, not a million.
     """
-    retain_freed_memory()
     check = check_partition(part)
     if check.problem is not None:
         return check, None
@@ -213,12 +213,12 @@ def _scan_partition(part: pd.DataFrame, index: int, writer: StoreWriter) -> tupl
     return check, counts
 
 
+@reusing_memory()
 def _stage_partition(
     index: int, offset: int, writer: StoreWriter, ids: dict[Side, pd.Index], kinds: dict[Side, str],
     user_block: np.ndarray, n_user_blocks: int,
 ) -> np.ndarray:
     """Map one kept partition's ids and stage it sorted by user block; returns its block offsets."""
-    retain_freed_memory()
     kept = writer.read_partition(index)
     global_index = {
         side: ids[side].get_indexer(convert_ids(kept[f"{side}_id"].astype(object), kinds[side]))[kept[f"{side}_code"]]
@@ -250,12 +250,12 @@ def _block_ratings(
                               data.get("time"))
 
 
+@reusing_memory()
 def _build_block(
     writer: StoreWriter, side: Side, block: int, stage_ptrs: Sequence[np.ndarray],
     assignment: dict[Side, tuple[np.ndarray, np.ndarray]], duplicates: str | None, timed: bool,
 ) -> BlockStats:
     """Build, write and (for users) restage one destination block."""
-    retain_freed_memory()
     dst_block, dst_local = assignment[side]
     src_block, src_local = assignment[other_side(side)]
     rows = np.flatnonzero(dst_block == block)  # global index of each local row

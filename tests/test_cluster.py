@@ -16,7 +16,7 @@ import pytest
 from distributed import Client
 
 import blockals
-from blockals.cluster import retain_freed_memory
+from blockals.cluster import retain_freed_memory, reusing_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -266,3 +266,43 @@ def test_a_worker_reuses_freed_arrays_instead_of_faulting_them_in(client2):
     limits = client2.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
     for addr, limit in limits.items():
         assert client2.submit(retain_freed_memory, workers=[addr], pure=False).result() == min(1 << 30, limit // 4)
+
+
+@reusing_memory()
+def _hold_and_free(n_bytes: int) -> int:
+    # 8 MB arrays, as many of a solve's: a worker thread's malloc arena serves them and
+    # keeps some once they are freed. Touched, then freed.
+    arrays = [np.ones((8 << 20) // 8) for _ in range(n_bytes // (8 << 20))]
+    return len(arrays)
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _release_above(fraction: float) -> None:
+    import blockals.cluster
+
+    blockals.cluster.RELEASE_ABOVE = fraction
+
+
+def test_a_worker_near_its_limit_hands_freed_memory_back():
+    # Retained memory must not keep a worker at Dask's pause threshold, where it would run
+    # nothing that could free it: a task ending above RELEASE_ABOVE of the limit releases it.
+    # The same task twice, with the threshold out of reach and then at zero.
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="2GiB", host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        client.submit(retain_freed_memory, pure=False).result()
+        (base,) = client.run(_rss).values()
+        client.run(_release_above, 1.0)
+        client.submit(_hold_and_free, 1300 << 20, pure=False).result()
+        (kept,) = client.run(_rss).values()
+        client.run(_release_above, 0.0)
+        client.submit(_hold_and_free, 1300 << 20, pure=False).result()
+        (released,) = client.run(_rss).values()
+    assert kept - base > 64 << 20, (base, kept)
+    assert released - base < (kept - base) / 2, (base, kept, released)
