@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import numba
 import numpy as np
 import pandas as pd
 
@@ -29,29 +30,36 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best columns of every row, best first; ties go to the lower column.
 
     ``-inf`` marks excluded candidates; places beyond a row's candidates get index -1
-    and score NaN.
+    and score NaN. One compiled pass per row keeps the best ``k`` so far and compares
+    each score with the worst of them: a sort or partition of the whole row (what NumPy
+    offers) cost 88% of ``recommend_all`` at 1B ratings.
     """
-    n, m = scores.shape
-    k_eff = min(k, m)
+    n = scores.shape[0]
     idx = np.full((n, k), -1, dtype=np.int64)
     val = np.full((n, k), np.nan)
-    if k_eff == 0 or n == 0:
-        return idx, val
-    kth = np.partition(scores, m - k_eff, axis=1)[:, m - k_eff]
-    greater = scores > kth[:, None]
-    equal = scores == kth[:, None]
-    room = (k_eff - greater.sum(axis=1))[:, None]
-    take = greater | (equal & (np.cumsum(equal, axis=1) <= room))
-    cols = np.nonzero(take)[1].reshape(n, k_eff)  # exactly k_eff per row, in column order
-    chosen = np.take_along_axis(scores, cols, axis=1)
-    # Columns increase along each row, so a stable sort on -score breaks ties by column.
-    order = np.argsort(-chosen, axis=1, kind="stable")
-    cols = np.take_along_axis(cols, order, axis=1)
-    chosen = np.take_along_axis(chosen, order, axis=1)
-    valid = np.isfinite(chosen)
-    idx[:, :k_eff] = np.where(valid, cols, -1)
-    val[:, :k_eff] = np.where(valid, chosen, np.nan)
+    if k > 0 and n > 0:
+        _top_k_rows(np.ascontiguousarray(scores, dtype=np.float64), idx, val)
     return idx, val
+
+
+@numba.njit(nogil=True, cache=True)
+def _top_k_rows(scores, idx, val):
+    k = idx.shape[1]
+    for r in range(scores.shape[0]):
+        filled = 0
+        for c in range(scores.shape[1]):
+            s = scores[r, c]
+            if not np.isfinite(s) or (filled == k and s <= val[r, k - 1]):
+                continue  # excluded, or no better than the k-th: a later column loses a tie
+            p = filled if filled < k else k - 1
+            while p > 0 and val[r, p - 1] < s:  # after equal scores: they have lower columns
+                val[r, p] = val[r, p - 1]
+                idx[r, p] = idx[r, p - 1]
+                p -= 1
+            val[r, p] = s
+            idx[r, p] = c
+            if filled < k:
+                filled += 1
 
 
 def score_rows(U: np.ndarray, V: np.ndarray, item_bias: np.ndarray | None) -> np.ndarray:
