@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import blockals
+from blockals import kernels
 from blockals.halfstep import gram, routed_rows, solve_block
 from blockals.params import parse_params
 from blockals.routing import build_inblock
@@ -149,3 +151,41 @@ def test_routed_rows_of_a_block_without_ratings():
     inblock = build_inblock(np.zeros(0, int), np.zeros(0, int), np.zeros(0, int), np.zeros(0), 2, 3)
     M = routed_rows(inblock, [], np.zeros(3, bool), 4, "float32")
     assert M.shape == (0, 4) and M.dtype == np.float32
+
+
+@pytest.mark.parametrize("mode", ["explicit", "implicit"])
+def test_an_ingested_item_block_built_in_tiles_equals_dense_solves(mode, tmp_path, monkeypatch):
+    # Items rated by thousands of users, as at scale; tiles of 50 routed rows and groups of
+    # 2 rows make the solve take the tiled build on a block this small.
+    rng = np.random.default_rng(7)
+    n_users, n_items, reg = 3000, 12, 0.1
+    mask = rng.random((n_users, n_items)) < 0.5
+    mask[:, 0] = True  # every user has a rating, so global user index = id
+    users, items = np.nonzero(mask)
+    rating = rng.integers(1, 11, users.size) / 2.0
+    store = blockals.ingest((users, items, rating), tmp_path / "r.zarr", n_user_blocks=3, n_item_blocks=2)
+    inblock = store.inblock("items", 0)
+    Y = rng.standard_normal((n_users, RANK))
+    messages = [Y[store.rows("users", j)] for j in range(store.n_user_blocks)]
+    M = routed_rows(inblock, messages, np.ones(store.n_user_blocks, dtype=bool), RANK, "float64")
+    monkeypatch.setattr(kernels, "TILE_BYTES", 50 * RANK * 8)
+    monkeypatch.setattr(kernels, "TILED_ABOVE_BYTES", 50 * RANK * 8)
+    monkeypatch.setattr(kernels, "GROUP_BYTES", 2 * (RANK * RANK * 8 + 8 * RANK))
+    monkeypatch.setattr(kernels, "TILE_MIN_RATINGS", 1)
+    config = parse_params({"rank": RANK, "reg": reg, "dtype": "float64", **MODES[mode]}).config
+    obj = config.objective(float(store.stats["rating_mean"]))
+    G = gram(Y, RANK) if obj.gram_weight else None
+    arrays = obj.systems(inblock, M, G, None).kernel_arrays()
+    assert kernels._tiling(arrays, np.flatnonzero(inblock.counts)) == (50, 2)
+
+    solved = solve_block(inblock, M, obj, config, G=G)
+    expected = np.zeros((inblock.n_rows, RANK))
+    for row, item in enumerate(store.rows("items", 0)):
+        y, r = Y[mask[:, item]], rating[items == item]  # users in increasing order either way
+        if mode == "implicit":
+            c, p = 1 + 2.0 * np.abs(r), (r > 0) * 1.0
+            A, b = Y.T @ Y + y.T @ ((c - 1)[:, None] * y) + reg * (r > 0).sum() * np.eye(RANK), y.T @ (c * p)
+        else:
+            A, b = y.T @ y + reg * r.size * np.eye(RANK), y.T @ r
+        expected[row] = np.linalg.solve(A, b)
+    np.testing.assert_allclose(solved.factors, expected, atol=1e-9)
