@@ -167,7 +167,12 @@ def main(argv: list[str] | None = None) -> None:
     cluster = Cluster(workers=args.workers, threads=args.threads, cores=args.cores, nodes=args.nodes,
                       memory_limit=parse_bytes(args.memory_limit), network=args.network_gbps * 1e9 / 8)
     if args.what == "store":
-        users, items = from_store(args.path)
+        from blockals.errors import StoreError
+
+        try:
+            users, items = from_store(args.path)
+        except StoreError as exc:
+            raise SystemExit(str(exc)) from None
     else:
         budget = parse_bytes(args.block_budget) if args.block_budget else cluster.budget
         users, items = from_shape(int(args.ratings), int(args.users), int(args.items), budget)

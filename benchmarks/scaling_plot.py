@@ -32,8 +32,10 @@ def load(path: Path) -> dict[int, list[dict]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit('scaling_plot.py needs matplotlib: pip install -e ".[plot]"') from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
