@@ -50,6 +50,12 @@ def _quarter_of_memory_limit() -> int:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+# Solves run in worker threads, and glibc gives a thread its own arena, whose heaps stop at
+# 64 MiB: a larger array (a 1B-rating block's per-rating arrays) is mapped afresh and
+# faulted in at every solve whatever the thresholds below. With one arena every thread
+# allocates from the main heap, which keeps them. glibc reads this only as a process
+# starts, so Dask's nannies set it when they spawn a worker (a default: config wins).
+dask.config.update_defaults({"distributed": {"nanny": {"pre-spawn-environ": {"MALLOC_ARENA_MAX": 1}}}})
 _retained: int | None = None
 # Above this share of its memory limit a worker hands freed memory back (malloc_trim):
 # Dask pauses a worker at 80%, and a paused worker runs no task that could free any.
@@ -92,7 +98,9 @@ def retain_freed_memory() -> int:
     per MB on the machine of benchmarks/RESULTS.md and a quarter of a 200M-rating
     iteration. With both thresholds raised, freed arrays go back to the heap and the
     next solve reuses them; :func:`reusing_memory` hands them back when the worker nears
-    Dask's pause threshold.
+    Dask's pause threshold. Arrays above 64 MiB are kept only in a process started with
+    ``MALLOC_ARENA_MAX=1``, which importing blockals makes the default for workers that
+    Dask's nannies spawn; set it in the environment of workers started otherwise.
     """
     global _retained
     if _retained is None:

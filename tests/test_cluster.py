@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -266,6 +267,47 @@ def test_a_worker_reuses_freed_arrays_instead_of_faulting_them_in(client2):
     limits = client2.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
     for addr, limit in limits.items():
         assert client2.submit(retain_freed_memory, workers=[addr], pure=False).result() == min(1 << 30, limit // 4)
+
+
+_FAULTS_IN_A_THREAD = """
+import resource, threading
+import numpy as np
+from blockals.cluster import retain_freed_memory
+
+def faults_of_second_array(out):
+    np.ones(2**24).sum()  # 128 MB, above a thread arena's 64 MiB heaps
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    np.ones(2**24).sum()
+    out.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+
+retain_freed_memory()
+out = []
+thread = threading.Thread(target=faults_of_second_array, args=(out,))
+thread.start(); thread.join()
+print(out[0])
+"""
+
+
+@reusing_memory()
+def _faults_of_a_second_large_array() -> int:
+    np.ones(2**24).sum()
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    np.ones(2**24).sum()
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+
+def test_a_worker_thread_reuses_arrays_above_a_thread_arena(client2):
+    # Without one malloc arena, a thread maps a 128 MB array afresh each time, thresholds
+    # raised or not (at least 64 faults: one per 2 MiB huge page)...
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    alone = subprocess.run([sys.executable, "-c", _FAULTS_IN_A_THREAD], env=env, capture_output=True, text=True,
+                           check=True).stdout
+    assert int(alone) >= 64
+    # ...and the workers Dask's nannies spawn after blockals is imported have one, so a
+    # solve's thread reuses it.
+    assert set(client2.run(lambda: os.environ.get("MALLOC_ARENA_MAX")).values()) == {"1"}
+    for addr in client2.scheduler_info()["workers"]:
+        assert client2.submit(_faults_of_a_second_large_array, workers=[addr], pure=False).result() < int(alone) / 10
 
 
 @reusing_memory()
