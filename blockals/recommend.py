@@ -18,48 +18,24 @@ import pandas as pd
 
 from blockals import recstore
 from blockals.cluster import cache_bytes, connect
-from blockals.store import RatingStore, StoreRef, block_triples, load_rows
+from blockals.store import RatingStore, StoreRef, load_inblock, load_rows
 
-__all__ = ["top_k", "recommend_rows", "recommend_block", "recommend_all", "similar"]
+__all__ = ["recommend_rows", "seen_csr", "recommend_block", "recommend_all", "similar"]
 
 # Bytes of scores one chunk of rows may hold.
 SCORE_BYTES = 32 * 2**20
 
 
-def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` best columns of every row, best first; ties go to the lower column.
-
-    ``-inf`` marks excluded candidates; places beyond a row's candidates get index -1
-    and score NaN. One compiled pass per row keeps the best ``k`` so far and compares
-    each score with the worst of them: a sort or partition of the whole row (what NumPy
-    offers) cost 88% of ``recommend_all`` at 1B ratings.
-    """
-    n = scores.shape[0]
-    idx = np.full((n, k), -1, dtype=np.int64)
-    val = np.full((n, k), np.nan)
-    if k > 0 and n > 0:
-        _top_k_rows(np.ascontiguousarray(scores, dtype=np.float64), idx, val)
-    return idx, val
+# Seen items as CSR: ``items[indptr[r]:indptr[r + 1]]`` are row r's, in any order.
+Seen = tuple[np.ndarray, np.ndarray]
 
 
-@numba.njit(nogil=True, cache=True)
-def _top_k_rows(scores, idx, val):
-    k = idx.shape[1]
-    for r in range(scores.shape[0]):
-        filled = 0
-        for c in range(scores.shape[1]):
-            s = scores[r, c]
-            if not np.isfinite(s) or (filled == k and s <= val[r, k - 1]):
-                continue  # excluded, or no better than the k-th: a later column loses a tie
-            p = filled if filled < k else k - 1
-            while p > 0 and val[r, p - 1] < s:  # after equal scores: they have lower columns
-                val[r, p] = val[r, p - 1]
-                idx[r, p] = idx[r, p - 1]
-                p -= 1
-            val[r, p] = s
-            idx[r, p] = c
-            if filled < k:
-                filled += 1
+def seen_csr(lists: list[np.ndarray]) -> Seen:
+    """:data:`Seen` from one array of item indices per row."""
+    indptr = np.zeros(len(lists) + 1, dtype=np.int64)
+    np.cumsum([a.size for a in lists], out=indptr[1:])
+    items = np.concatenate(lists).astype(np.int64) if lists else np.zeros(0, dtype=np.int64)
+    return indptr, items
 
 
 def score_rows(U: np.ndarray, V: np.ndarray, item_bias: np.ndarray | None) -> np.ndarray:
@@ -69,34 +45,118 @@ def score_rows(U: np.ndarray, V: np.ndarray, item_bias: np.ndarray | None) -> np
 
 def recommend_rows(
     U: np.ndarray, V: np.ndarray, k: int, item_bias: np.ndarray | None = None,
-    seen: list[np.ndarray] | None = None, candidates: np.ndarray | None = None,
+    seen: Seen | None = None, candidates: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` items for each row of ``U``, in chunks that bound the score memory.
+    """Top-``k`` items for each row of ``U`` (best first, ties to the lower item).
 
-    ``seen[r]`` lists item indices row ``r`` must not get; ``candidates`` restricts the
-    items considered.
+    ``seen`` (CSR, :data:`Seen`) lists the items each row must not get; ``candidates``
+    restricts the items considered. Scores are screened a tile at a time in float32 and
+    ranked in float64 (:func:`_top_k_products`); no rows x items matrix is ever held.
     """
-    n = U.shape[0]
+    n, n_items = U.shape[0], V.shape[0]
     idx = np.full((n, k), -1, dtype=np.int64)
     val = np.full((n, k), np.nan)
-    allowed = None
+    if k == 0 or n == 0:
+        return idx, val
+    rank = U.shape[1]
+    U64, V64 = np.asarray(U, dtype=np.float64), np.ascontiguousarray(V, dtype=np.float64)
+    rows = min(_ROWS, n, max(1, _MASK_BYTES // max(n_items, 1)))
+    cols = min(_COLS, -(-n_items // 64) * 64)
+    n_tiles = -(-n_items // cols)
+    # float32 holds the products of factors below 1e18 (rank < 1e2); beyond, screen in float64.
+    screen = np.float32 if max(np.abs(U64).max(initial=0), np.abs(V64).max(initial=0)) < 1e18 and rank < 100 else np.float64
+    # Padding: zero rows and columns; the offset gives padded columns -inf.
+    Us = np.zeros((-(-n // rows) * rows, rank), dtype=screen)
+    Us[:n] = U64
+    Vt = np.zeros((rank, n_tiles * cols), dtype=screen)
+    Vt[:, :n_items] = V64.T
+    Vt = np.ascontiguousarray(Vt.reshape(rank, n_tiles, cols).transpose(1, 0, 2))
+    offset = np.full(n_tiles * cols, -np.inf)
+    offset[:n_items] = 0.0 if item_bias is None else item_bias
     if candidates is not None:
-        allowed = np.zeros(V.shape[0], dtype=bool)
+        allowed = np.zeros(n_items, dtype=bool)
         allowed[candidates] = True
-    chunk = max(1, SCORE_BYTES // (8 * max(1, V.shape[0])))
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        scores = score_rows(U[start:stop], V, item_bias)
-        if allowed is not None:
-            scores[:, ~allowed] = -np.inf
-        if seen is not None:
-            for r in range(start, stop):
-                scores[r - start, seen[r]] = -np.inf
-        idx[start:stop], val[start:stop] = top_k(scores, k)
+        offset[:n_items][~allowed] = -np.inf
+    # A screened score differs from the float64 one by at most (rank + 3) units of the
+    # screen's rounding times |u| |v| (rounding the factors, then a sum of rank products
+    # in any order); twice that is the margin a column must come within to be scored.
+    unit = float(np.finfo(screen).eps) / 2
+    vmax = float(np.sqrt(np.max(np.einsum("ij,ij->i", V64, V64), initial=0.0)))
+    margin = 2 * (rank + 3) * unit * np.sqrt(np.einsum("ij,ij->i", U64, U64)) * vmax
+    indptr, items = seen if seen is not None else (np.zeros(n + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    _top_k_products(Us.reshape(-1, rows, rank), Vt, offset, U64, V64, margin, indptr, items, idx, val)
     return idx, val
 
 
-def seen_items(store: RatingStore, users: np.ndarray) -> list[np.ndarray]:
+# Screened scores are made by BLAS a tile of _ROWS x _COLS at a time (256 KiB in float32,
+# in cache while it is ranked) and scanned _RUN columns at a time; a group's seen items are
+# marked in a boolean matrix of at most _MASK_BYTES.
+_ROWS, _COLS, _RUN, _MASK_BYTES = 32, 2048, 64, 4 << 20
+
+
+@numba.njit(nogil=True, cache=True)
+def _top_k_products(Us, Vt, offset, U, V, margin, indptr, items, idx, val):
+    """Fill ``idx``/``val`` with each row's best ``U[r] @ V.T + offset``, skipping its seen
+    items and non-finite scores.
+
+    ``Us`` (rows in groups) and ``Vt`` (V.T in tiles of columns) screen every column in
+    low precision, within ``margin[r]`` of the float64 score; a column that comes within
+    the margin of the k-th score kept is scored in float64 from ``U`` and ``V``. A score
+    must beat the k-th to enter, so a later column loses a tie.
+    """
+    n, k = idx.shape
+    rows, (n_tiles, rank, cols) = Us.shape[1], Vt.shape
+    seen = np.zeros((rows, n_tiles * cols), dtype=np.bool_)
+    worst = np.empty(rows)  # the score to beat: the k-th, or -inf while fewer are kept
+    filled = np.zeros(rows, dtype=np.int64)
+    S = np.empty((rows, cols), dtype=Us.dtype)
+    for g in range(Us.shape[0]):
+        r0, r1 = g * rows, min(g * rows + rows, n)
+        for r in range(r0, r1):
+            filled[r - r0], worst[r - r0] = 0, -np.inf
+            for p in range(indptr[r], indptr[r + 1]):
+                seen[r - r0, items[p]] = True
+        for t in range(n_tiles):
+            np.dot(Us[g], Vt[t], S)
+            lo = t * cols
+            for i in range(r1 - r0):
+                r, w = r0 + i, worst[i]
+                screen = w - margin[r]
+                for c0 in range(0, cols, _RUN):
+                    # Views whose indices are known non-negative, so this first pass
+                    # vectorizes: it counts a run's candidates without a branch, and most
+                    # runs hold none.
+                    scores, offsets = S[i, c0 : c0 + _RUN], offset[lo + c0 : lo + c0 + _RUN]
+                    hits = 0
+                    for j in range(_RUN):
+                        hits += scores[j] + offsets[j] > screen
+                    if hits == 0:
+                        continue
+                    for j in range(_RUN):
+                        c = lo + c0 + j
+                        if not scores[j] + offsets[j] > screen or seen[i, c]:  # NaN fails the first test
+                            continue
+                        s = offset[c]
+                        for f in range(rank):
+                            s += U[r, f] * V[c, f]
+                        if not s > w or not np.isfinite(s):
+                            continue
+                        p = min(filled[i], k - 1)
+                        while p > 0 and val[r, p - 1] < s:  # after equal scores: they have lower columns
+                            val[r, p], idx[r, p] = val[r, p - 1], idx[r, p - 1]
+                            p -= 1
+                        val[r, p], idx[r, p] = s, c
+                        filled[i] = min(filled[i] + 1, k)
+                        if filled[i] == k:
+                            w = val[r, k - 1]
+                            screen = w - margin[r]
+                worst[i] = w
+        for r in range(r0, r1):
+            for p in range(indptr[r], indptr[r + 1]):
+                seen[r - r0, items[p]] = False
+
+
+def seen_items(store: RatingStore, users: np.ndarray) -> Seen:
     """Item global indices each given user (global index) rated in ``store``.
 
     Users beyond the store's (folded in after training) rated nothing in it.
@@ -113,7 +173,7 @@ def seen_items(store: RatingStore, users: np.ndarray) -> list[np.ndarray]:
         for pos in np.flatnonzero(user_block == b):
             lo, hi = np.searchsorted(rows, [users[pos], users[pos] + 1])
             out[pos] = items[lo:hi]
-    return out
+    return seen_csr(out)
 
 
 def group_by_row(rows: np.ndarray, values: np.ndarray, n: int) -> list[np.ndarray]:
@@ -139,9 +199,10 @@ def recommend_block(
     """Top-``k`` for every user of one user block (a Dask task)."""
     users = load_rows(ref, "users", block)
     seen = None
-    if exclude_seen:
-        rows, items, _ = block_triples(ref, "users", block, n_item_blocks, cache_bytes())
-        seen = group_by_row(np.searchsorted(users, rows), items, users.shape[0])
+    if exclude_seen:  # the in-block is CSR by user already: only its columns need item indices
+        inblock = load_inblock(ref, "users", block, cache_bytes())
+        routed = [load_rows(ref, "items", j)[inblock.out_block(j)] for j in range(n_item_blocks)]
+        seen = inblock.indptr, np.concatenate(routed)[inblock.col]
     idx, val = recommend_rows(U, V, k, item_bias, seen)
     return TopItems(users=users, items=idx, scores=val)
 
@@ -150,8 +211,8 @@ def similar(F: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     """Top-``k`` rows of ``F`` by cosine similarity to each of ``rows``, excluding itself."""
     norms = np.linalg.norm(F.astype(np.float64), axis=1)
     unit = np.divide(F, norms[:, None], out=np.zeros(F.shape), where=norms[:, None] > 0)
-    seen = [np.array([r]) for r in rows]
-    return recommend_rows(unit[rows], unit, k, None, seen)
+    itself = np.arange(rows.shape[0] + 1, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+    return recommend_rows(unit[rows], unit, k, None, itself)
 
 
 def to_frame(left: str, left_ids: Any, right: str, right_ids: np.ndarray, idx: np.ndarray, val: np.ndarray) -> pd.DataFrame:
@@ -173,8 +234,8 @@ def recommend_all(
 ) -> str:
     """Top-``n`` items for every user of ``store``, written to a recommendations store.
 
-    One Dask task per user block scores its users against all items in chunks (a
-    batched product and a partial top-k), so the full score matrix never exists.
+    One Dask task per user block scores its users against all items a tile at a time
+    (:func:`recommend_rows`), so no score matrix is ever held.
     Read the result with :func:`blockals.recstore.read_recommendations`.
     """
     recstore.create(output, n, store.n_user_blocks, user_ids, item_ids, storage_options)

@@ -8,7 +8,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import blockals
-from blockals.recommend import top_k
+from blockals.recommend import recommend_rows, seen_csr
 from blockals.recstore import read_recommendations
 from test_model import random_ratings, to_frame
 
@@ -23,16 +23,27 @@ def brute_top(scores, k):
 
 
 @pytest.mark.parametrize("k", [1, 3, 7, 12])
-def test_top_k_with_ties_exclusions_and_short_rows(k):
-    rng = np.random.default_rng(0)
-    scores = rng.integers(0, 4, (40, 9)).astype(float)  # many ties
-    scores[rng.random(scores.shape) < 0.3] = -np.inf  # excluded
-    scores[0] = -np.inf  # a row with no candidates
-    idx, val = top_k(scores, k)
-    for r, expected in enumerate(brute_top(scores, k)):
+@pytest.mark.parametrize("n_items", [9, 2000])
+def test_recommend_rows_with_ties_exclusions_and_short_rows(k, n_items):
+    # 0/1 factors make integer scores, so ties are exact; 2000 items at rank 40 span several
+    # tiles of columns, and 150 rows several groups of rows.
+    rng = np.random.default_rng(k)
+    U = rng.integers(0, 2, (150, 40)).astype(np.float32)
+    V = rng.integers(0, 2, (n_items, 40)).astype(np.float32)
+    bias = rng.integers(-2, 3, n_items).astype(float)
+    seen = [np.flatnonzero(rng.random(n_items) < 0.3) for _ in range(150)]
+    seen[0] = np.arange(n_items)  # a row with no candidates
+    seen[1] = rng.permutation(seen[1])  # any order
+    candidates = np.flatnonzero(rng.random(n_items) < 0.8)
+    S = U.astype(float) @ V.T.astype(float) + bias
+    for r, items in enumerate(seen):
+        S[r, items] = -np.inf
+    S[:, np.setdiff1d(np.arange(n_items), candidates)] = -np.inf
+    idx, val = recommend_rows(U, V, k, bias, seen_csr(seen), candidates)
+    for r, expected in enumerate(brute_top(S, k)):
         got = [j for j in idx[r] if j >= 0]
         assert got == expected
-        np.testing.assert_array_equal(val[r, : len(got)], scores[r, got])
+        np.testing.assert_array_equal(val[r, : len(got)], S[r, got])
         assert np.isnan(val[r, len(got) :]).all() and (idx[r, len(got) :] == -1).all()
 
 
