@@ -18,7 +18,7 @@ import pandas as pd
 
 from blockals import recstore
 from blockals.cluster import cache_bytes, connect
-from blockals.store import RatingStore, StoreRef, load_inblock, load_rows
+from blockals.store import RatingStore, StoreRef, load_inblock, load_rows, rated_rows
 
 __all__ = ["recommend_rows", "seen_csr", "recommend_block", "recommend_all", "similar"]
 
@@ -61,7 +61,7 @@ def recommend_rows(
     rank = U.shape[1]
     U64, V64 = np.asarray(U, dtype=np.float64), np.ascontiguousarray(V, dtype=np.float64)
     rows = min(_ROWS, n, max(1, _MASK_BYTES // max(n_items, 1)))
-    cols = min(_COLS, -(-n_items // 64) * 64)
+    cols = min(_COLS, -(-n_items // _RUN) * _RUN)  # whole runs
     n_tiles = -(-n_items // cols)
     # float32 holds the products of factors below 1e18 (rank < 1e2); beyond, screen in float64.
     screen = np.float32 if max(np.abs(U64).max(initial=0), np.abs(V64).max(initial=0)) < 1e18 and rank < 100 else np.float64
@@ -201,8 +201,7 @@ def recommend_block(
     seen = None
     if exclude_seen:  # the in-block is CSR by user already: only its columns need item indices
         inblock = load_inblock(ref, "users", block, cache_bytes())
-        routed = [load_rows(ref, "items", j)[inblock.out_block(j)] for j in range(n_item_blocks)]
-        seen = inblock.indptr, np.concatenate(routed)[inblock.col]
+        seen = inblock.indptr, rated_rows(ref, "users", inblock, n_item_blocks)
     idx, val = recommend_rows(U, V, k, item_bias, seen)
     return TopItems(users=users, items=idx, scores=val)
 

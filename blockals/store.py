@@ -210,10 +210,14 @@ def block_triples(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Global (row, other side's row, rating) of every rating in one block."""
     inblock = load_inblock(ref, side, block, cache_limit)
-    src = other_side(side)
-    sent = [load_rows(ref, src, j)[inblock.out_block(j)] for j in range(n_src_blocks)]
+    return load_rows(ref, side, block)[inblock.row], rated_rows(ref, side, inblock, n_src_blocks), inblock.rating
+
+
+def rated_rows(ref: StoreRef, side: Side, inblock: InBlock, n_src_blocks: int) -> np.ndarray:
+    """The other side's global row of each of an in-block's ratings, in in-block order."""
+    sent = [load_rows(ref, other_side(side), j)[inblock.out_block(j)] for j in range(n_src_blocks)]
     others = np.concatenate(sent) if sent else np.zeros(0, dtype=np.int64)
-    return load_rows(ref, side, block)[inblock.row], others[inblock.col], inblock.rating
+    return others[inblock.col]
 
 
 def load_times(ref: StoreRef, block: int) -> np.ndarray:
