@@ -18,24 +18,31 @@ import pandas as pd
 
 from blockals import recstore
 from blockals.cluster import cache_bytes, connect
-from blockals.store import RatingStore, StoreRef, load_inblock, load_rows, rated_rows
+from blockals.store import RatingStore, StoreRef, load_inblock, load_rows, sender_rows
 
-__all__ = ["recommend_rows", "seen_csr", "recommend_block", "recommend_all", "similar"]
+__all__ = ["recommend_rows", "Seen", "seen_csr", "recommend_block", "recommend_all", "similar"]
 
 # Bytes of scores one chunk of rows may hold.
 SCORE_BYTES = 32 * 2**20
 
 
-# Seen items as CSR: ``items[indptr[r]:indptr[r + 1]]`` are row r's, in any order.
-Seen = tuple[np.ndarray, np.ndarray]
+@dataclass(frozen=True)
+class Seen:
+    """The items each row must not get, as CSR: row r's are ``items[indptr[r]:indptr[r + 1]]``,
+    in any order. With ``lookup``, ``items`` index into it and ``lookup[items]`` are the
+    item indices (a user block's in-block columns and the items its messages carry)."""
+
+    indptr: np.ndarray
+    items: np.ndarray
+    lookup: np.ndarray | None = None
 
 
 def seen_csr(lists: list[np.ndarray]) -> Seen:
-    """:data:`Seen` from one array of item indices per row."""
+    """:class:`Seen` from one array of item indices per row."""
     indptr = np.zeros(len(lists) + 1, dtype=np.int64)
     np.cumsum([a.size for a in lists], out=indptr[1:])
     items = np.concatenate(lists).astype(np.int64) if lists else np.zeros(0, dtype=np.int64)
-    return indptr, items
+    return Seen(indptr, items)
 
 
 def score_rows(U: np.ndarray, V: np.ndarray, item_bias: np.ndarray | None) -> np.ndarray:
@@ -49,9 +56,11 @@ def recommend_rows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` items for each row of ``U`` (best first, ties to the lower item).
 
-    ``seen`` (CSR, :data:`Seen`) lists the items each row must not get; ``candidates``
-    restricts the items considered. Scores are screened a tile at a time in float32 and
-    ranked in float64 (:func:`_top_k_products`); no rows x items matrix is ever held.
+    ``seen`` (:class:`Seen`) lists the items each row must not get; ``candidates``
+    restricts the items considered. Items are visited in decreasing norm, so a row stops
+    once ``|x_u| |y_i| + b_i`` (Cauchy-Schwarz) bounds every item left below its k-th score.
+    Scores are screened a tile at a time in float32 and ranked in float64
+    (:func:`_top_k_products`); no rows x items matrix is ever held.
     """
     n, n_items = U.shape[0], V.shape[0]
     idx = np.full((n, k), -1, dtype=np.int64)
@@ -59,54 +68,74 @@ def recommend_rows(
     if k == 0 or n == 0:
         return idx, val
     rank = U.shape[1]
-    U64, V64 = np.asarray(U, dtype=np.float64), np.ascontiguousarray(V, dtype=np.float64)
-    rows = min(_ROWS, n, max(1, _MASK_BYTES // max(n_items, 1)))
+    U64, V64 = np.asarray(U, dtype=np.float64), np.asarray(V, dtype=np.float64)
+    offset = np.zeros(n_items) if item_bias is None else np.asarray(item_bias, dtype=np.float64).copy()
+    if candidates is not None:
+        allowed = np.zeros(n_items, dtype=bool)
+        allowed[candidates] = True
+        offset[~allowed] = -np.inf
+    v_norm = np.sqrt(np.einsum("ij,ij->i", V64, V64))
+    u_norm = np.sqrt(np.einsum("ij,ij->i", U64, U64))
+    order = np.argsort(-v_norm, kind="stable")  # a NaN norm sorts last and disables the bound
+    position = np.empty(n_items, dtype=np.int64)
+    position[order] = np.arange(n_items)
+    rows = min(_ROWS, n, max(1, 8 * _MASK_BYTES // max(n_items, 1)))
     cols = min(_COLS, -(-n_items // _RUN) * _RUN)  # whole runs
     n_tiles = -(-n_items // cols)
     # float32 holds the products of factors below 1e18 (rank < 1e2); beyond, screen in float64.
     screen = np.float32 if max(np.abs(U64).max(initial=0), np.abs(V64).max(initial=0)) < 1e18 and rank < 100 else np.float64
-    # Padding: zero rows and columns; the offset gives padded columns -inf.
+    # Padding: zero rows and columns; padded columns get offset -inf and norm 0.
     Us = np.zeros((-(-n // rows) * rows, rank), dtype=screen)
     Us[:n] = U64
+    Vs = np.ascontiguousarray(V64[order])
     Vt = np.zeros((rank, n_tiles * cols), dtype=screen)
-    Vt[:, :n_items] = V64.T
+    Vt[:, :n_items] = Vs.T
     Vt = np.ascontiguousarray(Vt.reshape(rank, n_tiles, cols).transpose(1, 0, 2))
-    offset = np.full(n_tiles * cols, -np.inf)
-    offset[:n_items] = 0.0 if item_bias is None else item_bias
-    if candidates is not None:
-        allowed = np.zeros(n_items, dtype=bool)
-        allowed[candidates] = True
-        offset[:n_items][~allowed] = -np.inf
+    padded = np.full(n_tiles * cols, -np.inf)
+    padded[:n_items] = offset[order]
+    tile_norm, tile_bias = np.zeros(n_tiles * cols), padded.copy()
+    tile_norm[:n_items] = v_norm[order]
+    # Largest norm and offset from each tile on (np.maximum keeps a NaN).
+    tile_norm = np.maximum.accumulate(tile_norm.reshape(n_tiles, cols).max(axis=1)[::-1])[::-1].copy()
+    tile_bias = np.maximum.accumulate(tile_bias.reshape(n_tiles, cols).max(axis=1)[::-1])[::-1].copy()
     # A screened score differs from the float64 one by at most (rank + 3) units of the
     # screen's rounding times |u| |v| (rounding the factors, then a sum of rank products
     # in any order); twice that is the margin a column must come within to be scored.
-    unit = float(np.finfo(screen).eps) / 2
-    vmax = float(np.sqrt(np.max(np.einsum("ij,ij->i", V64, V64), initial=0.0)))
-    margin = 2 * (rank + 3) * unit * np.sqrt(np.einsum("ij,ij->i", U64, U64)) * vmax
-    indptr, items = seen if seen is not None else (np.zeros(n + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
-    _top_k_products(Us.reshape(-1, rows, rank), Vt, offset, U64, V64, margin, indptr, items, idx, val)
+    # The bound, rounded in float64, gets a slack of the same form.
+    vmax = float(np.max(v_norm, initial=0.0))
+    margin = 2 * (rank + 3) * float(np.finfo(screen).eps) / 2 * u_norm * vmax
+    bmax = float(np.max(np.abs(offset[np.isfinite(offset)]), initial=0.0))
+    slack = 2 * (rank + 3) * float(np.finfo(np.float64).eps) * (u_norm * vmax + bmax)
+    if seen is None:
+        seen = Seen(np.zeros(n + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    seen_column = position if seen.lookup is None else position[seen.lookup]
+    _top_k_products(Us.reshape(-1, rows, rank), Vt, padded, U64, Vs, margin, seen.indptr, seen.items, seen_column,
+                    order, u_norm, tile_norm, tile_bias, slack, idx, val)
     return idx, val
 
 
 # Screened scores are made by BLAS a tile of _ROWS x _COLS at a time (256 KiB in float32,
 # in cache while it is ranked) and scanned _RUN columns at a time; a group's seen items are
-# marked in a boolean matrix of at most _MASK_BYTES.
+# marked in a bit matrix of at most _MASK_BYTES.
 _ROWS, _COLS, _RUN, _MASK_BYTES = 32, 2048, 64, 4 << 20
 
 
 @numba.njit(nogil=True, cache=True)
-def _top_k_products(Us, Vt, offset, U, V, margin, indptr, items, idx, val):
+def _top_k_products(Us, Vt, offset, U, V, margin, indptr, items, seen_column, item, u_norm, tile_norm, tile_bias, slack, idx, val):
     """Fill ``idx``/``val`` with each row's best ``U[r] @ V.T + offset``, skipping its seen
-    items and non-finite scores.
+    items (the columns ``seen_column[items[indptr[r]:indptr[r + 1]]]``) and non-finite scores.
 
-    ``Us`` (rows in groups) and ``Vt`` (V.T in tiles of columns) screen every column in
-    low precision, within ``margin[r]`` of the float64 score; a column that comes within
-    the margin of the k-th score kept is scored in float64 from ``U`` and ``V``. A score
-    must beat the k-th to enter, so a later column loses a tie.
+    Columns are items in decreasing norm; ``item[c]`` is column ``c``'s item index, the
+    one ``idx`` reports and ties are broken on. ``Us`` (rows in groups) and ``Vt`` (V.T in
+    tiles of columns) screen every column in low precision, within ``margin[r]`` of the
+    float64 score; a column that comes within the margin of the k-th score kept is scored
+    in float64 from ``U`` and ``V``. A row skips tile ``t`` and every later one when
+    ``u_norm[r] * tile_norm[t] + tile_bias[t] + slack[r]`` (their best possible score) is
+    below its k-th; a group of rows stops when all of its rows have.
     """
     n, k = idx.shape
     rows, (n_tiles, rank, cols) = Us.shape[1], Vt.shape
-    seen = np.zeros((rows, n_tiles * cols), dtype=np.bool_)
+    seen = np.zeros((rows, -(-n_tiles * cols // 8)), dtype=np.uint8)  # bits, to stay in cache
     worst = np.empty(rows)  # the score to beat: the k-th, or -inf while fewer are kept
     filled = np.zeros(rows, dtype=np.int64)
     S = np.empty((rows, cols), dtype=Us.dtype)
@@ -115,13 +144,22 @@ def _top_k_products(Us, Vt, offset, U, V, margin, indptr, items, idx, val):
         for r in range(r0, r1):
             filled[r - r0], worst[r - r0] = 0, -np.inf
             for p in range(indptr[r], indptr[r + 1]):
-                seen[r - r0, items[p]] = True
+                c = seen_column[items[p]]
+                seen[r - r0, c >> 3] |= 1 << (c & 7)
         for t in range(n_tiles):
+            live = False
+            for i in range(r1 - r0):
+                live |= not u_norm[r0 + i] * tile_norm[t] + tile_bias[t] + slack[r0 + i] < worst[i]
+            if not live:
+                break
             np.dot(Us[g], Vt[t], S)
             lo = t * cols
             for i in range(r1 - r0):
                 r, w = r0 + i, worst[i]
-                screen = w - margin[r]
+                if u_norm[r] * tile_norm[t] + tile_bias[t] + slack[r] < w:
+                    continue
+                # Strictly below w, so an equal score with a lower item still enters.
+                screen = min(w - margin[r], np.nextafter(w, -np.inf))
                 for c0 in range(0, cols, _RUN):
                     # Views whose indices are known non-negative, so this first pass
                     # vectorizes: it counts a run's candidates without a branch, and most
@@ -134,26 +172,27 @@ def _top_k_products(Us, Vt, offset, U, V, margin, indptr, items, idx, val):
                         continue
                     for j in range(_RUN):
                         c = lo + c0 + j
-                        if not scores[j] + offsets[j] > screen or seen[i, c]:  # NaN fails the first test
+                        if not scores[j] + offsets[j] > screen or seen[i, c >> 3] >> (c & 7) & 1:  # NaN fails the first test
                             continue
                         s = offset[c]
                         for f in range(rank):
                             s += U[r, f] * V[c, f]
-                        if not s > w or not np.isfinite(s):
+                        e = item[c]
+                        if not np.isfinite(s) or s < w or (s == w and e > idx[r, k - 1]):
                             continue
                         p = min(filled[i], k - 1)
-                        while p > 0 and val[r, p - 1] < s:  # after equal scores: they have lower columns
+                        while p > 0 and (val[r, p - 1] < s or (val[r, p - 1] == s and idx[r, p - 1] > e)):
                             val[r, p], idx[r, p] = val[r, p - 1], idx[r, p - 1]
                             p -= 1
-                        val[r, p], idx[r, p] = s, c
+                        val[r, p], idx[r, p] = s, e
                         filled[i] = min(filled[i] + 1, k)
                         if filled[i] == k:
                             w = val[r, k - 1]
-                            screen = w - margin[r]
+                            screen = min(w - margin[r], np.nextafter(w, -np.inf))
                 worst[i] = w
         for r in range(r0, r1):
             for p in range(indptr[r], indptr[r + 1]):
-                seen[r - r0, items[p]] = False
+                seen[r - r0, seen_column[items[p]] >> 3] = 0
 
 
 def seen_items(store: RatingStore, users: np.ndarray) -> Seen:
@@ -201,7 +240,7 @@ def recommend_block(
     seen = None
     if exclude_seen:  # the in-block is CSR by user already: only its columns need item indices
         inblock = load_inblock(ref, "users", block, cache_bytes())
-        seen = inblock.indptr, rated_rows(ref, "users", inblock, n_item_blocks)
+        seen = Seen(inblock.indptr, inblock.col, sender_rows(ref, "users", inblock, n_item_blocks))
     idx, val = recommend_rows(U, V, k, item_bias, seen)
     return TopItems(users=users, items=idx, scores=val)
 
@@ -210,7 +249,7 @@ def similar(F: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     """Top-``k`` rows of ``F`` by cosine similarity to each of ``rows``, excluding itself."""
     norms = np.linalg.norm(F.astype(np.float64), axis=1)
     unit = np.divide(F, norms[:, None], out=np.zeros(F.shape), where=norms[:, None] > 0)
-    itself = np.arange(rows.shape[0] + 1, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+    itself = Seen(np.arange(rows.shape[0] + 1, dtype=np.int64), np.asarray(rows, dtype=np.int64))
     return recommend_rows(unit[rows], unit, k, None, itself)
 
 

@@ -213,11 +213,16 @@ def block_triples(
     return load_rows(ref, side, block)[inblock.row], rated_rows(ref, side, inblock, n_src_blocks), inblock.rating
 
 
+def sender_rows(ref: StoreRef, side: Side, inblock: InBlock, n_src_blocks: int) -> np.ndarray:
+    """The other side's global row of each row an in-block's messages carry, in message
+    order: ``inblock.col`` indexes it."""
+    sent = [load_rows(ref, other_side(side), j)[inblock.out_block(j)] for j in range(n_src_blocks)]
+    return np.concatenate(sent) if sent else np.zeros(0, dtype=np.int64)
+
+
 def rated_rows(ref: StoreRef, side: Side, inblock: InBlock, n_src_blocks: int) -> np.ndarray:
     """The other side's global row of each of an in-block's ratings, in in-block order."""
-    sent = [load_rows(ref, other_side(side), j)[inblock.out_block(j)] for j in range(n_src_blocks)]
-    others = np.concatenate(sent) if sent else np.zeros(0, dtype=np.int64)
-    return others[inblock.col]
+    return sender_rows(ref, side, inblock, n_src_blocks)[inblock.col]
 
 
 def load_times(ref: StoreRef, block: int) -> np.ndarray:

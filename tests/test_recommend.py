@@ -8,7 +8,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import blockals
-from blockals.recommend import recommend_rows, seen_csr
+from blockals.recommend import Seen, recommend_rows, seen_csr
 from blockals.recstore import read_recommendations
 from test_model import random_ratings, to_frame
 
@@ -45,6 +45,31 @@ def test_recommend_rows_with_ties_exclusions_and_short_rows(k, n_items):
         assert got == expected
         np.testing.assert_array_equal(val[r, : len(got)], S[r, got])
         assert np.isnan(val[r, len(got) :]).all() and (idx[r, len(got) :] == -1).all()
+
+
+@pytest.mark.parametrize("k", [1, 10, 40])
+def test_recommend_rows_that_stop_on_the_norm_bound(k):
+    # Item norms over eight orders of magnitude put the best scores in the first tiles, so
+    # rows stop early; a few items of tiny norm carry a bias large enough to win anyway.
+    # Seen items come as indices into a lookup array, as a user block's in-block holds them.
+    rng = np.random.default_rng(k)
+    n_items = 9000
+    U = rng.standard_normal((70, 8))
+    V = rng.standard_normal((n_items, 8)) * np.exp(rng.uniform(-9, 9, n_items))[:, None]
+    bias = np.zeros(n_items)
+    small = np.argsort(np.linalg.norm(V, axis=1))[:3]
+    bias[small] = 1e9
+    lookup = rng.permutation(n_items)[:4000]
+    local = [rng.choice(lookup.size, rng.integers(0, 50), replace=False) for _ in range(70)]
+    local[0] = np.flatnonzero(np.isin(lookup, small))  # the first row has seen the biased items
+    seen = seen_csr(local)
+    S = U @ V.T + bias
+    for r, rows in enumerate(local):
+        S[r, lookup[rows]] = -np.inf
+    idx, val = recommend_rows(U, V, k, bias, Seen(seen.indptr, seen.items, lookup))
+    for r, expected in enumerate(brute_top(S, k)):
+        assert list(idx[r]) == expected
+        np.testing.assert_allclose(val[r], S[r, expected], rtol=1e-12)  # summed in another order
 
 
 @pytest.fixture(scope="module")
