@@ -20,12 +20,12 @@ from blockals import params
 __all__ = ["main", "build_parser"]
 
 
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace, ratings: int | None = None):
     from blockals.cluster import connect
     from blockals.tls import TLSFiles
 
     tls = TLSFiles.parse(args.tls_ca_file, args.tls_cert, args.tls_key)
-    return connect(scheduler=args.scheduler, dashboard_address=args.dashboard_address,
+    return connect(scheduler=args.scheduler, ratings=ratings, dashboard_address=args.dashboard_address,
                    security=tls.security() if tls else None)
 
 
@@ -73,7 +73,7 @@ def _train(args: argparse.Namespace) -> int:
     # Held from start to save: a second training of this model path is refused before it
     # starts a cluster, not after it has trained.
     with Lease(args.model, "model", break_lease=args.break_lease):
-        with _client(args) as client:
+        with _client(args, store.nnz) as client:
             print(f"dashboard: {client.dashboard_link}", flush=True)
             report = contextlib.nullcontext()
             if args.report:
@@ -117,8 +117,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     model = blockals.ALS.load(args.model)
     train = blockals.open_store(args.train) if args.train else None
-    with _client(args) as client:
-        metrics = evaluate(model, blockals.open_store(args.test), train, k=args.k, relevance=args.relevance, client=client)
+    test = blockals.open_store(args.test)
+    with _client(args, test.nnz + (train.nnz if train else 0)) as client:
+        metrics = evaluate(model, test, train, k=args.k, relevance=args.relevance, client=client)
     for name, value in metrics.items():
         print(f"{name:>16} {value:.6g}" if isinstance(value, float) else f"{name:>16} {value}")
     if args.json:

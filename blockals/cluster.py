@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
-import os
 from collections.abc import Iterator
 
 import dask
+from dask.system import cpu_count
 from distributed import Client, get_worker
 from distributed.security import Security
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from blockals.errors import InputError
 
@@ -75,6 +76,13 @@ def reusing_memory() -> Iterator[None]:
             _release_if_crowded()
 
 
+def _without_nanny() -> bool:
+    try:
+        return get_worker().nanny is None
+    except ValueError:  # not on a worker
+        return False
+
+
 def _release_if_crowded() -> None:
     try:
         worker = get_worker()
@@ -88,7 +96,8 @@ def _release_if_crowded() -> None:
 def retain_freed_memory() -> int:
     """Let this process's allocator keep freed arrays for reuse, up to :func:`cache_bytes`'s
     share of the worker (1 GiB, at most a quarter of its memory limit); returns those
-    bytes, or 0 where the C library is not glibc. Takes effect once per process.
+    bytes, or 0 where the C library is not glibc or the worker has no nanny (threads in a
+    user's process, whose allocator is left as it is). Takes effect once per process.
 
     Each solve allocates its in-block, routed rows and per-rating arrays afresh (about
     200 MB for an item block of 7M ratings). glibc serves arrays above its mmap threshold
@@ -104,10 +113,10 @@ def retain_freed_memory() -> int:
     """
     global _retained
     if _retained is None:
-        keep = _quarter_of_memory_limit()
+        keep = 0 if _without_nanny() else _quarter_of_memory_limit()
         try:
             libc = ctypes.CDLL("libc.so.6")
-            ok = libc.mallopt(_M_MMAP_THRESHOLD, keep) and libc.mallopt(_M_TRIM_THRESHOLD, keep)
+            ok = keep and libc.mallopt(_M_MMAP_THRESHOLD, keep) and libc.mallopt(_M_TRIM_THRESHOLD, keep)
         except (OSError, AttributeError):  # not glibc
             ok = False
         _retained = keep if ok else 0
@@ -120,13 +129,20 @@ def blas_context(limits: dict[str, int]):
         threads = limits.get(get_worker().address, 1)
     except ValueError:  # not on a worker (tests calling tasks directly)
         threads = 1
-    return threadpool_limits(limits=threads, user_api="blas")
+    return _blas_controller().limit(limits=threads, user_api="blas")
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    # Finding the loaded BLAS libraries walks the process's shared objects: ~5 ms, 5% of a
+    # worker's time at 1M ratings when done for every task.
+    return ThreadpoolController()
 
 
 def blas_limits(client: Client) -> dict[str, int]:
     """BLAS threads per worker so that, on each host, Dask threads x BLAS threads <= cores."""
     workers = client.scheduler_info(n_workers=-1)["workers"]
-    cores = client.run(lambda: len(os.sched_getaffinity(0)))
+    cores = client.run(cpu_count)  # the CPU affinity and the cgroup quota of a container
     per_host: dict[str, int] = {}
     for info in workers.values():
         per_host[info["host"]] = per_host.get(info["host"], 0) + info["nthreads"]
@@ -135,11 +151,19 @@ def blas_limits(client: Client) -> dict[str, int]:
     }
 
 
+# Runs of at most this many ratings get a LocalCluster of threads in this process
+# (benchmarks/RESULTS.md, 2026-12-03 night): it starts in a fraction of a second where
+# worker processes take seconds, and passes results without serializing them.
+IN_PROCESS_RATINGS = 50_000_000
+
+
 class connect:
     """Context giving a Dask client: the one passed, one to ``scheduler``, the current one, or a LocalCluster.
 
-    A LocalCluster started here has one single-threaded worker process per core (BLAS
-    gets one thread each), listens on 127.0.0.1 only, and is closed on exit.
+    A LocalCluster started here listens on 127.0.0.1 only and is closed on exit. For a
+    run of ``ratings`` up to :data:`IN_PROCESS_RATINGS` (and no TLS) it is one worker of
+    one thread per core inside this process; otherwise one single-threaded worker process
+    per core. Either way BLAS gets one thread per Dask thread.
 
     Parameters
     ----------
@@ -148,6 +172,8 @@ class connect:
     scheduler : str, optional
         Address of a running scheduler (``tcp://host:8786``, ``tls://host:8786``); the
         client made for it is closed on exit.
+    ratings : int, optional
+        How many ratings the run reads, which chooses the kind of LocalCluster started.
     dashboard_address : str
         Where a LocalCluster started here serves its dashboard. The dashboard has no
         authentication and shows the cluster's tasks, logs and workers, so the default
@@ -163,15 +189,18 @@ class connect:
         client: Client | None = None,
         *,
         scheduler: str | None = None,
+        ratings: int | None = None,
         dashboard_address: str = "127.0.0.1:8787",
         security: Security | None = None,
     ) -> None:
         self.client = client
         self.scheduler = scheduler
+        self.ratings = ratings
         self.dashboard_address = dashboard_address
         self.security = security
         self._cluster = None
         self._owned = False
+        self._in_process = False
 
     def __enter__(self) -> Client:
         if self.client is not None:
@@ -187,18 +216,24 @@ class connect:
                 pass
         from distributed import LocalCluster
 
-        cores = len(os.sched_getaffinity(0))
+        cores = cpu_count()
+        small = self.ratings is not None and self.ratings <= IN_PROCESS_RATINGS
+        self._in_process = small and self.security is None
+        workers, threads = (1, cores) if self._in_process else (cores, 1)
         self._cluster = LocalCluster(
-            n_workers=cores,
-            threads_per_worker=1,
-            processes=True,
+            n_workers=workers,
+            threads_per_worker=threads,
+            processes=not self._in_process,
             host="127.0.0.1",
+            # In-process too: Dask's inproc comm would advertise the machine's address.
+            **({"protocol": "tcp://"} if self._in_process else {}),
             dashboard_address=self.dashboard_address,
             security=self.security,
         )
         self.client = Client(self._cluster, security=self.security)
         self._owned = True
-        log.info("started a LocalCluster with %d workers at %s; dashboard: %s", cores, self._cluster.scheduler_address,
+        kind = f"{cores} threads in this process" if self._in_process else f"{cores} worker processes"
+        log.info("started a LocalCluster of %s at %s; dashboard: %s", kind, self._cluster.scheduler_address,
                  self.client.dashboard_link)
         return self.client
 
@@ -219,5 +254,10 @@ class connect:
             self.client.close()
             if self._cluster is not None:
                 self._cluster.close()
+            if self._in_process:  # the worker's in-block cache was this process's: it goes with the worker
+                from blockals.store import BLOCK_CACHE
+
+                BLOCK_CACHE.clear()
+                self._in_process = False
             self.client = self._cluster = None
             self._owned = False

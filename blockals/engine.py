@@ -11,20 +11,25 @@ One iteration is two half-steps, items first as in Spark. A half-step toward sid
   ``out(j -> b)`` holds more than half of ``Y_j`` there is no route task: the solve
   receives ``Y_j`` itself, which Dask sends once to each worker for all the blocks solved
   there, and cuts the slice (:func:`blockals.routing.ship_whole`);
-* ``blockals-gram-users-<it>-<j>`` and ``blockals-gramsum-users-<it>-...`` (modes with a
-  term over all pairs): ``Y^T Y`` as a tree reduction over item blocks, computed once and
-  shared by every solve;
+* ``blockals-gramsum-users-<it>-...`` (modes with a term over all pairs): ``Y^T Y`` as a
+  tree reduction over item blocks, computed once and shared by every solve. Each block's
+  ``Y_j^T Y_j`` comes with the loss terms of the solve that made ``Y_j``; factors
+  initialised or read from a checkpoint get a ``blockals-gram-users-<it>-<j>`` task;
 * ``blockals-solve-users-<it>-<b>``: read ``b``'s in-block from the store (or the
   worker's block cache), concatenate its messages and solve all its rows with
   :func:`blockals.halfstep.solve_block`, the one place systems are built and solved.
 
 Each solve also returns its block's share of the objective, computed from the rows it
 gathered (``blockals-loss-<side>-<it>-<b>`` picks it out, ``blockals-factors-...`` the
-factors), and ``blockals-checkpoint-<side>-<it>-<b>`` tasks write the factor blocks
-before the driver commits the iteration. The iteration after a commit restarts
-from the checkpoint (``blockals-restart-...``), so the scheduler holds the graph of at most
-``checkpoint_interval`` iterations (of every iteration when training runs without
-checkpoints). Keys end in a run id, so two trainings on one cluster never share a key.
+factors); the driver gathers an iteration's shares once the next iteration is submitted,
+so the workers never wait for it. ``blockals-checkpoint-<side>-<it>-<b>`` tasks write
+the factor blocks before the driver commits the iteration: every ``checkpoint_interval``
+iterations, or by default once ``checkpoint_seconds`` have passed since the last commit
+(writing, committing and restarting cost about a third of an iteration at 1M ratings),
+and always after the last. The iteration after a commit restarts from the checkpoint
+(``blockals-restart-...``), so the scheduler holds the graph of the iterations since the
+last commit only (of every iteration when training runs without checkpoints). Keys end
+in a run id, so two trainings on one cluster never share a key.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from distributed import Client, Future, as_completed
 from blockals import kernels
 from blockals.checkpoint import Checkpoint, Committed, write_block
 from blockals.cluster import blas_context, blas_limits, cache_bytes, reusing_memory
-from blockals.halfstep import LossTerms, SolvedBlock, gram, routed_rows, solve_block
+from blockals.halfstep import LossTerms, SolvedBlock, compile_kernels, gram, routed_rows, solve_block
 from blockals.objectives import Objective
 from blockals.params import ALSConfig
 from blockals.routing import ship_whole
@@ -81,8 +86,8 @@ def _route_task(rows: np.ndarray, factors: np.ndarray) -> np.ndarray:
     return factors[rows]
 
 
-def _sum_task(*parts: np.ndarray) -> np.ndarray:
-    return np.sum(parts, axis=0)
+def _sum_task(*parts: np.ndarray | LossTerms) -> np.ndarray:
+    return np.sum([p.gram if isinstance(p, LossTerms) else p for p in parts], axis=0)
 
 
 @reusing_memory()
@@ -133,8 +138,10 @@ class Engine:
     checkpoint : Checkpoint, optional
         Where iterations are committed; None runs without checkpoints (the scheduler then
         keeps the lineage of every iteration).
-    checkpoint_interval : int
-        Commit every this many iterations, and after the last.
+    checkpoint_interval : int, optional
+        Commit every this many iterations, and after the last; None: after the first
+        iteration that ends ``checkpoint_seconds`` after the last commit, and after the last.
+    checkpoint_seconds : float
     on_iteration : callable, optional
         Called with each iteration's history entry.
     on_block : callable, optional
@@ -150,7 +157,8 @@ class Engine:
         store: RatingStore,
         config: ALSConfig,
         checkpoint: Checkpoint | None = None,
-        checkpoint_interval: int = 1,
+        checkpoint_interval: int | None = None,
+        checkpoint_seconds: float = 60.0,
         on_iteration: Callable[[dict[str, Any]], None] | None = None,
         arrays: dict[str, np.ndarray] | None = None,
         on_block: Callable[[int, int, int], None] | None = None,
@@ -162,6 +170,7 @@ class Engine:
         self.objective = config.objective(float(store.stats["rating_mean"]))
         self.checkpoint = checkpoint
         self.checkpoint_interval = checkpoint_interval
+        self.checkpoint_seconds = checkpoint_seconds
         self.on_iteration = on_iteration
         self.on_block = on_block
         self.run_id = uuid.uuid4().hex[:8]
@@ -229,13 +238,21 @@ class Engine:
             return X, self._read_checkpoint(committed.iteration, committed.slot, "items"), committed
         return self._init("users"), self._init("items") if self.config.warm_start else None, None
 
-    def _gram(self, it: int, side: Side, factors: list[Future]) -> Future | None:
-        """``F^T F`` of a side, summed over its blocks as a binary tree of tasks."""
+    def _gram(self, it: int, side: Side, factors: list[Future], terms: list[Future] | None) -> Future | None:
+        """``F^T F`` of a side, summed over its blocks as a binary tree of tasks.
+
+        The blocks' Gramians come from the loss terms of the solves that made the factors
+        (:attr:`LossTerms.gram`, the same product), or, for factors initialised or read
+        from a checkpoint, from a gram task per block.
+        """
         if not self.objective.gram_weight:
             return None
-        level = [self._submit(gram, f, self.config.rank, key=self._key("gram", side, it, j)) for j, f in enumerate(factors)]
+        if terms is None:
+            level = [self._submit(gram, f, self.config.rank, key=self._key("gram", side, it, j)) for j, f in enumerate(factors)]
+        else:
+            level = list(terms)
         depth = 0
-        while len(level) > 1:
+        while len(level) > 1 or depth == 0 and terms is not None:
             level = [
                 self._submit(_sum_task, *level[i : i + 2], key=self._key("gramsum", side, it, depth, i))
                 for i in range(0, len(level), 2)
@@ -262,12 +279,14 @@ class Engine:
         return self.routes[dst]
 
     def _half_step(
-        self, it: int, dst: Side, src_factors: list[Future], previous: list[Future] | None
+        self, it: int, dst: Side, src_factors: list[Future], previous: list[Future] | None,
+        src_terms: list[Future] | None,
     ) -> tuple[list[Future], list[Future]]:
-        """Solve every block of ``dst``; returns factor futures and loss-term futures."""
+        """Solve every block of ``dst`` from the other side's factors (and the loss terms of
+        the solves that made them, if any); returns factor futures and loss-term futures."""
         routes = self._out_blocks(dst)
         sends, whole = self.store.message_rows(dst) > 0, self._whole(dst)
-        G = self._gram(it, dst, src_factors)
+        G = self._gram(it, dst, src_factors, src_terms)
         weights = self._weights(dst)
         solved, stats = [], []
         for b in range(self.store.n_blocks(dst)):
@@ -317,35 +336,85 @@ class Engine:
         self._committed_slot = slot
         return slot
 
-    def run(self, max_iter: int, resume: bool = False) -> FitResult:
+    def compile(self) -> float:
+        """Compile (or load from numba's cache) the kernels this run's solves use, on every
+        worker before the first iteration; returns the longest a worker took."""
+        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        done = [
+            self.client.submit(compile_kernels, self.objective, self.config, workers=[addr], allow_other_workers=False,
+                               key=self._key("compile", i), pure=False)
+            for i, addr in enumerate(workers)
+        ]
+        return max(self.client.gather(done), default=0.0)
+
+    def _commit_due(self, it: int, max_iter: int, last_commit: float) -> bool:
+        if it == max_iter:
+            return True
+        if self.checkpoint_interval is None:
+            return time.perf_counter() - last_commit >= self.checkpoint_seconds
+        return it % self.checkpoint_interval == 0
+
+    def run(self, max_iter: int, resume: bool = False, on_compiled: Callable[[float], None] | None = None) -> FitResult:
+        """Run iterations up to ``max_iter``; ``on_compiled`` is called with the seconds the
+        workers took to compile (or load) the kernels, which they do while the first
+        blocks are read, before the first iteration starts."""
         X, Y, committed = self._start(resume)
+        for side in ("users", "items"):
+            self._out_blocks(side)
+        compiled = self.compile()
+        if on_compiled is not None:
+            on_compiled(compiled)
         # Slot 1 first on a fresh start; never the slot of the commit a resume relies on.
         self._committed_slot = committed.slot if committed else 0
         history = list(committed.history) if committed else []
         first = committed.iteration + 1 if committed else 1
         warm = self.config.warm_start
+        since = last_commit = time.perf_counter()
+        user_terms = None  # the loss terms of the solves that made X, whose Gramians they hold
+        pending = None  # an iteration whose losses are still to be gathered
         for it in range(first, max_iter + 1):
-            t0 = time.perf_counter()
-            Y, item_terms = self._half_step(it, "items", X, Y if warm else None)
-            X, user_terms = self._half_step(it, "users", Y, X if warm else None)
-            if self.on_block is not None:
-                solved = Y + X
-                for done, _ in enumerate(as_completed(solved), start=1):
-                    self.on_block(it, done, len(solved))
-            entry = {"iteration": it, **self._losses(user_terms, item_terms), "seconds": 0.0, "bytes_routed": self.bytes_routed()}
-            del user_terms, item_terms
-            history.append(entry)
-            if self.checkpoint is not None and (it % self.checkpoint_interval == 0 or it == max_iter):
-                entry["seconds"] = time.perf_counter() - t0
+            Y, item_terms = self._half_step(it, "items", X, Y if warm else None, user_terms)
+            X, user_terms = self._half_step(it, "users", Y, X if warm else None, item_terms)
+            # The previous iteration's losses are gathered only now, with this one's tasks
+            # queued, so the workers do not wait while the driver gathers and submits.
+            if pending is not None:
+                since = self._record(*pending, history, since)
+            pending = (it, user_terms, item_terms, Y + X)
+            if self.checkpoint is not None and self._commit_due(it, max_iter, last_commit):
+                since = self._record(*pending, history, since, report=False)
+                pending = None
                 slot = self._write_checkpoint(it, X, Y, history)
                 # Restart from the checkpoint: the scheduler then forgets this iteration's
                 # lineage, so its graph does not grow with the iterations.
                 X = self._read_checkpoint(it, slot, "users")
                 if warm:
                     Y = self._read_checkpoint(it, slot, "items")
-            entry["seconds"] = time.perf_counter() - t0
-            if self.on_iteration is not None:
-                self.on_iteration(entry)
+                last_commit = time.perf_counter()
+                history[-1]["seconds"] += last_commit - since
+                since = last_commit
+                self._report(history[-1])
+        if pending is not None:
+            self._record(*pending, history, since)
         blocks = {"users": self.client.gather(X), "items": self.client.gather(Y)}
         self.routes.clear()  # release the out-blocks held in the cluster
         return FitResult(blocks, history)
+
+    def _record(
+        self, it: int, user_terms: list[Future], item_terms: list[Future], solved: list[Future],
+        history: list[dict[str, Any]], since: float, report: bool = True,
+    ) -> float:
+        """Append iteration ``it``'s history entry once its solves are done; returns the time
+        it was recorded, from which the next entry's seconds count."""
+        if self.on_block is not None:
+            for done, _ in enumerate(as_completed(solved), start=1):
+                self.on_block(it, done, len(solved))
+        losses = self._losses(user_terms, item_terms)
+        now = time.perf_counter()
+        history.append({"iteration": it, **losses, "seconds": now - since, "bytes_routed": self.bytes_routed()})
+        if report:
+            self._report(history[-1])
+        return now
+
+    def _report(self, entry: dict[str, Any]) -> None:
+        if self.on_iteration is not None:
+            self.on_iteration(entry)

@@ -234,7 +234,7 @@ def evaluate(
     item_bias = getattr(model, "item_bias_", None)
     mu = getattr(model, "global_mean_", 0.0)
     tag = uuid.uuid4().hex[:8]
-    with connect(client) as c:
+    with connect(client, ratings=test.nnz + (train.nnz if train is not None else 0)) as c:
         V = c.scatter(model.item_factors_, broadcast=True)
         tasks = [
             c.submit(_evaluate_block, test.ref, None if train is None else train.ref, b, test.n_item_blocks,

@@ -11,6 +11,7 @@ prices it (:class:`LossTerms`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,9 +20,9 @@ import numpy as np
 from blockals import kernels
 from blockals.objectives import Objective
 from blockals.params import ALSConfig
-from blockals.routing import InBlock
+from blockals.routing import InBlock, build_inblock
 
-__all__ = ["LossTerms", "SolvedBlock", "solve_block", "routed_rows", "gram"]
+__all__ = ["LossTerms", "SolvedBlock", "solve_block", "routed_rows", "gram", "compile_kernels"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,3 +127,24 @@ def solve_block(
         gram=gram(factors, objective.rank) if objective.gram_weight else None,
     )
     return SolvedBlock(factors=factors, terms=terms)
+
+
+def compile_kernels(objective: Objective, config: ALSConfig) -> float:
+    """Compile (or load from numba's cache) the kernels a configuration's solves use, by
+    solving a block of two rows the way :func:`solve_block` does; returns the seconds taken.
+
+    A fresh installation compiles them once (several seconds, which the first iteration
+    would otherwise spend); numba keeps the code beside the module, and later runs load it.
+    """
+    t = time.perf_counter()
+    inblock = build_inblock(np.array([0, 0, 1]), np.zeros(3, dtype=int), np.array([0, 1, 1]),
+                            np.array([1.0, -1.0, 2.0], dtype=np.float32), 2, 1)
+    M = routed_rows(inblock, [np.ones((2, objective.width), dtype=config.dtype)], np.array([True]), objective.width,
+                    config.dtype)
+    G = np.eye(objective.rank) if objective.gram_weight else None
+    weights = objective.side_weights("users", inblock, np.ones(inblock.n_rows))  # the type of any mode's weights
+    sys = objective.systems(inblock, M, G, weights)
+    kernels.compile_for(sys, config.solver, config.nonnegative)
+    solve_block(inblock, M, objective, config, G=G, previous=np.zeros((2, objective.width), dtype=config.dtype),
+                weights=weights)
+    return time.perf_counter() - t

@@ -55,6 +55,7 @@ __all__ = [
     "solve_cg",
     "solve_nnls",
     "precompile",
+    "compile_for",
 ]
 
 # Bytes of formed float64 systems one batch may hold (NNLS and the minimum-norm fallback).
@@ -801,8 +802,26 @@ def solve(
     return solve_cholesky(sys, loss=loss)
 
 
+def compile_for(sys: RowSystems, solver: str, nonnegative: bool) -> None:
+    """Compile (or load from numba's cache) the loops that solve systems typed like ``sys``
+    (its factor dtype and the terms it has) with ``solver``, on every path a block of any
+    size may take."""
+    x0 = np.zeros((sys.inblock.n_rows, sys.width))
+    if nonnegative:
+        solve_nnls(sys, x0, np.ones(sys.width, dtype=bool), loss=True)
+    elif solver == "cg":
+        solve_cg(sys, x0, 1, loss=True)
+    else:
+        solve_cholesky(sys, loss=True)
+        arrays = sys.kernel_arrays()  # the tiled build, which a block this small never chooses
+        _sorted_within_rows(arrays.indptr, arrays.col)
+        _cholesky_tiled(np.zeros(1, dtype=np.int64), *arrays.system, arrays.gamma, arrays.tau,
+                        np.zeros((1, sys.width), dtype=sys.D.dtype), np.ones(1, dtype=bool), np.zeros(2), 2, 1)
+
+
 def precompile() -> None:
-    """Compile the per-row loops for float32 and float64 factors, or load them from cache.
+    """Compile the per-row loops of every mode and solver for float32 and float64 factors,
+    or load them from cache.
 
     numba caches compiled code beside this module (or in ``NUMBA_CACHE_DIR``); images
     call this once at build time so that workers start without compiling.
@@ -818,10 +837,5 @@ def precompile() -> None:
         for terms in variants:
             sys = RowSystems(inblock=inblock, D=np.eye(5, 2, dtype=dtype), col=inblock.col, G=None,
                              reg=np.ones((1, 2)), **terms)
-            solve_cholesky(sys, loss=True)
-            arrays = sys.kernel_arrays()  # the tiled build, which a block this small never chooses
-            _sorted_within_rows(arrays.indptr, arrays.col)
-            _cholesky_tiled(np.zeros(1, dtype=np.int64), *arrays.system, arrays.gamma, arrays.tau,
-                            np.zeros((1, 2), dtype=dtype), np.ones(1, dtype=bool), np.zeros(2), 2, 1)
-            solve_cg(sys, np.zeros((1, 2)), 1, loss=True)
-            solve_nnls(sys, np.zeros((1, 2)), np.ones(2, dtype=bool), loss=True)
+            for solver, nonnegative in (("cholesky", False), ("cg", False), ("cholesky", True)):
+                compile_for(sys, solver, nonnegative)

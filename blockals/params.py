@@ -9,7 +9,7 @@ and the pipeline's YAML keys (:func:`check_keys`).
 
 A parameter either determines the factors (it is in :class:`ALSConfig`, whose
 fingerprint names checkpoints) or only how a run goes (``max_iter``,
-``checkpoint_interval``, ``verbose``: a run resumed with more iterations continues the
+``checkpoint_interval``, ``checkpoint_seconds``, ``verbose``: a run resumed with more iterations continues the
 same checkpoint).
 """
 
@@ -153,6 +153,17 @@ def _optional_float(value: Any, name: str) -> float | None:
     return None if value is None else parse_float(value, name)
 
 
+def _optional_int(minimum: int) -> Callable[[Any, str], int | None]:
+    return lambda value, name: None if value is None else parse_int(value, name, minimum)
+
+
+def _positive_float(value: Any, name: str) -> float:
+    value = parse_float(value, name)
+    if value <= 0:
+        raise InputError(f"{name} must be greater than 0, got {value:g}.")
+    return value
+
+
 PARAMS: tuple[Param, ...] = (
     Param(name="rank", default=10, kind="int", parse=_int(1), positional=True,
           help="Number of latent factors."),
@@ -197,8 +208,12 @@ PARAMS: tuple[Param, ...] = (
     Param(name="dtype", default="float32", kind='{"float32", "float64"}', parse=_choice("float32", "float64"),
           choices=("float32", "float64"),
           help="Precision of the factors and of the messages routed between blocks."),
-    Param(name="checkpoint_interval", default=1, kind="int", parse=_int(0), config=False,
-          help="Checkpoint every this many iterations (and after the last); 0 disables checkpoints and resume."),
+    Param(name="checkpoint_interval", default=None, kind="int or None", parse=_optional_int(0), config=False,
+          help="Checkpoint every this many iterations (and after the last); None: once checkpoint_seconds have "
+               "passed since the last checkpoint (and after the last iteration); 0 disables checkpoints and resume."),
+    Param(name="checkpoint_seconds", default=60.0, kind="float", parse=_positive_float, config=False,
+          help="With checkpoint_interval=None, the training time a failure may lose: a checkpoint is written "
+               "after the first iteration that ends this many seconds after the last one."),
     Param(name="verbose", default=0, kind="int", parse=_parse_verbose, config=False, cli=None,
           help="1: one line per iteration; 2: also a progress bar over each iteration's blocks (standard error)."),
 )
@@ -288,7 +303,8 @@ class RunParams:
 
     config: ALSConfig
     max_iter: int
-    checkpoint_interval: int
+    checkpoint_interval: int | None
+    checkpoint_seconds: float
     verbose: int
 
 
@@ -310,7 +326,7 @@ def parse_params(params: dict[str, Any], arrays: dict[str, np.ndarray] | None = 
         raise InputError("nonnegative=True solves each row exactly; use solver='cholesky' with it.")
     config = ALSConfig(**{p.name: values[p.name] for p in PARAMS if p.config}, arrays_digest=_digest(arrays or {}))
     return RunParams(config=config, max_iter=values["max_iter"], checkpoint_interval=values["checkpoint_interval"],
-                     verbose=values["verbose"])
+                     checkpoint_seconds=values["checkpoint_seconds"], verbose=values["verbose"])
 
 
 def check_keys(keys: Iterable[str], known: Iterable[str] | None = None, template: str = "unknown parameter {key}") -> None:
@@ -363,7 +379,7 @@ def _cli_value(p: Param) -> Callable[[str], Any]:
     """Command-line text to the parameter's type (validated later, with the API's sentences)."""
     if isinstance(p.default, bool):
         raise AssertionError(p.name)
-    if isinstance(p.default, int):
+    if isinstance(p.default, int) or p.kind == "int or None":
         return int
     if isinstance(p.default, float) or p.default is None:
         return float

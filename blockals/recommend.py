@@ -278,7 +278,7 @@ def recommend_all(
     """
     recstore.create(output, n, store.n_user_blocks, user_ids, item_ids, storage_options)
     tag = uuid.uuid4().hex[:8]
-    with connect(client) as c:
+    with connect(client, ratings=store.nnz) as c:
         V = c.scatter(item_factors, broadcast=True)
         bias = None if item_bias is None else c.scatter(item_bias, broadcast=True)
         writes = []

@@ -136,6 +136,9 @@ class _BlockCache:
             self._items.clear()
             self._bytes = 0
 
+    def __len__(self) -> int:
+        return len(self._items)
+
 
 BLOCK_CACHE = _BlockCache()
 

@@ -82,6 +82,21 @@ def print_iteration(entry: dict[str, Any]) -> None:
     )
 
 
+def _compiled_note(seconds: float) -> str | None:
+    # Over a second means a fresh installation: say once why the start took this long.
+    return f"compiled the kernels this configuration uses in {seconds:.1f} s; numba keeps them for later runs" if seconds > 1 else None
+
+
+def print_compiled(seconds: float) -> None:
+    if note := _compiled_note(seconds):
+        print(note, flush=True)
+
+
+def log_compiled(seconds: float) -> None:
+    if note := _compiled_note(seconds):
+        log.info(note)
+
+
 def print_block_progress(iteration: int, done: int, total: int) -> None:
     bar = "#" * (30 * done // total)
     end = "\n" if done == total else ""
@@ -115,7 +130,7 @@ def _ratings_store(ratings: Any, storage_options: dict | None):
 
 def _checkpoint(run: RunParams, store: RatingStore, path: str | None, resume: bool, break_lease: bool):
     """The checkpoint and its lease, refused before a cluster starts; (None, no lease) without checkpoints."""
-    if not run.checkpoint_interval:
+    if run.checkpoint_interval == 0:
         if resume:
             raise InputError("resume=True needs checkpoints; checkpoint_interval is 0.")
         return None, contextlib.nullcontext()
@@ -162,11 +177,11 @@ def train(
         if run.config.rank > min(store.n_users, store.n_items):
             log.warning("rank %d exceeds min(n_users, n_items); extra factors are unidentified", run.config.rank)
         checkpoint, lease = _checkpoint(run, store, checkpoint_path, resume, break_lease)
-        with lease, connect(client) as c:
+        with lease, connect(client, ratings=store.nnz) as c:
             engine = Engine(
-                c, store, run.config, checkpoint, run.checkpoint_interval or 1,
+                c, store, run.config, checkpoint, run.checkpoint_interval, run.checkpoint_seconds,
                 print_iteration if run.verbose else None, arrays,
                 print_block_progress if run.verbose >= 2 else None,
             )
-            result = engine.run(run.max_iter, resume=resume)
+            result = engine.run(run.max_iter, resume=resume, on_compiled=print_compiled if run.verbose else log_compiled)
         return _trained(store, run.config, result.blocks, result.history, temporary)

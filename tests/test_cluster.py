@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from dask.system import cpu_count
 from distributed import Client
 
 import blockals
-from blockals.cluster import retain_freed_memory, reusing_memory
+from blockals.cluster import IN_PROCESS_RATINGS, blas_limits, connect, retain_freed_memory, reusing_memory
+from blockals.store import BLOCK_CACHE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +82,9 @@ def test_a_worker_killed_mid_training_changes_nothing(process_cluster, tmp_path,
     def kill_one_worker_during_iteration_three(entry):
         if entry["iteration"] == 2 and not killed:
             pid = next(iter(process_cluster.run(os.getpid).values()))
-            # After iteration 2 is committed, iteration 3's tasks are already queued: kill then.
+            # Iteration 3's tasks are already queued: kill then. Nothing is committed before
+            # the last iteration (checkpoints by elapsed time), so Dask recomputes the lost
+            # results from their lineage.
             threading.Timer(0.05, os.kill, (pid, signal.SIGKILL)).start()
             killed.append(pid)
 
@@ -101,7 +105,8 @@ def test_driver_killed_mid_training_resumes_to_the_same_model(tmp_path):
         blockals.ingest(frame, tmp_path / f"{name}.zarr", n_user_blocks=4, n_item_blocks=3)
     env = {**os.environ, "DASK_SCHEDULER_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
     train = [sys.executable, "-m", "blockals.cli", "train"]
-    options = ["--rank", "16", "--max-iter", "8", "--reg", "0.05", "--seed", "1", "--dtype", "float64"]
+    options = ["--rank", "16", "--max-iter", "8", "--reg", "0.05", "--seed", "1", "--dtype", "float64",
+               "--checkpoint-interval", "1"]
     whole = subprocess.run([*train, str(tmp_path / "a.zarr"), str(tmp_path / "ma.zarr"), *options],
                            capture_output=True, text=True, timeout=600, env=env)
     assert whole.returncode == 0, whole.stderr[-2000:]
@@ -348,3 +353,19 @@ def test_a_worker_near_its_limit_hands_freed_memory_back():
         (released,) = client.run(_rss).values()
     assert kept - base > 64 << 20, (base, kept)
     assert released - base < (kept - base) / 2, (base, kept, released)
+
+
+@pytest.mark.parametrize("ratings, in_process", [(1_000, True), (IN_PROCESS_RATINGS + 1, False), (None, False)])
+def test_a_started_cluster_runs_a_small_training_in_threads_of_this_process(ratings, in_process, tmp_path):
+    store = blockals.ingest(blockals.datasets.synthetic_frame(60, 40, 600, seed=1), tmp_path / "r.zarr",
+                            n_user_blocks=2, n_item_blocks=2)
+    BLOCK_CACHE.clear()
+    with connect(ratings=ratings, dashboard_address="127.0.0.1:0") as client:
+        assert (set(client.run(os.getpid).values()) == {os.getpid()}) == in_process
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        assert sum(w["nthreads"] for w in workers) == cpu_count()  # one Dask thread per core either way
+        assert set(blas_limits(client).values()) == {1}  # and one BLAS thread per Dask thread
+        model = blockals.ALS(rank=3, max_iter=2).fit(store, client)
+        assert np.isfinite(model.user_factors_).all()
+        assert (len(BLOCK_CACHE) > 0) == in_process  # the in-process worker caches its in-blocks here
+    assert len(BLOCK_CACHE) == 0  # and they go with the cluster

@@ -73,8 +73,24 @@ def test_task_prefixes_name_the_stages(sparse_store, client2):
         assert stage in prefixes
     # Pairs that need under half of their source block ship a slice, cut by a route task.
     assert prefixes & {"blockals-route-items", "blockals-route-users"}
-    stages = {"init", "route", "solve", "loss", "factors", "checkpoint", "restart", "outblocks", "out", "gram", "gramsum"}
+    stages = {"compile", "init", "route", "solve", "loss", "factors", "checkpoint", "restart", "outblocks", "out", "gram",
+              "gramsum"}
     assert {p.split("-")[1] for p in prefixes if p.startswith("blockals-")} <= stages
+
+
+@pytest.mark.parametrize("interval, seconds", [(None, 60.0), (None, 1e-9), (2, 60.0)])
+def test_checkpoints_every_n_iterations_or_by_elapsed_time(store, client2, tmp_path, interval, seconds):
+    committed = []
+    config = ALSConfig.parse(rank=4, reg=0.1, reg_scaling="count", solver="cholesky", seed=0, dtype="float32")
+    ckpt = Checkpoint(str(tmp_path / "ckpt"), store.store_id, config.to_dict())
+
+    def commits(entry):
+        last = ckpt.load()
+        committed.append(None if last is None else last.iteration)
+
+    Engine(client2, store, config, ckpt, interval, seconds, on_iteration=commits).run(5)
+    expected = {(None, 60.0): [None] * 4 + [5], (None, 1e-9): [1, 2, 3, 4, 5], (2, 60.0): [None, 2, 2, 4, 5]}
+    assert committed == expected[interval, seconds]
 
 
 def test_only_current_iteration_is_held(store, client2, tmp_path):
@@ -85,9 +101,9 @@ def test_only_current_iteration_is_held(store, client2, tmp_path):
 
     config = ALSConfig.parse(rank=4, reg=0.1, reg_scaling="count", solver="cholesky", seed=0, dtype="float32")
     ckpt = Checkpoint(str(tmp_path / "ckpt"), store.store_id, config.to_dict())
-    Engine(client2, store, config, ckpt, on_iteration=held).run(6)
-    # The scheduler keeps about one iteration's tasks, not the whole lineage (which
-    # would add every iteration's route, solve and loss tasks to the count).
+    Engine(client2, store, config, ckpt, checkpoint_interval=1, on_iteration=held).run(6)
+    # Committed every iteration, the scheduler keeps about one iteration's tasks, not the
+    # whole lineage (which would add every iteration's route, solve and loss tasks).
     # Releases arrive asynchronously, so allow some stragglers: far fewer than the 100+
     # tasks five more iterations of retained lineage would add here.
     assert max(counts) - min(counts) <= 12, counts

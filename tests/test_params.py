@@ -22,7 +22,7 @@ EXPECTED_DEFAULTS = {
     "rank": 10, "max_iter": 10, "reg": 0.1, "reg_scaling": "count", "implicit": False, "alpha": 1.0,
     "biases": False, "nonnegative": False, "solver": "cholesky", "seed": 0, "bias_reg": None, "weighting": "none",
     "unobserved_weight": 0.1, "row_weights": "counts", "col_weights": "counts", "cg_steps": 3, "init": "normal",
-    "dtype": "float32", "checkpoint_interval": 1, "verbose": 0,
+    "dtype": "float32", "checkpoint_interval": None, "checkpoint_seconds": 60.0, "verbose": 0,
 }
 POSITIONAL = ["rank", "max_iter", "reg", "reg_scaling", "implicit", "alpha", "biases", "nonnegative", "solver", "seed"]
 
@@ -84,6 +84,9 @@ def test_get_set_params_repr_and_sklearn_clone():
         ({"col_weights": [1.0, -2.0]}, r"^col_weights must hold one finite nonnegative weight per row\.$"),
         ({"init": "zeros"}, r"^init must be one of 'normal', 'uniform'; got 'zeros'\.$"),
         ({"checkpoint_interval": -1}, r"^checkpoint_interval must be at least 0, got -1\.$"),
+        ({"checkpoint_interval": 2.0}, r"^checkpoint_interval must be an integer, got 2\.0\.$"),
+        ({"checkpoint_seconds": 0}, r"^checkpoint_seconds must be greater than 0, got 0\.$"),
+        ({"checkpoint_seconds": float("inf")}, r"^checkpoint_seconds must be a finite number, got inf\.$"),
         ({"verbose": -1}, r"^verbose must be at least 0, got -1\.$"),
         ({"biases": True, "implicit": True}, r"cannot be combined with implicit=True"),
         ({"weighting": "wals", "biases": True}, r"cannot be combined with implicit or biases"),
@@ -99,7 +102,7 @@ def test_each_refusal_is_one_sentence_naming_the_parameter(given, match):
 def test_config_holds_what_determines_the_factors():
     run = params.parse_params({"rank": 4, "max_iter": 3, "verbose": True, "bias_reg": None, "reg": 0.5})
     config = run.config
-    assert (run.max_iter, run.checkpoint_interval, run.verbose) == (3, 1, 1)
+    assert (run.max_iter, run.checkpoint_interval, run.checkpoint_seconds, run.verbose) == (3, None, 60.0, 1)
     assert config.rank == 4 and config.bias_reg == 0.5  # bias_reg None means reg
     assert not hasattr(config, "max_iter") and not hasattr(config, "verbose")
     with pytest.raises(AttributeError):
