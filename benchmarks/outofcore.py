@@ -124,9 +124,14 @@ def main(argv: list[str] | None = None) -> None:
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, memory_limit=args.memory_limit,
                       host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         if not parquet_path.exists():
+            # Written beside and renamed when whole: a run stopped midway leaves nothing the
+            # next one would take for a finished source.
+            partial = parquet_path.with_name(f".{parquet_path.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
             with PeakRSS() as made:
                 synthetic_ratings(n_users=args.users, n_items=args.items, n_ratings=args.ratings).to_parquet(
-                    str(parquet_path), write_index=False)
+                    str(partial), write_index=False)
+            partial.rename(parquet_path)
             report.update(source_s=round(made.seconds, 1), source_rss_gib=round(made.gib, 2))
         report["source_gb"] = round(disk_bytes(parquet_path) / 1e9, 2)
         if not store_path.exists():
