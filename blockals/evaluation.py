@@ -30,13 +30,28 @@ import pandas as pd
 
 from blockals.cluster import cache_bytes, connect
 from blockals.errors import InputError
-from blockals.recommend import SCORE_BYTES, group_by_row, score_rows
 from blockals.store import RatingStore, StoreRef, block_triples, load_rows, load_times
 
 __all__ = ["split", "evaluate", "ranking_metrics", "METRICS", "SPLITS"]
 
 METRICS = ("rmse", "mae", "precision", "recall", "ndcg", "map", "auc")
 SPLITS = ("random", "leave_k_out", "ratio", "temporal")
+
+
+# Bytes of scores one chunk of rows may hold.
+SCORE_BYTES = 32 * 2**20
+
+
+def score_rows(U: np.ndarray, V: np.ndarray, item_bias: np.ndarray | None) -> np.ndarray:
+    scores = U.astype(np.float64) @ V.astype(np.float64).T
+    return scores if item_bias is None else scores + item_bias[None, :]
+
+
+def group_by_row(rows: np.ndarray, values: np.ndarray, n: int) -> list[np.ndarray]:
+    """``values`` split by local row ``0 .. n-1`` (rows without values get empty arrays)."""
+    order = np.argsort(rows, kind="stable")
+    bounds = np.searchsorted(rows[order], np.arange(n + 1))
+    return [values[order[bounds[r] : bounds[r + 1]]] for r in range(n)]
 
 
 def _uniform_keys(seed: int, users: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:

@@ -22,10 +22,6 @@ from blockals.store import RatingStore, StoreRef, load_inblock, load_rows, sende
 
 __all__ = ["recommend_rows", "Seen", "seen_csr", "recommend_block", "recommend_all", "similar"]
 
-# Bytes of scores one chunk of rows may hold.
-SCORE_BYTES = 32 * 2**20
-
-
 @dataclass(frozen=True)
 class Seen:
     """The items each row must not get, as CSR: row r's are ``items[indptr[r]:indptr[r + 1]]``,
@@ -43,11 +39,6 @@ def seen_csr(lists: list[np.ndarray]) -> Seen:
     np.cumsum([a.size for a in lists], out=indptr[1:])
     items = np.concatenate(lists).astype(np.int64) if lists else np.zeros(0, dtype=np.int64)
     return Seen(indptr, items)
-
-
-def score_rows(U: np.ndarray, V: np.ndarray, item_bias: np.ndarray | None) -> np.ndarray:
-    scores = U.astype(np.float64) @ V.astype(np.float64).T
-    return scores if item_bias is None else scores + item_bias[None, :]
 
 
 def recommend_rows(
@@ -213,13 +204,6 @@ def seen_items(store: RatingStore, users: np.ndarray) -> Seen:
             lo, hi = np.searchsorted(rows, [users[pos], users[pos] + 1])
             out[pos] = items[lo:hi]
     return seen_csr(out)
-
-
-def group_by_row(rows: np.ndarray, values: np.ndarray, n: int) -> list[np.ndarray]:
-    """``values`` split by local row ``0 .. n-1`` (rows without values get empty arrays)."""
-    order = np.argsort(rows, kind="stable")
-    bounds = np.searchsorted(rows[order], np.arange(n + 1))
-    return [values[order[bounds[r] : bounds[r + 1]]] for r in range(n)]
 
 
 @dataclass(frozen=True, kw_only=True)

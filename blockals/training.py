@@ -12,6 +12,7 @@ learned attributes. Progress is printed here too: one line per iteration, and wi
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -82,19 +83,14 @@ def print_iteration(entry: dict[str, Any]) -> None:
     )
 
 
-def _compiled_note(seconds: float) -> str | None:
-    # Over a second means a fresh installation: say once why the start took this long.
-    return f"compiled the kernels this configuration uses in {seconds:.1f} s; numba keeps them for later runs" if seconds > 1 else None
-
-
-def print_compiled(seconds: float) -> None:
-    if note := _compiled_note(seconds):
-        print(note, flush=True)
-
-
-def log_compiled(seconds: float) -> None:
-    if note := _compiled_note(seconds):
-        log.info(note)
+def report_compiled(seconds: float, verbose: int) -> None:
+    """Say once why the start took this long: over a second means a fresh installation."""
+    if seconds > 1:
+        note = f"compiled the kernels this configuration uses in {seconds:.1f} s; numba keeps them for later runs"
+        if verbose:
+            print(note, flush=True)
+        else:
+            log.info(note)
 
 
 def print_block_progress(iteration: int, done: int, total: int) -> None:
@@ -183,5 +179,5 @@ def train(
                 print_iteration if run.verbose else None, arrays,
                 print_block_progress if run.verbose >= 2 else None,
             )
-            result = engine.run(run.max_iter, resume=resume, on_compiled=print_compiled if run.verbose else log_compiled)
+            result = engine.run(run.max_iter, resume=resume, on_compiled=functools.partial(report_compiled, verbose=run.verbose))
         return _trained(store, run.config, result.blocks, result.history, temporary)
