@@ -7,8 +7,9 @@ Each stage runs on a LocalCluster of ``--workers`` single-threaded workers, each
 1. *source*: synthetic ratings (:func:`blockals.datasets.synthetic_ratings`) written to
    Parquet partition by partition (never whole in memory);
 2. *ingest*: the Parquet source read once into a store, blocks from ``--block-budget``;
-3. *train*: ``--iters`` iterations at ``--rank``, a checkpoint after every one (the
-   series' setting since its first run; the default now checkpoints by elapsed time);
+3. *train*: ``--iters`` iterations at ``--rank``, checkpointed as ``ALS`` does by default
+   (once a minute); ``--checkpoint-interval 1`` writes one after every iteration, the
+   series' setting before 2026-12-03;
 4. *recommend* (``--recommend``): the top 10 items of every user, written to Zarr.
 
 The peak RSS of this process's whole tree (driver, nannies, workers) is sampled every
@@ -94,6 +95,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-limit", default="2GiB")
     p.add_argument("--block-budget", help="ingest's block budget (default: half of --memory-limit; "
                    "a worker runs one block at a time)")
+    p.add_argument("--checkpoint-interval", type=int,
+                   help="iterations between checkpoints (default: ALS's, by elapsed time)")
     p.add_argument("--recommend", action="store_true", help="also write the top 10 items of every user")
     p.add_argument("--fresh", action="store_true", help="rebuild the stored source and store")
     return p.parse_args(argv)
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     DATA.mkdir(parents=True, exist_ok=True)
     report: dict = {"ratings": args.ratings, "users": args.users, "items": args.items, "rank": args.rank,
                     "workers": args.workers, "memory_limit": args.memory_limit, "block_budget": budget,
+                    "checkpoint_interval": args.checkpoint_interval,
                     "machine": f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
                                f"{platform.processor() or platform.machine()}", "date": time.strftime("%Y-%m-%d")}
 
@@ -145,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         checkpoints = Path(tempfile.mkdtemp(dir=DATA, prefix="checkpoints-"))
         try:
             with PeakRSS() as trained:
-                model = blockals.ALS(rank=args.rank, max_iter=args.iters, reg=0.05, seed=0, checkpoint_interval=1).fit(
+                model = blockals.ALS(rank=args.rank, max_iter=args.iters, reg=0.05, seed=0,
+                                     checkpoint_interval=args.checkpoint_interval).fit(
                     store, client, checkpoint_path=str(checkpoints / "als"))
             secs = [h["seconds"] for h in model.history_]
             report.update(seconds=[round(s, 2) for s in secs],
