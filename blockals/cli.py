@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from blockals import params
 
@@ -134,8 +134,10 @@ def _recommend(args: argparse.Namespace) -> int:
     model = blockals.ALS.load(args.model)
     if args.output:
         with _client(args) as client:
-            model.recommend_all(args.n, args.output, exclude_seen=not args.include_seen, client=client)
-        print(f"top {args.n} items for every user written to {args.output}")
+            model.recommend_all(args.n, args.output, exclude_seen=not args.include_seen, client=client,
+                                side=args.side, format=args.format)
+        what = "items for every user" if args.side == "users" else "users for every item"
+        print(f"top {args.n} {what} written to {args.output}")
         return 0
     if not args.users:
         raise blockals.InputError("recommend needs --users ID [ID ...] or --output PATH.")
@@ -176,6 +178,23 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'.\n")
 
 
+class _Version(argparse.Action):
+    """``--version``: this version and those of the libraries that decide its results and
+    speed, on one line (argparse's own action would wrap it to the terminal)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from importlib.metadata import version
+
+        import blockals
+
+        libs = ", ".join(f"{name} {version(name)}" for name in ("dask", "distributed", "zarr", "numba", "numpy"))
+        print(f"blockals {blockals.__version__} ({libs})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="blockals",
@@ -184,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                "&& blockals train train.zarr model.zarr && blockals evaluate model.zarr test.zarr --train train.zarr",
     )
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    parser.add_argument("--version", action=_Version, help="print the versions of blockals and its engine, and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("ingest", help="partition a ratings source into a blocked Zarr store")
@@ -238,7 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recommend", help="top-n items for some users, or for every user into a store")
     p.add_argument("model")
     p.add_argument("--users", nargs="+", help="user ids to print recommendations for")
-    p.add_argument("--output", help="write recommendations for every user to this Zarr store")
+    p.add_argument("--output", help="write recommendations for every user to this Zarr store, or Parquet "
+                   "dataset when it ends in .parquet")
+    p.add_argument("--format", choices=("zarr", "parquet"), help="the --output format (default: by its suffix)")
+    p.add_argument("--side", choices=("users", "items"), default="users",
+                   help="with --output: items for every user (default), or users for every item")
     p.add_argument("--n", type=int, default=10, help="items per user (default: 10)")
     p.add_argument("--include-seen", action="store_true", help="do not exclude items rated in training")
     _add_cluster_options(p)

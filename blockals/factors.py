@@ -13,11 +13,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from blockals.errors import InputError
 from blockals.halfstep import gram, solve_block
 from blockals.params import ALSConfig, parse_choice, parse_int
-from blockals.recommend import recommend_rows, seen_items, similar, to_frame
+from blockals.recommend import Seen, parse_format, recommend_all, recommend_rows, seen_items, similar, to_frame
 from blockals.routing import build_inblock
 from blockals.sources import normalize_ratings
 from blockals.store import RatingStore, Side, open_store
@@ -50,6 +51,7 @@ class Factors:
     global_mean: float | None = None
     user_weights: np.ndarray | None = None
     item_weights: np.ndarray | None = None
+    user_items: sp.csr_array | None = None
 
     @classmethod
     def of(cls, model: Any) -> Factors:
@@ -61,7 +63,7 @@ class Factors:
     def attributes(self) -> dict[str, Any]:
         """``{attribute_: value}`` for the estimator: every array the mode has, and the records."""
         return {f"{name}_": getattr(self, name) for name in self.__dataclass_fields__
-                if getattr(self, name) is not None or name == "store_path"}
+                if getattr(self, name) is not None or name in ("store_path", "user_items")}
 
     def ids(self, side: Side) -> np.ndarray:
         return self.user_ids if side == "users" else self.item_ids
@@ -70,9 +72,9 @@ class Factors:
         return self.user_factors if side == "users" else self.item_factors
 
     def index(self, ids: Any, side: Side) -> np.ndarray:
-        """Row of each id, -1 for unknown ones; text ids are read as the model's id type."""
+        """Row of each id (one id or many), -1 for unknown ones; text ids are read as the model's id type."""
         known = pd.Index(self.ids(side))
-        ids = np.asarray(ids)
+        ids = np.atleast_1d(np.asarray(ids))
         if known.dtype.kind in "iu" and ids.dtype.kind not in "iu":
             ids = pd.to_numeric(pd.Series(ids), errors="coerce").to_numpy()
         return known.get_indexer(ids)
@@ -105,11 +107,6 @@ class Factors:
         """
         if seen is not None:
             store = seen if isinstance(seen, RatingStore) else open_store(seen)
-        elif self.store_path is None:
-            raise InputError(
-                "exclude_seen=True needs the training ratings: this model was not fitted on a "
-                "saved store, so pass seen=<store> or exclude_seen=False."
-            )
         else:
             store = open_store(self.store_path)
         for side in ("users", "items"):
@@ -121,22 +118,68 @@ class Factors:
                 )
         return store
 
-    def recommend(self, users: Any, n: int, exclude_seen: bool, items: Any, seen: Any) -> pd.DataFrame:
+    def excluded(self, users: np.ndarray, seen: Any) -> Seen:
+        """The items each of ``users`` (rows) rated: in the training store (or ``seen``), and in
+        :attr:`user_items`, the ratings the model keeps itself (all of them when it was trained
+        on an in-memory source, and the rows folded in with ``update=True``)."""
+        self._check_rated_known(seen)
+        parts = []
+        if seen is not None or self.store_path is not None:
+            parts.append(seen_items(self.seen_store(seen), users))
+        if self.user_items is not None:
+            parts.append(_as_seen(self.user_items[users]))
+        if len(parts) == 1:
+            return parts[0]
+        shape = (users.shape[0], self.item_ids.shape[0])
+        union = sum(sp.csr_array((np.ones(p.items.shape[0], dtype=bool), p.items, p.indptr), shape=shape) for p in parts)
+        return Seen(union.indptr.astype(np.int64), union.indices.astype(np.int64))
+
+    def _check_rated_known(self, seen: Any) -> None:
+        if seen is None and self.store_path is None and self.user_items is None:
+            raise InputError(
+                "exclude_seen=True needs the training ratings: this model was not fitted on a "
+                "saved store, so pass seen=<store> or exclude_seen=False."
+            )
+
+    def candidates(self, items: Any, filter_items: Any, side: Side = "items") -> np.ndarray | None:
+        """Rows of ``side`` a query may return: ``items`` (all when None) less ``filter_items``."""
+        if items is None and filter_items is None:
+            return None
+        allowed = np.arange(self.ids(side).shape[0]) if items is None else self._known(items, side)
+        return allowed if filter_items is None else np.setdiff1d(allowed, self._known(filter_items, side))
+
+    def recommend(self, users: Any, n: int, exclude_seen: bool, items: Any, seen: Any, filter_items: Any = None) -> pd.DataFrame:
         n = parse_int(n, "n", 1)
         u = self._known(users, "users")
-        candidates = None if items is None else self._known(items, "items")
-        excluded = seen_items(self.seen_store(seen), u) if exclude_seen else None
-        idx, val = recommend_rows(self.user_factors[u], self.item_factors, n, self.item_bias, excluded, candidates)
+        excluded = self.excluded(u, seen) if exclude_seen else None
+        idx, val = recommend_rows(self.user_factors[u], self.item_factors, n, self.item_bias, excluded,
+                                  self.candidates(items, filter_items))
         return to_frame("user", self.user_ids[u], "item", self.item_ids, idx, val)
+
+    def recommend_all(self, n: int, output: Any, exclude_seen: bool, client: Any, storage_options: dict | None,
+                      side: Any, fmt: Any) -> str | pd.DataFrame:
+        side = parse_choice(side, "side", ("users", "items"))
+        fmt = parse_format(output, fmt)
+        n = parse_int(n, "n", 1)
+        if exclude_seen:
+            self._check_rated_known(None)
+        store = None if self.store_path is None else self.seen_store(None)
+        other: Side = "items" if side == "users" else "users"
+        kept = self.user_items if side == "users" or self.user_items is None else self.user_items.T.tocsr()
+        return recommend_all(
+            store, side, self.factors(side), self.factors(other), self.item_bias if side == "users" else self.user_bias,
+            self.ids(side), self.ids(other), n, None if output is None else str(output), fmt, exclude_seen,
+            None if kept is None else _as_seen(kept), client, storage_options,
+        )
 
     def recommend_users(self, items: Any, n: int) -> pd.DataFrame:
         i = self._known(items, "items")
         idx, val = recommend_rows(self.item_factors[i], self.user_factors, parse_int(n, "n", 1), self.user_bias)
         return to_frame("item", self.item_ids[i], "user", self.user_ids, idx, val)
 
-    def similar(self, ids: Any, n: int, side: Side) -> pd.DataFrame:
+    def similar(self, ids: Any, n: int, side: Side, among: Any = None, filter_out: Any = None) -> pd.DataFrame:
         rows = self._known(ids, side)
-        idx, val = similar(self.factors(side), rows, parse_int(n, "n", 1))
+        idx, val = similar(self.factors(side), rows, parse_int(n, "n", 1), self.candidates(among, filter_out, side))
         return to_frame(side[:-1], self.ids(side)[rows], "similar", self.ids(side), idx, val)
 
     # -- fold-in -----------------------------------------------------------------------
@@ -191,3 +234,8 @@ class Factors:
             raise InputError(f"the model's {side} weights were given as an array; {side[:-1]} "
                              f"{ids[known < 0][0]!r} has none.")
         return (self.user_weights if side == "users" else self.item_weights)[known]
+
+
+def _as_seen(rated: sp.csr_array) -> Seen:
+    """A boolean CSR matrix's rows as :class:`Seen`."""
+    return Seen(rated.indptr.astype(np.int64), rated.indices.astype(np.int64))

@@ -134,14 +134,15 @@ def absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def _fs(path: str, storage_options: dict | None):
+def filesystem(path: str, storage_options: dict | None):
+    """``(fsspec filesystem, path within it)`` of a local path or URL."""
     import fsspec
 
     return fsspec.core.url_to_fs(path, **(storage_options or {}))
 
 
 def path_exists(path: str, storage_options: dict | None = None) -> bool:
-    fs, p = _fs(path, storage_options)
+    fs, p = filesystem(path, storage_options)
     return fs.exists(p)
 
 
@@ -161,7 +162,7 @@ def writable_meta(path: str, fmt: str, kind: str, storage_options: dict | None =
         meta = None
     if isinstance(meta, dict) and meta.get("format") == fmt:
         return meta
-    fs, p = _fs(path, storage_options)
+    fs, p = filesystem(path, storage_options)
     if fs.isdir(p) and not fs.ls(p):
         return None
     raise InputError(f"{path} exists and is not a blockals {kind}; refusing to write over it.")
@@ -175,7 +176,7 @@ def remove_path(path: str, storage_options: dict | None = None) -> None:
     replacing a store) leaves a group that reads as incomplete, never as complete with
     arrays missing, and that the next ingest recognises as its own and removes.
     """
-    fs, p = _fs(path, storage_options)
+    fs, p = filesystem(path, storage_options)
     if not fs.exists(p):
         return
     try:

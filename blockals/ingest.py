@@ -478,7 +478,7 @@ def ingest(
 
     Parameters
     ----------
-    source : DataFrame, Dask DataFrame, path, glob or (users, items, ratings)
+    source : DataFrame, Dask DataFrame, path, glob, (users, items, ratings) or sparse matrix
         See :func:`blockals.sources.read_source` for the accepted forms.
     path : str or path-like
         Where to write the Zarr group; a local path or an fsspec URL (``s3://...``).

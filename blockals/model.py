@@ -12,12 +12,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from blockals import modelio, params, training
 from blockals.errors import InputError, StoreError
 from blockals.factors import Factors, FoldIn
-from blockals.params import parse_int
-from blockals.recommend import recommend_all
 
 __all__ = ["ALS", "FoldIn"]
 
@@ -46,6 +45,11 @@ user_bias_, item_bias_, global_mean_ :
     Learned biases and the global mean (``biases=True`` only).
 user_weights_, item_weights_ :
     The WALS row weights ``R`` and ``C`` (``weighting="wals"`` only).
+user_items_ : scipy.sparse.csr_array of bool, shape (n_users, n_items), or None
+    Which items each user rated, kept by the model where the training store cannot tell:
+    every rating of a model trained on an in-memory source or file (up to 50M ratings;
+    a model trained on a saved store reads them from there), and the rows folded in with
+    ``update=True``. :meth:`recommend` leaves them out.
 history_ : list of dict
     Per iteration: ``iteration``, ``loss`` (the objective at the end of the
     iteration), ``train_rmse`` (against the ratings, or the preferences ``[r > 0]`` in
@@ -123,21 +127,26 @@ class ALS:
         """
         return Factors.of(self).predict(users, items, cold_start)
 
-    def recommend(self, users: Any, n: int = 10, exclude_seen: bool = True, items: Any = None, seen: Any = None) -> pd.DataFrame:
+    def recommend(self, users: Any, n: int = 10, exclude_seen: bool = True, items: Any = None, seen: Any = None,
+                  filter_items: Any = None) -> pd.DataFrame:
         """Top-``n`` items for each known user, as Spark's ``recommendForUserSubset``.
 
         Parameters
         ----------
-        users : array-like
+        users : id or array-like
             Original user ids; unknown ones are left out of the result.
         n : int
             Items per user.
         exclude_seen : bool
-            Leave out the items each user rated in the training store.
+            Leave out the items each user rated: in the training store, or, for a model
+            trained on an in-memory source, in ``user_items_``; and the items of rows
+            folded in with ``update=True``.
         items : array-like, optional
             Only recommend among these original item ids.
         seen : RatingStore or path, optional
-            The ratings to exclude, when the model was not fitted on a saved store.
+            The ratings to exclude instead of the training store's.
+        filter_items : array-like, optional
+            Never recommend these original item ids (as ``implicit``'s ``filter_items``).
 
         Returns
         -------
@@ -145,32 +154,55 @@ class ALS:
         Scores are ``x_u . y_i`` (+ ``b_i`` for biased models); ties go to the lower
         item index; users with fewer than ``n`` candidates get fewer rows.
         """
-        return Factors.of(self).recommend(users, n, exclude_seen, items, seen)
+        return Factors.of(self).recommend(users, n, exclude_seen, items, seen, filter_items)
 
     def recommend_users(self, items: Any, n: int = 10) -> pd.DataFrame:
         """Top-``n`` users for each known item, as Spark's ``recommendForItemSubset``."""
         return Factors.of(self).recommend_users(items, n)
 
-    def recommend_all(self, n: int, output: str, exclude_seen: bool = True, client: Any = None,
-                      storage_options: dict | None = None) -> str:
-        """Top-``n`` items for every user of the training store, written to a Zarr store.
+    def recommend_all(self, n: int = 10, output: str | None = None, exclude_seen: bool = True, client: Any = None,
+                      storage_options: dict | None = None, *, side: str = "users",
+                      format: str | None = None) -> str | pd.DataFrame:
+        """Top-``n`` items for every user (``side="users"``, Spark's ``recommendForAllUsers``),
+        or top-``n`` users for every item (``side="items"``, ``recommendForAllItems``).
 
-        One Dask task per user block scores its users against all items in chunks, so the
-        full score matrix never exists. Read the result with
-        :func:`blockals.recstore.read_recommendations`.
+        One Dask task per block of the training store scores its rows against the other
+        side a tile at a time, so the full score matrix never exists; rows the store does
+        not hold (folded in, or every row of a model trained without a saved store) are
+        scored in this process.
+
+        Parameters
+        ----------
+        n : int
+            Results per row.
+        output : str, optional
+            Where to write them; None returns a DataFrame (for results that fit in memory).
+        exclude_seen : bool
+            Leave out the pairs rated in training (as :meth:`recommend` does).
+        side : {"users", "items"}
+            Whose recommendations.
+        format : {"zarr", "parquet"}, optional
+            ``"zarr"``: a recommendations store (:func:`blockals.recstore.read_recommendations`);
+            ``"parquet"``: a Parquet dataset, one file per block, columns ``user, rank, item,
+            score`` (``item, rank, user, score`` for items) in original ids, readable by Dask,
+            Spark or pandas. Default: Parquet when ``output`` ends in ``.parquet``, else Zarr.
+
+        Returns
+        -------
+        str or DataFrame
+            ``output``, or the recommendations when ``output`` is None.
         """
-        factors = Factors.of(self)
-        n = parse_int(n, "n", 1)
-        return recommend_all(factors.seen_store(None), factors.user_factors, factors.item_factors, factors.item_bias,
-                             factors.user_ids, factors.item_ids, n, str(output), exclude_seen, client, storage_options)
+        return Factors.of(self).recommend_all(n, output, exclude_seen, client, storage_options, side, format)
 
-    def similar_items(self, items: Any, n: int = 10) -> pd.DataFrame:
-        """The ``n`` items most similar (cosine of factors) to each known item."""
-        return Factors.of(self).similar(items, n, "items")
+    def similar_items(self, items: Any, n: int = 10, *, among: Any = None, filter_items: Any = None) -> pd.DataFrame:
+        """The ``n`` items most similar (cosine of factors) to each known item, among ``among``
+        (original ids; default all) less ``filter_items``."""
+        return Factors.of(self).similar(items, n, "items", among, filter_items)
 
-    def similar_users(self, users: Any, n: int = 10) -> pd.DataFrame:
-        """The ``n`` users most similar (cosine of factors) to each known user."""
-        return Factors.of(self).similar(users, n, "users")
+    def similar_users(self, users: Any, n: int = 10, *, among: Any = None, filter_users: Any = None) -> pd.DataFrame:
+        """The ``n`` users most similar (cosine of factors) to each known user, among ``among``
+        (original ids; default all) less ``filter_users``."""
+        return Factors.of(self).similar(users, n, "users", among, filter_users)
 
     def fold_in(self, ratings: Any, side: str = "users", update: bool = False) -> FoldIn:
         """Factors of new or changed users (or items), solved against the fixed other side.
@@ -189,6 +221,7 @@ class ALS:
         result = Factors.of(self).fold_in(ratings, side)
         if update:
             self._absorb(result, side)
+            self._keep_rated(ratings)
         return result
 
     def _absorb(self, result: FoldIn, side: str) -> None:
@@ -205,6 +238,19 @@ class ALS:
             setattr(self, attr, np.concatenate([current, values[new].astype(current.dtype)]))
         setattr(self, f"{prefix}_ids_", np.concatenate([ids, np.asarray(result.ids)[new].astype(ids.dtype)]))
 
+    def _keep_rated(self, ratings: pd.DataFrame) -> None:
+        """Add folded-in pairs to ``user_items_``, so recommendations leave them out."""
+        factors = Factors.of(self)
+        users, items = factors.index(ratings["user"].to_numpy(), "users"), factors.index(ratings["item"].to_numpy(), "items")
+        shape = (factors.user_ids.shape[0], factors.item_ids.shape[0])
+        pairs = sp.csr_array((np.ones(users.shape[0], dtype=bool), (users, items)), shape=shape)
+        kept = getattr(self, "user_items_", None)
+        if kept is not None:
+            kept = kept.copy()
+            kept.resize(shape)
+            pairs = pairs + kept
+        self.user_items_ = pairs
+
     # -- persistence ---------------------------------------------------------------------
     def save(self, path: str, storage_options: dict | None = None, *, break_lease: bool = False) -> None:
         """Write the model as a Zarr group with JSON attributes (no pickle).
@@ -215,7 +261,11 @@ class ALS:
         ``break_lease`` takes over a lease left on an object store by a training that died.
         """
         factors = Factors.of(self)
-        arrays = {name: getattr(factors, name) for name in modelio.ARRAYS if getattr(factors, name) is not None}
+        arrays = {name: getattr(factors, name) for name in modelio.ARRAYS
+                  if hasattr(factors, name) and getattr(factors, name) is not None}
+        if factors.user_items is not None:
+            arrays |= {"user_items_indptr": factors.user_items.indptr.astype(np.int64),
+                       "user_items_indices": factors.user_items.indices.astype(np.int64)}
         json_params = {k: v for k, v in self.get_params().items() if isinstance(v, (str, int, float, bool, type(None)))}
         saved = modelio.SavedModel(params=json_params, arrays=arrays, config=factors.config,
                                    store_path=factors.store_path, history=self.history_)
@@ -230,7 +280,12 @@ class ALS:
         except InputError as exc:  # attributes edited by hand, or written by another version
             raise StoreError(f"{path} cannot be loaded: its parameters are not valid here ({exc})") from None
         model = cls(**saved.params)
-        for name, value in saved.arrays.items():
+        arrays = dict(saved.arrays)
+        if "user_items_indptr" in arrays:
+            indptr, indices = arrays.pop("user_items_indptr"), arrays.pop("user_items_indices")
+            model.user_items_ = sp.csr_array((np.ones(indices.shape[0], dtype=bool), indices, indptr),
+                                             shape=(indptr.shape[0] - 1, arrays["item_ids"].shape[0]))
+        for name, value in arrays.items():
             setattr(model, f"{name}_", float(value[0]) if name == "global_mean" else value)
         model.history_, model.config_, model.store_path_ = saved.history, saved.config, saved.store_path
         return model

@@ -32,7 +32,7 @@ MODEL_FORMAT = "blockals-model"
 MODEL_FORMAT_VERSION = 1
 # The arrays a model may hold; which ones depends on its mode.
 ARRAYS = ("user_factors", "item_factors", "user_ids", "item_ids", "user_bias", "item_bias", "global_mean",
-          "user_weights", "item_weights")
+          "user_weights", "item_weights", "user_items_indptr", "user_items_indices")
 CARRIED = {"biases": ("user_bias", "item_bias", "global_mean"), "wals": ("user_weights", "item_weights")}
 
 
@@ -87,6 +87,15 @@ def _check_shapes(path: str, params: dict[str, Any], arrays: dict[str, np.ndarra
                 raise StoreError(f"{path}/{name} has shape {arrays[name].shape}; the model has {F.shape[0]} {side}s.")
         if len(np.unique(ids)) != ids.shape[0]:
             raise StoreError(f"{path}/{side}_ids holds an id twice.")
+    if ("user_items_indptr" in arrays) != ("user_items_indices" in arrays):
+        raise StoreError(f"{path} holds only one of user_items_indptr and user_items_indices.")
+    if "user_items_indptr" in arrays:
+        indptr, indices = arrays["user_items_indptr"], arrays["user_items_indices"]
+        n_users, n_items = arrays["user_ids"].shape[0], arrays["item_ids"].shape[0]
+        if (indptr.shape != (n_users + 1,) or indptr[0] != 0 or indptr[-1] != indices.shape[0]
+                or (np.diff(indptr) < 0).any() or (indices.size and (indices.min() < 0 or indices.max() >= n_items))):
+            raise StoreError(f"{path}/user_items_indptr and user_items_indices are not a CSR matrix of the "
+                             f"model's {n_users} users and {n_items} items.")
 
 
 def read_model(path: str, storage_options: dict | None = None) -> SavedModel:

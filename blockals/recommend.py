@@ -15,12 +15,14 @@ from typing import Any
 import numba
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from blockals import recstore
 from blockals.cluster import cache_bytes, connect
-from blockals.store import RatingStore, StoreRef, load_inblock, load_rows, sender_rows
+from blockals.errors import InputError
+from blockals.store import RatingStore, Side, StoreRef, load_inblock, load_rows, other_side, sender_rows
 
-__all__ = ["recommend_rows", "Seen", "seen_csr", "recommend_block", "recommend_all", "similar"]
+__all__ = ["recommend_rows", "Seen", "seen_csr", "rated_matrix", "recommend_block", "recommend_all", "similar"]
 
 @dataclass(frozen=True)
 class Seen:
@@ -206,9 +208,20 @@ def seen_items(store: RatingStore, users: np.ndarray) -> Seen:
     return seen_csr(out)
 
 
+def rated_matrix(store: RatingStore) -> sp.csr_array:
+    """Which items each user rated in ``store``: a boolean users x items CSR matrix."""
+    users, items = [], []
+    for b in range(store.n_user_blocks):
+        rows, cols, _ = store.triples("users", b)
+        users.append(rows)
+        items.append(cols)
+    users, items = (np.concatenate(a) if a else np.zeros(0, dtype=np.int64) for a in (users, items))
+    return sp.csr_array((np.ones(users.shape[0], dtype=bool), (users, items)), shape=(store.n_users, store.n_items))
+
+
 @dataclass(frozen=True, kw_only=True)
 class TopItems:
-    """One user block's recommendations: global user indices, item indices and scores (best first)."""
+    """One block's recommendations: global row indices, the other side's indices and scores (best first)."""
 
     users: np.ndarray
     items: np.ndarray
@@ -216,25 +229,26 @@ class TopItems:
 
 
 def recommend_block(
-    ref: StoreRef, block: int, n_item_blocks: int, U: np.ndarray, V: np.ndarray,
-    item_bias: np.ndarray | None, k: int, exclude_seen: bool,
+    ref: StoreRef, side: Side, block: int, n_other_blocks: int, U: np.ndarray, V: np.ndarray,
+    bias: np.ndarray | None, k: int, exclude_seen: bool,
 ) -> TopItems:
-    """Top-``k`` for every user of one user block (a Dask task)."""
-    users = load_rows(ref, "users", block)
+    """Top-``k`` for every row of one block of ``side`` (a Dask task)."""
+    rows = load_rows(ref, side, block)
     seen = None
-    if exclude_seen:  # the in-block is CSR by user already: only its columns need item indices
-        inblock = load_inblock(ref, "users", block, cache_bytes())
-        seen = Seen(inblock.indptr, inblock.col, sender_rows(ref, "users", inblock, n_item_blocks))
-    idx, val = recommend_rows(U, V, k, item_bias, seen)
-    return TopItems(users=users, items=idx, scores=val)
+    if exclude_seen:  # the in-block is CSR by row already: only its columns need the other side's indices
+        inblock = load_inblock(ref, side, block, cache_bytes())
+        seen = Seen(inblock.indptr, inblock.col, sender_rows(ref, side, inblock, n_other_blocks))
+    idx, val = recommend_rows(U, V, k, bias, seen)
+    return TopItems(users=rows, items=idx, scores=val)
 
 
-def similar(F: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` rows of ``F`` by cosine similarity to each of ``rows``, excluding itself."""
+def similar(F: np.ndarray, rows: np.ndarray, k: int, candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` rows of ``F`` (among ``candidates``, default all) by cosine similarity to
+    each of ``rows``, excluding itself."""
     norms = np.linalg.norm(F.astype(np.float64), axis=1)
     unit = np.divide(F, norms[:, None], out=np.zeros(F.shape), where=norms[:, None] > 0)
     itself = Seen(np.arange(rows.shape[0] + 1, dtype=np.int64), np.asarray(rows, dtype=np.int64))
-    return recommend_rows(unit[rows], unit, k, None, itself)
+    return recommend_rows(unit[rows], unit, k, None, itself, candidates)
 
 
 def to_frame(left: str, left_ids: Any, right: str, right_ids: np.ndarray, idx: np.ndarray, val: np.ndarray) -> pd.DataFrame:
@@ -249,31 +263,88 @@ def to_frame(left: str, left_ids: Any, right: str, right_ids: np.ndarray, idx: n
     })
 
 
-def recommend_all(
-    store: RatingStore, user_factors: np.ndarray, item_factors: np.ndarray, item_bias: np.ndarray | None,
-    user_ids: np.ndarray, item_ids: np.ndarray, n: int, output: str, exclude_seen: bool = True,
-    client: Any = None, storage_options: dict | None = None,
-) -> str:
-    """Top-``n`` items for every user of ``store``, written to a recommendations store.
+RECOMMEND_FORMATS = ("zarr", "parquet", "frame")
 
-    One Dask task per user block scores its users against all items a tile at a time
-    (:func:`recommend_rows`), so no score matrix is ever held.
-    Read the result with :func:`blockals.recstore.read_recommendations`.
+
+def parse_format(output: Any, fmt: str | None) -> str:
+    """Where ``recommend_all`` writes: ``"frame"`` without an output, else ``fmt`` or the output's suffix."""
+    if output is None:
+        if fmt not in (None, "frame"):
+            raise InputError(f"format={fmt!r} writes to a path; give output=, or leave format unset for a DataFrame.")
+        return "frame"
+    if fmt is None:
+        return "parquet" if str(output).rstrip("/").endswith(".parquet") else "zarr"
+    if fmt not in RECOMMEND_FORMATS[:2]:
+        raise InputError(f"format must be one of 'zarr', 'parquet', got {fmt!r}.")
+    return fmt
+
+
+def recommend_all(
+    store: RatingStore | None, side: Side, F: np.ndarray, G: np.ndarray, bias: np.ndarray | None,
+    row_ids: np.ndarray, other_ids: np.ndarray, n: int, output: str | None, fmt: str, exclude_seen: bool = True,
+    kept: Seen | None = None, client: Any = None, storage_options: dict | None = None,
+) -> str | pd.DataFrame:
+    """Top-``n`` of the other side for every row of ``side``: to a recommendations store
+    (``fmt="zarr"``), a Parquet dataset (``"parquet"``) or a DataFrame (``"frame"``).
+
+    The rows of ``store`` are scored one Dask task per block, against the other side a
+    tile at a time (:func:`recommend_rows`), so no score matrix is ever held; rows beyond
+    the store (folded in after training, or every row of a model trained without a saved
+    store) are scored here, their seen items taken from ``kept``. A Parquet dataset (one
+    file per block, columns ``<row side>, rank, <other side>, score`` in original ids) is
+    written beside ``output`` and renamed into place when whole.
     """
-    recstore.create(output, n, store.n_user_blocks, user_ids, item_ids, storage_options)
-    tag = uuid.uuid4().hex[:8]
-    with connect(client, ratings=store.nnz) as c:
-        V = c.scatter(item_factors, broadcast=True)
-        bias = None if item_bias is None else c.scatter(item_bias, broadcast=True)
-        writes = []
-        for b in range(store.n_user_blocks):
-            top = c.submit(recommend_block, store.ref, b, store.n_item_blocks, user_factors[store.rows("users", b)], V,
-                           bias, n, exclude_seen, key=f"blockals-recommend-{b}-{tag}")
-            writes.append(c.submit(_write_block, output, storage_options, b, top, key=f"blockals-recommend-write-{b}-{tag}"))
-        c.gather(writes)
-    recstore.commit(output, storage_options)
+    stored = 0 if store is None else store.n_rows(side)
+    extra = np.arange(stored, F.shape[0])
+    n_blocks = (0 if store is None else store.n_blocks(side)) + (extra.size > 0)
+    target, write = None, None
+    if fmt == "zarr":
+        recstore.create(output, n, n_blocks, row_ids, other_ids, storage_options, side)
+        target = output
+    elif fmt == "parquet":
+        target = recstore.start_parquet(output, storage_options)
+    tops: list = []
+    if store is not None and store.n_blocks(side):
+        tag = uuid.uuid4().hex[:8]
+        with connect(client, ratings=store.nnz) as c:
+            V = c.scatter(G, broadcast=True)
+            b_ = None if bias is None else c.scatter(bias, broadcast=True)
+            ids = None if fmt != "parquet" else (c.scatter(row_ids, broadcast=True), c.scatter(other_ids, broadcast=True))
+            for b in range(store.n_blocks(side)):
+                top = c.submit(recommend_block, store.ref, side, b, store.n_blocks(other_side(side)),
+                               F[store.rows(side, b)], V, b_, n, exclude_seen, key=f"blockals-recommend-{side}-{b}-{tag}")
+                if fmt == "frame":
+                    tops.append(top)
+                else:
+                    tops.append(c.submit(_write_block, target, fmt, storage_options, b, top, ids, side,
+                                         key=f"blockals-recommend-write-{side}-{b}-{tag}"))
+            tops = c.gather(tops)
+    if extra.size:
+        seen = None
+        if exclude_seen and kept is not None:
+            seen = Seen(kept.indptr[stored:] - kept.indptr[stored], kept.items[kept.indptr[stored]:])
+        idx, val = recommend_rows(F[extra], G, n, bias, seen)
+        top = TopItems(users=extra, items=idx, scores=val)
+        tops.append(top if fmt == "frame" else _write_block(target, fmt, storage_options, n_blocks - 1, top,
+                                                            (row_ids, other_ids), side))
+    if fmt == "frame":
+        names = ("user", "item") if side == "users" else ("item", "user")
+        frames = [to_frame(names[0], row_ids[t.users], names[1], other_ids, t.items, t.scores) for t in tops]
+        return pd.concat(frames, ignore_index=True) if frames else to_frame(names[0], row_ids[:0], names[1], other_ids,
+                                                                            np.zeros((0, n), int), np.zeros((0, n)))
+    if fmt == "zarr":
+        recstore.commit(output, storage_options)
+    else:
+        recstore.commit_parquet(target, output, storage_options)
     return output
 
 
-def _write_block(output: str, storage_options: dict | None, block: int, top: TopItems) -> int:
-    return recstore.write_block(output, storage_options, block, top.users, top.items, top.scores)
+def _write_block(target: str, fmt: str, storage_options: dict | None, block: int, top: TopItems,
+                 ids: tuple[np.ndarray, np.ndarray] | None, side: Side) -> int:
+    if fmt == "zarr":
+        return recstore.write_block(target, storage_options, block, top.users, top.items, top.scores)
+    row_ids, other_ids = ids
+    names = ("user", "item") if side == "users" else ("item", "user")
+    recstore.write_parquet_part(target, storage_options, block,
+                                to_frame(names[0], row_ids[top.users], names[1], other_ids, top.items, top.scores))
+    return int(top.users.shape[0])

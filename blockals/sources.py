@@ -22,6 +22,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import scipy.sparse as sp
 
 from blockals.errors import InputError
 
@@ -128,7 +129,9 @@ def read_source(
 
     Parameters
     ----------
-    source : pandas or Dask DataFrame, str or path, or (users, items, ratings)
+    source : pandas or Dask DataFrame, str or path, (users, items, ratings), or a SciPy sparse matrix
+        A sparse matrix (CSR, as ``implicit`` takes) is users x items: its row and column
+        indices are the ids, its stored entries the ratings.
         A path may be a CSV or Parquet file, a directory of Parquet files, a glob, or a
         MovieLens file (``u.data``, ``ratings.dat``, ``ratings.csv``), recognised by name.
     user_col, item_col, rating_col, timestamp_col : str
@@ -148,6 +151,13 @@ def read_source(
             if timestamp_col is None and "timestamp" in frame.columns:
                 timestamp_col = "timestamp"
         src = Source(frame, os.fspath(source))
+    elif sp.issparse(source):
+        if source.ndim != 2:
+            raise InputError(f"a sparse ratings matrix must be 2-D (users x items), got {source.ndim}-D.")
+        coo = source.tocoo()  # stored entries are the ratings; explicit zeros included
+        src = _from_pandas(pd.DataFrame({"user": coo.row, "item": coo.col, "rating": coo.data}),
+                           "sparse user x item matrix")
+        cols = {c: c for c in COLUMNS}
     elif isinstance(source, Sequence) and len(source) == 3:
         arrays = [np.asarray(a) for a in source]
         # NumPy turns a list like [1, "a"] into text; keep such values as given, so mixed
@@ -166,7 +176,7 @@ def read_source(
         cols = {c: c for c in COLUMNS}
     else:
         raise InputError(
-            f"source must be a DataFrame, a path or (users, items, ratings) arrays, "
+            f"source must be a DataFrame, a path, (users, items, ratings) arrays or a sparse matrix, "
             f"got {type(source).__name__}."
         )
     if timestamp_col is not None:

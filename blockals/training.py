@@ -32,11 +32,18 @@ from blockals.formats import blockals_meta
 from blockals.ingest import ingest
 from blockals.lock import Lease
 from blockals.params import ALSConfig, RunParams, parse_params
+from blockals.recommend import rated_matrix
 from blockals.store import SIDES, RatingStore, Side, open_store
 
 __all__ = ["Trained", "train", "user_arrays"]
 
 log = logging.getLogger("blockals")
+
+
+# Up to this many ratings, a model trained without a saved store keeps which items each
+# user rated (``user_items_``: 5 bytes a rating), so recommendations can leave them out.
+# Beyond it, ingest a store first: the model then reads them from there.
+KEEP_RATED_MAX = 50_000_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,10 +154,13 @@ def _trained(store: RatingStore, config: ALSConfig, blocks: dict[Side, list[np.n
     extra = {} if carried is None else {f"user_{carried}": users[:, k].copy(), f"item_{carried}": items[:, k].copy()}
     if config.mode == "biased":
         extra["global_mean"] = float(store.stats["rating_mean"])
+    # A temporary store goes with the fit; the model keeps which items each user rated, so
+    # that recommendations can still leave them out.
+    kept = rated_matrix(store) if temporary and store.nnz <= KEEP_RATED_MAX else None
     factors = Factors(
         user_factors=users[:, :k], item_factors=items[:, :k],
         user_ids=store.user_ids.to_numpy(), item_ids=store.item_ids.to_numpy(),
-        config=config.to_dict(), store_path=None if temporary else store.path, **extra,
+        config=config.to_dict(), store_path=None if temporary else store.path, user_items=kept, **extra,
     )
     return Trained(factors=factors, history=history)
 

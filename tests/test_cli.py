@@ -77,6 +77,21 @@ def test_split_train_evaluate_recommend(csv, tmp_path):
     assert done.stdout.split()[4:] == expected.to_string(index=False).split()[4:]
     done = blockals_cli("recommend", m, "--output", str(tmp_path / "recs.zarr"), "--n", "2")
     assert done.returncode == 0 and read_recommendations(tmp_path / "recs.zarr")["rank"].max() == 2
+    done = blockals_cli("recommend", m, "--output", str(tmp_path / "users.parquet"), "--n", "2", "--side", "items")
+    assert done.returncode == 0 and "users for every item" in done.stdout, done.stderr
+    expected = model.recommend_all(2, side="items")
+    got = pd.read_parquet(tmp_path / "users.parquet").sort_values(["item", "rank"], ignore_index=True)
+    pd.testing.assert_frame_equal(got, expected.sort_values(["item", "rank"], ignore_index=True), check_dtype=False)
+
+
+def test_version_names_blockals_and_its_engine():
+    from importlib.metadata import version
+
+    done = blockals_cli("--version")
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 1
+    assert done.stdout.startswith(f"blockals {version('blockals')} (")
+    for name in ("dask", "distributed", "zarr", "numba", "numpy"):
+        assert f"{name} {version(name)}" in done.stdout
 
 
 def test_info_reports_an_incomplete_store(csv, tmp_path):

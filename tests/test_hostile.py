@@ -368,12 +368,13 @@ def test_model_applied_to_a_store_with_other_ids(trained, tmp_path, capsys):
 
 def test_folded_in_users_keep_working_with_the_training_store(trained):
     # fold_in(update=True) appends ids after the store's: the store's ids are still the
-    # model's first ones, so excluding the training store's items works for old and new users.
+    # model's first ones, so excluding the training store's items works for old and new users,
+    # and the folded-in ratings are excluded too.
     model = blockals.ALS.load(trained[0] / "m.zarr")
     model.fold_in(pd.DataFrame({"user": [50, 50], "item": [10, 11], "rating": [5.0, 1.0]}), update=True)
     recs = model.recommend([0, 50], n=4)
     assert (recs["user"] == 0).sum() == 0  # user 0 rated every item in the training store
-    assert sorted(recs.loc[recs["user"] == 50, "item"]) == [10, 11, 12, 13]  # user 50 rated none there
+    assert sorted(recs.loc[recs["user"] == 50, "item"]) == [12, 13]  # user 50 rated 10 and 11, by fold-in
 
 
 def test_unknown_ids(trained, capsys):

@@ -99,3 +99,31 @@ def test_implicit_ranking_within_three_percent_of_spark(splits, spark, client2):
     b = evaluate(theirs, test, train, k=10, client=client2)
     for metric in ("precision@10", "ndcg@10"):
         assert relative_gap(a[metric], b[metric]) < 0.03 or a[metric] > b[metric], (metric, a[metric], b[metric])
+
+
+def test_docs_spark_table_maps_every_spark_parameter_and_model_member_to_ours():
+    """docs/spark.md's table names every parameter of Spark's ALS and everything its ALSModel
+    adds (bar the get/set accessors), and every blockals method or argument it offers exists."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    from pyspark.ml.param import Param
+    from pyspark.ml.recommendation import ALS, ALSModel
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "spark.md").read_text()
+    table = text.split("## Parameters and methods", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| `")]
+    spark_side = " ".join(r[0] for r in rows)
+    ours = " ".join(r[1] for r in rows)
+    spark_params = {n for n in dir(ALS) if isinstance(getattr(ALS, n), Param)}
+    model_members = {n for n in vars(ALSModel) if not n.startswith(("_", "get", "set"))}
+    for name in sorted(spark_params | model_members):
+        assert re.search(rf"\b{name}\b", spark_side), f"docs/spark.md does not map Spark's {name}"
+    for method in re.findall(r"model\.(\w+)\(", ours):
+        assert callable(getattr(blockals.ALS, method, None)), f"docs/spark.md offers model.{method}, which ALS lacks"
+    accepted = set(blockals.ALS().get_params()) | set(inspect.signature(blockals.ingest).parameters)
+    for method in ("fit", "recommend", "recommend_all", "predict"):
+        accepted |= set(inspect.signature(getattr(blockals.ALS, method)).parameters)
+    for argument in re.findall(r"(\w+)=", ours):
+        assert argument in accepted, f"docs/spark.md offers {argument}=, which no blockals call takes"

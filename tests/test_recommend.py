@@ -221,3 +221,123 @@ def test_fold_in_items_equals_the_last_item_half_step(trained, tmp_path):
     ratings = pd.DataFrame({"user": rows + 1000, "item": j[cols] * 3, "rating": R[rows, j[cols]]})
     result = model.fold_in(ratings, side="items")
     np.testing.assert_allclose(result.factors, model.item_factors_[j], atol=1e-8)
+
+
+def brute_all(model, side, M, exclude_seen=True):
+    """Dense scores of every row of ``side`` against the other side, seen pairs at -inf."""
+    if side == "users":
+        S = dense_scores(model)
+    else:
+        S = model.item_factors_.astype(float) @ model.user_factors_.astype(float).T
+        if hasattr(model, "user_bias_"):
+            S = S + model.user_bias_[None, :]
+    if exclude_seen:
+        S[M if side == "users" else M.T] = -np.inf
+    return S
+
+
+def read_any(out, fmt):
+    if fmt == "zarr":
+        return read_recommendations(out)
+    return pd.read_parquet(out).sort_values(list(pd.read_parquet(out).columns[:2]), ignore_index=True)
+
+
+@pytest.mark.parametrize("side", ["users", "items"])
+@pytest.mark.parametrize("fmt", ["zarr", "parquet", "frame"])
+def test_recommend_all_to_each_format_for_either_side_equals_brute_force(trained, client2, tmp_path, fmt, side):
+    R, M, store, models = trained
+    model = models["biased"]
+    output = None if fmt == "frame" else tmp_path / ("recs.parquet" if fmt == "parquet" else "recs")
+    out = model.recommend_all(4, output, client=client2, side=side)
+    recs = out if fmt == "frame" else read_any(out, fmt)
+    S = brute_all(model, side, M)
+    row, other = ("user", "item") if side == "users" else ("item", "user")
+    row_ids, other_ids = (1000 + np.arange(60), 3 * np.arange(40)) if side == "users" else (3 * np.arange(40), 1000 + np.arange(60))
+    assert list(recs.columns) == [row, "rank", other, "score"]
+    for r in range(S.shape[0]):
+        got = recs[recs[row] == row_ids[r]].sort_values("rank")
+        assert list(got[other]) == list(other_ids[brute_top(S[[r]], 4)[0]])
+        np.testing.assert_allclose(got["score"], S[r, np.searchsorted(other_ids, got[other])], rtol=1e-6)
+    assert not list(tmp_path.glob("*.partial-*"))
+
+
+def test_a_parquet_output_replaces_only_its_own_kind_and_only_when_whole(trained, client2, tmp_path):
+    R, M, store, models = trained
+    model = models["explicit"]
+    foreign = tmp_path / "mine.parquet"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(blockals.InputError, match="is not a blockals Parquet output"):
+        model.recommend_all(2, foreign, client=client2)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    out = tmp_path / "recs.parquet"
+    model.recommend_all(2, out, client=client2)
+    model.recommend_all(3, out, client=client2)  # a rerun replaces the earlier result
+    assert set(pd.read_parquet(out)["rank"]) == {1, 2, 3}
+    with pytest.raises(blockals.InputError, match="format must be one of"):
+        model.recommend_all(2, tmp_path / "x", format="csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.parquet", "recs.parquet"]
+
+
+@pytest.mark.parametrize("source", ["frame", "csr"])
+def test_a_model_fitted_without_a_store_keeps_what_each_user_rated(source, client2, tmp_path):
+    import scipy.sparse as sp
+
+    R, M = random_ratings(50, 30, 0.2, seed=5)
+    users, items = np.nonzero(M)
+    if source == "frame":
+        data, user_ids, item_ids = to_frame(R, M), 1000 + np.arange(50), 3 * np.arange(30)
+    else:  # implicit's layout: a users x items CSR matrix whose indices are the ids
+        data, user_ids, item_ids = sp.csr_array((R[users, items], (users, items)), shape=R.shape), np.arange(50), np.arange(30)
+    model = blockals.ALS(rank=3, max_iter=2, reg=0.1, dtype="float64").fit(data, client2)
+    assert model.store_path_ is None
+    np.testing.assert_array_equal(model.user_items_.toarray(), M)
+    S = dense_scores(model)
+    S[M] = -np.inf
+    recs = model.recommend(user_ids[7], n=5)  # one id, not a list
+    assert list(recs["item"]) == list(item_ids[brute_top(S[[7]], 5)[0]])
+    every = model.recommend_all(5)
+    for u in range(50):
+        assert list(every[every["user"] == user_ids[u]]["item"]) == list(item_ids[brute_top(S[[u]], 5)[0]])
+    model.save(tmp_path / "m.zarr")
+    again = blockals.ALS.load(tmp_path / "m.zarr")
+    np.testing.assert_array_equal(again.user_items_.toarray(), M)
+    pd.testing.assert_frame_equal(again.recommend(user_ids[7], n=5), recs)
+
+
+def test_folded_in_users_are_not_recommended_their_own_items(trained, client2, tmp_path):
+    R, M, store, models = trained
+    models["explicit"].save(tmp_path / "m.zarr")
+    model = blockals.ALS.load(tmp_path / "m.zarr")  # a copy: the fixture's models are shared
+    new = pd.DataFrame({"user": [5000] * 4 + [1003], "item": [0, 3, 6, 9, 12], "rating": [5.0, 4.0, 1.0, 3.0, 2.0]})
+    model.fold_in(new, update=True)
+    S = dense_scores(model)
+    S[:60][M] = -np.inf
+    S[60, [0, 1, 2, 3]] = -np.inf  # the new user's items (ids 3j)
+    S[3, 4] = -np.inf  # a known user's folded-in rating joins the store's
+    for u, row in ((5000, 60), (1003, 3)):
+        assert list(model.recommend(u, n=6)["item"]) == [3 * j for j in brute_top(S[[row]], 6)[0]]
+    for fmt, output in (("frame", None), ("zarr", tmp_path / "recs")):
+        out = model.recommend_all(6, output, client=client2)
+        recs = out if fmt == "frame" else read_recommendations(out)
+        assert list(recs[recs["user"] == 5000]["item"]) == [3 * j for j in brute_top(S[[60]], 6)[0]]
+
+
+def test_ids_one_at_a_time_and_item_filters_match_brute_force(trained):
+    R, M, store, models = trained
+    model = models["explicit"]
+    np.testing.assert_allclose(model.predict(1004, 6), model.predict([1004], [6]))
+    pd.testing.assert_frame_equal(model.recommend(1004, n=3), model.recommend([1004], n=3))
+    S = dense_scores(model)
+    S[M] = -np.inf
+    S[:, [1, 2]] = -np.inf
+    recs = model.recommend([1004, 1010], n=4, filter_items=[3, 6, 999])
+    for u in (4, 10):
+        assert list(recs[recs["user"] == 1000 + u]["item"]) == [3 * j for j in brute_top(S[[u]], 4)[0]]
+    F = model.item_factors_.astype(float)
+    C = (F @ F.T) / np.outer(np.linalg.norm(F, axis=1), np.linalg.norm(F, axis=1))
+    allowed = np.full(40, -np.inf)
+    allowed[[1, 2, 5, 7, 8]] = 0
+    allowed[[7, 0]] = -np.inf  # filtered, and the item itself
+    got = model.similar_items(0, n=3, among=[3, 6, 15, 21, 24], filter_items=[21])
+    assert list(got["similar"]) == [3 * j for j in brute_top(C[[0]] + allowed, 3)[0]]
