@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="path of the model to write")
     params.add_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue from the last committed checkpoint")
-    p.add_argument("--progress", action="store_true", help="a progress bar over the blocks of each iteration")
+    p.add_argument("--progress", action="store_true",
+                   help="progress over the blocks of each iteration: a bar on a terminal, lines in a log")
     p.add_argument("--report", help="write Dask's performance report (HTML) of the training here")
     p.add_argument("--plot", help="write the objective and RMSE curves (PNG) here; needs matplotlib")
     p.add_argument("--break-lease", action="store_true",

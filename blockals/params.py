@@ -215,7 +215,8 @@ PARAMS: tuple[Param, ...] = (
           help="With checkpoint_interval=None, the training time a failure may lose: a checkpoint is written "
                "after the first iteration that ends this many seconds after the last one."),
     Param(name="verbose", default=0, kind="int", parse=_parse_verbose, config=False, cli=None,
-          help="1: one line per iteration; 2: also a progress bar over each iteration's blocks (standard error)."),
+          help="1: one line per iteration; 2: also progress over each iteration's blocks on standard error "
+               "(a bar on a terminal, a line per quarter otherwise)."),
 )
 BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
 

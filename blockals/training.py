@@ -101,9 +101,14 @@ def report_compiled(seconds: float, verbose: int) -> None:
 
 
 def print_block_progress(iteration: int, done: int, total: int) -> None:
-    bar = "#" * (30 * done // total)
-    end = "\n" if done == total else ""
-    print(f"\riteration {iteration:>3} [{bar:<30}] {done}/{total} blocks", end=end, file=sys.stderr, flush=True)
+    """A bar redrawn in place on a terminal; in a log (standard error redirected), a plain
+    line at each quarter of the iteration's blocks, so no carriage returns land there."""
+    if sys.stderr.isatty():
+        bar = "#" * (30 * done // total)
+        end = "\n" if done == total else ""
+        print(f"\riteration {iteration:>3} [{bar:<30}] {done}/{total} blocks", end=end, file=sys.stderr, flush=True)
+    elif done == total or 4 * done // total > 4 * (done - 1) // total:
+        print(f"iteration {iteration:>3}: {done}/{total} blocks", file=sys.stderr, flush=True)
 
 
 def _assemble(store: RatingStore, side: Side, blocks: list[np.ndarray], dtype: str) -> np.ndarray:

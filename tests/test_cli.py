@@ -61,7 +61,8 @@ def test_split_train_evaluate_recommend(csv, tmp_path):
                         "--progress", "--report", str(tmp_path / "report.html"), "--plot", str(tmp_path / "loss.png"))
     assert done.returncode == 0, done.stderr
     blocks = blockals.open_store(tr).n_user_blocks + blockals.open_store(tr).n_item_blocks
-    assert done.stderr.count(f"{blocks}/{blocks} blocks") == 3  # the progress bar ends each iteration
+    assert done.stderr.count(f"{blocks}/{blocks} blocks") == 3  # the progress ends each iteration
+    assert "\r" not in done.stderr  # standard error is not a terminal here: plain lines, as in a log
     assert (tmp_path / "report.html").stat().st_size > 1000
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model = blockals.ALS.load(m)
