@@ -312,6 +312,22 @@ def test_path_that_is_not_a_store_as_output(foreign, trained, tmp_path, capsys):
     assert blockals.open_store(store.path).nnz == store.nnz
 
 
+def test_an_existing_model_is_replaced_only_with_overwrite(trained, tmp_path, capsys):
+    # As a store is by ingest: a complete model is never replaced unasked, and the
+    # training is refused before it starts (nothing on stdout), not after it has trained.
+    root, _, store, _ = trained
+    path = tmp_path / "m.zarr"
+    shutil.copytree(root / "m.zarr", path)
+    before = tree(path)
+    match = r"m\.zarr already holds a complete model; pass overwrite=True \(--overwrite\) to replace it\."
+    api_fails(blockals.InputError, match, blockals.ALS.load(path).save, path)
+    assert re.search(match, cli_fails(capsys, "train", store.path, path, "--rank", "3", "--max-iter", "1",
+                                      "--scheduler", scheduler()))
+    assert tree(path) == before
+    cli_ok(capsys, "train", store.path, path, "--rank", "3", "--max-iter", "1", "--overwrite", "--scheduler", scheduler())
+    assert blockals.ALS.load(path).rank == 3  # the fixture's model has rank 2
+
+
 def test_newer_format_versions_are_refused(trained, tmp_path, capsys):
     root, _, store, _ = trained
     shutil.copytree(store.path, tmp_path / "s.zarr")
