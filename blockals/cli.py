@@ -67,7 +67,7 @@ def _train(args: argparse.Namespace) -> int:
     from blockals.modelio import check_model_path
 
     store = blockals.open_store(args.store)
-    check_model_path(args.model)  # refused before the training, not after it
+    check_model_path(args.model, overwrite=args.overwrite)  # refused before the training, not after it
     model = blockals.ALS(**params.from_arguments(args), verbose=2 if args.progress else 1)
     params.parse_params(model.get_params())  # a bad parameter is refused before a cluster starts
     # Held from start to save: a second training of this model path is refused before it
@@ -82,7 +82,7 @@ def _train(args: argparse.Namespace) -> int:
                 report = performance_report(filename=args.report)
             with report:
                 model.fit(store, client, resume=args.resume, break_lease=args.break_lease)
-        model.save(args.model)
+        model.save(args.model, overwrite=args.overwrite)
     last = model.history_[-1]
     print(f"final objective {last['loss']:.6g}, train RMSE {last['train_rmse']:.4f}; model written to {args.model}")
     if args.plot:
@@ -236,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="path of the model to write")
     params.add_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue from the last committed checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a complete model at MODEL")
     p.add_argument("--progress", action="store_true",
                    help="progress over the blocks of each iteration: a bar on a terminal, lines in a log")
     p.add_argument("--report", help="write Dask's performance report (HTML) of the training here")

@@ -9,10 +9,12 @@ one, or a LocalCluster started for the run); :func:`blas_limits` and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import functools
 import logging
+import socket
 from collections.abc import Iterator
 
 import dask
@@ -23,7 +25,8 @@ from threadpoolctl import ThreadpoolController
 
 from blockals.errors import InputError
 
-__all__ = ["connect", "blas_limits", "blas_context", "cache_bytes", "retain_freed_memory", "reusing_memory"]
+__all__ = ["connect", "free_dashboard_address", "blas_limits", "blas_context", "cache_bytes", "retain_freed_memory",
+           "reusing_memory"]
 
 log = logging.getLogger("blockals")
 
@@ -151,6 +154,42 @@ def blas_limits(client: Client) -> dict[str, int]:
     }
 
 
+def free_dashboard_address(address: str) -> str:
+    """``address`` (``host:port``), or ``host:0`` (a free port) when its port is taken.
+
+    distributed falls back to a free port by itself, but warns on stderr that the port is
+    "already in use" as if something were wrong; checking first keeps that from users.
+    The link printed afterwards (``client.dashboard_link``) names the port actually served.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) == 0:
+        return address
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror:  # a host distributed will refuse in its own words
+        return address
+    for family, kind, proto, _, where in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the dashboard's server binds
+            try:
+                probe.bind(where)
+            except OSError:
+                log.info("port %s is in use: the dashboard is served on a free port instead", port)
+                return f"{host}:0"
+    return address
+
+
+# Seconds a started LocalCluster's workers get to exit when it closes. distributed gives
+# them 4 and then kills them, warning on stderr; a worker process on a busy machine
+# (numba, NumPy and Dask to tear down) can take longer without anything being wrong.
+WORKER_EXIT_SECONDS = 30
+
+
+async def _close_workers(cluster, timeout: float) -> None:
+    await asyncio.gather(*(worker.close(timeout=timeout) for worker in list(cluster.workers.values())))
+
+
 # Runs of at most this many ratings get a LocalCluster of threads in this process
 # (benchmarks/RESULTS.md, 2026-12-03 night): it starts in a fraction of a second where
 # worker processes take seconds, and passes results without serializing them.
@@ -175,7 +214,8 @@ class connect:
     ratings : int, optional
         How many ratings the run reads, which chooses the kind of LocalCluster started.
     dashboard_address : str
-        Where a LocalCluster started here serves its dashboard. The dashboard has no
+        Where a LocalCluster started here serves its dashboard; a free port instead when
+        that one is taken (``client.dashboard_link`` says which). The dashboard has no
         authentication and shows the cluster's tasks, logs and workers, so the default
         keeps it on loopback; ``"0.0.0.0:8787"`` exposes it to the network.
     security : distributed.security.Security, optional
@@ -227,7 +267,7 @@ class connect:
             host="127.0.0.1",
             # In-process too: Dask's inproc comm would advertise the machine's address.
             **({"protocol": "tcp://"} if self._in_process else {}),
-            dashboard_address=self.dashboard_address,
+            dashboard_address=free_dashboard_address(self.dashboard_address),
             security=self.security,
         )
         self.client = Client(self._cluster, security=self.security)
@@ -253,6 +293,7 @@ class connect:
         if self._owned:
             self.client.close()
             if self._cluster is not None:
+                self._cluster.sync(_close_workers, self._cluster, WORKER_EXIT_SECONDS)
                 self._cluster.close()
             if self._in_process:  # the worker's in-block cache was this process's: it goes with the worker
                 from blockals.store import BLOCK_CACHE

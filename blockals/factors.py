@@ -20,7 +20,7 @@ from blockals.halfstep import gram, solve_block
 from blockals.params import ALSConfig, parse_choice, parse_int
 from blockals.recommend import Seen, parse_format, recommend_all, recommend_rows, seen_items, similar, to_frame
 from blockals.routing import build_inblock
-from blockals.sources import normalize_ratings
+from blockals.sources import convert_ids, id_kind, normalize_ratings
 from blockals.store import RatingStore, Side, open_store
 
 __all__ = ["Factors", "FoldIn"]
@@ -200,7 +200,7 @@ class Factors:
         rating, problem = normalize_ratings(ratings["rating"])
         if problem is not None:
             raise InputError(problem[1].format(row=problem[0]))
-        ids, dst = np.unique(ratings[own].to_numpy(), return_inverse=True)
+        ids, dst = np.unique(self._new_ids(ratings[own], side), return_inverse=True)
         inblock = build_inblock(dst, np.zeros_like(src), src, rating, ids.shape[0], 1)
         F = self._carried(self.factors(other_side), other_side[:-1], config)
         known = self.index(ids, side)
@@ -218,6 +218,23 @@ class Factors:
             biases=X[:, k].copy() if config.mode == "biased" else None,
             weights=X[:, k].copy() if config.mode == "wals" else None,
         )
+
+    def _new_ids(self, values: pd.Series, side: Side) -> np.ndarray:
+        """Ids of the rows to fold in, read by ingest's rules as the model's id type: a
+        fraction, a missing id or a word among integer ids is refused, not rounded or
+        matched to nothing (which would put a row in the model twice)."""
+        values = values.reset_index(drop=True)
+        role = side[:-1]
+        kind, problem = id_kind(values, role)
+        if problem is not None:
+            raise InputError(problem[1].format(row=problem[0]))
+        model_kind = "int" if self.ids(side).dtype.kind in "iu" else "str"
+        if model_kind == "int" and kind == "str":  # words, or codes like 007 (read as 7, as ingest's like= does)
+            words = np.flatnonzero(pd.to_numeric(values, errors="coerce").isna())
+            if words.size:
+                row = int(words[0])
+                raise InputError(f"{role} id in row {row} is {values[row]!r}, but the model's {role} ids are integers.")
+        return convert_ids(values, model_kind)
 
     def _carried(self, F: np.ndarray, prefix: str, config: ALSConfig) -> np.ndarray:
         """Factor rows with the column their mode carries (bias or WALS weight), as routed in training."""

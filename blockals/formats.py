@@ -36,6 +36,8 @@ __all__ = [
     "writable_meta",
     "remove_path",
     "blockals_meta",
+    "sibling",
+    "move_path",
 ]
 
 # Large enough that a block is usually one chunk (one read), small enough to stream.
@@ -79,7 +81,9 @@ def write_array(group: zarr.Group, name: str, data: np.ndarray, chunk_elements: 
     data = np.asarray(data)
     if data.dtype.kind in "OUT":
         dtype: Any = str
-        data = data.astype(str)
+        # Through objects: NumPy's variable-width strings (what text is read back as) do
+        # not cast to fixed-width text directly.
+        data = data.astype(object).astype(str)
     else:
         dtype = data.dtype
     rows = max(1, min(data.shape[0], chunk_elements // max(1, int(np.prod(data.shape[1:])))))
@@ -116,7 +120,8 @@ def read_array(group: zarr.Group, name: str, where: str) -> np.ndarray:
     if array.nchunks_initialized != array.nchunks:
         missing = array.nchunks - array.nchunks_initialized
         raise StoreError(f"{where}/{name} is damaged: {missing} of its {array.nchunks} chunk files are missing.")
-    return data
+    # Text as Python strings, as ids are after an ingest, whatever string type Zarr reads it as.
+    return data.astype(object) if data.dtype.kind == "T" else data
 
 
 def blockals_meta(path: str, storage_options: dict | None = None) -> dict | None:
@@ -132,6 +137,12 @@ def blockals_meta(path: str, storage_options: dict | None = None) -> dict | None
 def absolute(path: str) -> str:
     """Local paths made absolute, so Dask workers started elsewhere find them; URLs as given."""
     return path if "://" in path else os.path.abspath(path)
+
+
+def sibling(path: str, tag: str) -> str:
+    """A hidden path beside ``path``, named after it and ``tag`` (e.g. ``.m.zarr.save-3f2a``)."""
+    parent, _, name = absolute(path).rstrip("/").rpartition("/")
+    return f"{parent}/.{name}.{tag}"
 
 
 def filesystem(path: str, storage_options: dict | None):
@@ -166,6 +177,13 @@ def writable_meta(path: str, fmt: str, kind: str, storage_options: dict | None =
     if fs.isdir(p) and not fs.ls(p):
         return None
     raise InputError(f"{path} exists and is not a blockals {kind}; refusing to write over it.")
+
+
+def move_path(source: str, target: str, storage_options: dict | None = None) -> None:
+    """Rename the tree at ``source`` to ``target``, which must not exist (one rename on a
+    local disk; a copy and a delete on object stores)."""
+    fs, src = filesystem(source, storage_options)
+    fs.mv(src, filesystem(target, storage_options)[1], recursive=True)
 
 
 def remove_path(path: str, storage_options: dict | None = None) -> None:

@@ -252,9 +252,14 @@ class ALS:
         self.user_items_ = pairs
 
     # -- persistence ---------------------------------------------------------------------
-    def save(self, path: str, storage_options: dict | None = None, *, break_lease: bool = False) -> None:
+    def save(self, path: str, storage_options: dict | None = None, *, overwrite: bool = False,
+             break_lease: bool = False) -> None:
         """Write the model as a Zarr group with JSON attributes (no pickle).
 
+        A complete model already at ``path`` is replaced only with ``overwrite=True``, as
+        stores are by :func:`blockals.ingest`; it stays loadable until the new model is
+        written whole (so a model may be saved over the path it was loaded from, and a
+        save that fails leaves the old one in place).
         The model's lease (:mod:`blockals.lock`) is held while it is written, so a save
         while another training writes the same path is refused with
         :class:`~blockals.errors.LeaseError` instead of mixing the two models' arrays.
@@ -269,7 +274,7 @@ class ALS:
         json_params = {k: v for k, v in self.get_params().items() if isinstance(v, (str, int, float, bool, type(None)))}
         saved = modelio.SavedModel(params=json_params, arrays=arrays, config=factors.config,
                                    store_path=factors.store_path, history=self.history_)
-        modelio.write_model(str(path), saved, storage_options, break_lease=break_lease)
+        modelio.write_model(str(path), saved, storage_options, overwrite=overwrite, break_lease=break_lease)
 
     @classmethod
     def load(cls, path: str, storage_options: dict | None = None) -> ALS:

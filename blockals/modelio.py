@@ -9,21 +9,27 @@
       user_bias, item_bias, global_mean     biased models only
       user_weights, item_weights            WALS models only
 
-:func:`write_model` holds the model's lease (:mod:`blockals.lock`) while it writes, marks
-an older model at the path incomplete before its arrays go, and sets ``complete`` last.
-:func:`read_model` refuses anything else and checks the arrays against the recorded
-parameters, so a model that was edited or cut short is refused with the array named.
+:func:`write_model` holds the model's lease (:mod:`blockals.lock`) while it writes. It
+writes the whole model, ``complete`` last, to a hidden sibling of the path
+(``.<name>.save-<token>``) and only then swaps it in: a model at the path is replaced
+only with ``overwrite=True``, a save that fails leaves it as it was, and a model can be
+saved over the path it was loaded from. :func:`read_model` refuses anything else and
+checks the arrays against the recorded parameters, so a model that was edited or cut
+short is refused with the array named.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from blockals.errors import StoreError
-from blockals.formats import check_meta, open_group, read_array, remove_path, writable_meta, write_array
+from blockals.errors import InputError, StoreError
+from blockals.formats import (
+    check_meta, move_path, open_group, path_exists, read_array, remove_path, sibling, writable_meta, write_array,
+)
 from blockals.lock import Lease
 
 __all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "SavedModel", "write_model", "read_model", "check_model_path"]
@@ -47,24 +53,50 @@ class SavedModel:
     history: list[dict[str, Any]]
 
 
-def check_model_path(path: str, storage_options: dict | None = None) -> dict | None:
-    """Refuse a path holding anything but a blockals model; the model's attributes, or None."""
-    return writable_meta(path, MODEL_FORMAT, "model", storage_options)
+def check_model_path(path: str, storage_options: dict | None = None, *, overwrite: bool = False) -> dict | None:
+    """Refuse a path holding anything but a blockals model, or a complete model unless
+    ``overwrite``; the attributes of the model there (complete or not), or None."""
+    meta = writable_meta(path, MODEL_FORMAT, "model", storage_options)
+    if meta is not None and meta.get("complete") and not overwrite:
+        raise InputError(f"{path} already holds a complete model; pass overwrite=True (--overwrite) to replace it.")
+    return meta
 
 
-def write_model(path: str, model: SavedModel, storage_options: dict | None = None, *, break_lease: bool = False) -> None:
-    """Write ``model`` at ``path`` (replacing a model there, never anything else)."""
+def write_model(path: str, model: SavedModel, storage_options: dict | None = None, *, overwrite: bool = False,
+                break_lease: bool = False) -> None:
+    """Write ``model`` at ``path``, replacing a model there (never anything else) only with ``overwrite``.
+
+    The model is written whole beside the path and then swapped in, so the old one stays
+    loadable until the new one is complete (between the two renames of the swap, the
+    path is briefly empty; the old model is then at ``.<name>.old-<token>``).
+    """
+    token = uuid.uuid4().hex[:12]
+    staged, old = sibling(path, f"save-{token}"), sibling(path, f"old-{token}")
     with Lease(path, "model", storage_options, break_lease):
-        check_model_path(path, storage_options)  # mode "w" empties what is there
-        # An older model is marked incomplete before its arrays go: a save cut short never reads as complete.
-        remove_path(path, storage_options)
-        meta = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "params": model.params,
-                "complete": False}
-        root = open_group(path, "w", storage_options, attributes={"blockals": meta})
-        for name, value in model.arrays.items():
-            write_array(root, name, np.atleast_1d(value))
-        root.attrs["blockals"] = {**meta, "config": model.config, "store_path": model.store_path,
-                                  "history": model.history, "complete": True}
+        check_model_path(path, storage_options, overwrite=overwrite)
+        try:
+            _write_group(staged, model, storage_options)
+            check_model_path(path, storage_options, overwrite=overwrite)  # again: time has passed
+            if path_exists(path, storage_options):  # a model, or an empty directory
+                move_path(path, old, storage_options)
+            try:
+                move_path(staged, path, storage_options)
+            except BaseException:
+                if path_exists(old, storage_options) and not path_exists(path, storage_options):
+                    move_path(old, path, storage_options)
+                raise
+            remove_path(old, storage_options)
+        finally:
+            remove_path(staged, storage_options)
+
+
+def _write_group(path: str, model: SavedModel, storage_options: dict | None) -> None:
+    meta = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "params": model.params, "complete": False}
+    root = open_group(path, "w", storage_options, attributes={"blockals": meta})
+    for name, value in model.arrays.items():
+        write_array(root, name, np.atleast_1d(value))
+    root.attrs["blockals"] = {**meta, "config": model.config, "store_path": model.store_path,
+                              "history": model.history, "complete": True}
 
 
 def _expected(params: dict[str, Any]) -> set[str]:

@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from blockals.errors import InputError, StoreError
-from blockals.formats import check_meta, filesystem, open_group, read_array, writable_meta, write_array
+from blockals.formats import (check_meta, filesystem, move_path, open_group, path_exists, read_array, remove_path,
+                              sibling, writable_meta, write_array)
 
 __all__ = ["RECS_FORMAT", "RECS_FORMAT_VERSION", "create", "write_block", "commit", "read_recommendations",
            "start_parquet", "write_parquet_part", "commit_parquet"]
@@ -112,7 +113,7 @@ def start_parquet(output: str, storage_options: dict | None = None) -> str:
     fs, path = filesystem(output, storage_options)
     if fs.exists(path) and not (fs.isdir(path) and (not fs.ls(path) or fs.exists(f"{path}/{PARQUET_MARKER}"))):
         raise InputError(f"{output} exists and is not a blockals Parquet output; refusing to write over it.")
-    partial = f"{output.rstrip('/')}.partial-{uuid.uuid4().hex[:8]}"
+    partial = sibling(output, f"partial-{uuid.uuid4().hex[:12]}")
     fs.makedirs(filesystem(partial, storage_options)[1], exist_ok=True)
     return partial
 
@@ -125,9 +126,8 @@ def write_parquet_part(partial: str, storage_options: dict | None, block: int, f
 def commit_parquet(partial: str, output: str, storage_options: dict | None = None) -> None:
     """Mark the dataset complete and move it to ``output``, replacing an earlier one only now."""
     fs, src = filesystem(partial, storage_options)
-    dst = filesystem(output, storage_options)[1]
     with fs.open(f"{src}/{PARQUET_MARKER}", "w") as f:
         f.write('{"format": "blockals-recommendations-parquet", "complete": true}\n')
-    if fs.exists(dst):
-        fs.rm(dst, recursive=True)
-    fs.mv(src, dst, recursive=True)
+    if path_exists(output, storage_options):
+        remove_path(output, storage_options)
+    move_path(partial, output, storage_options)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import itertools
 import math
 import os
 import re
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +36,10 @@ __all__ = [
 COLUMNS = ("user", "item", "rating")
 PARTITION_ROWS = 2_000_000
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Ratings are stored as float32 and factors are float32 by default: the normal equations
+# and the objective hold squares of ratings, so a rating whose square overflows float32
+# would train to factors of zero and an infinite loss.
+RATING_MAX = math.sqrt(FLOAT32_MAX)
 MOVIELENS_COLUMNS = ["user", "item", "rating", "timestamp"]
 # The file names Dask's Parquet reader takes from a directory.
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
@@ -89,19 +95,77 @@ def _from_pandas(df: pd.DataFrame, description: str) -> Source:
     return Source(frame, description)
 
 
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _refuse_special(path: str) -> None:
+    """Refuse a FIFO, device or socket, told by ``stat`` without opening it: the readers
+    sample a file and then read it again by byte ranges, and would block on a pipe."""
+    mode = os.stat(path).st_mode
+    for test, what in _SPECIAL_FILES:
+        if test(mode):
+            raise InputError(f"source {path!r} is {what}, not a regular file; write the ratings to a file and ingest that.")
+
+
+def _columns(path: str) -> list[str]:
+    """The column names of one CSV or Parquet file (its header line, or its schema)."""
+    if path.lower().endswith(PARQUET_SUFFIXES):
+        import pyarrow.parquet as pq
+
+        return [name for name in pq.read_schema(path).names if not name.startswith("__index_level_")]
+    return [str(c) for c in pd.read_csv(path, nrows=0, dtype=str).columns]
+
+
+def _same_columns(files: Sequence[str]) -> list[list[str]]:
+    """Each file's columns, refused unless every file has the first one's (in any order)."""
+    columns = [_columns(f) for f in files]
+    for f, cols in zip(files, columns):
+        if sorted(cols) != sorted(columns[0]):
+            raise InputError(
+                f"source file {f!r} has columns {', '.join(map(repr, cols))}, but {files[0]!r} has "
+                f"{', '.join(map(repr, columns[0]))}; every file of a glob needs a header naming the same columns."
+            )
+    return columns
+
+
+def _read_csvs(files: Sequence[str]) -> dd.DataFrame:
+    """CSV files as one frame, every file's columns read by name.
+
+    Dask reads the header of the first file only and takes every other file's first line
+    for a header like it: a file with its columns in another order would be read by
+    position, and one without a header would lose its first row. So each file's header is
+    read here, and consecutive files sharing a column order are read together.
+    """
+    if len(files) == 1:
+        return dd.read_csv(files, dtype=str)
+    columns = _same_columns(files)
+    runs = [[f for f, _ in run] for _, run in itertools.groupby(zip(files, columns), key=lambda fc: fc[1])]
+    frames = [dd.read_csv(run, dtype=str)[columns[0]] for run in runs]
+    return frames[0] if len(frames) == 1 else dd.concat(frames)
+
+
 def _read_path(path: str) -> tuple[dd.DataFrame, dict[str, str] | None]:
     """Open a file, directory or glob; returns the frame and, for MovieLens, a column map."""
     files = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
     if not files or not all(os.path.exists(f) for f in files):
         raise InputError(f"source {path!r} does not exist.")
+    for f in files:
+        _refuse_special(f)
     empty = next((f for f in files if os.path.isfile(f) and os.path.getsize(f) == 0), None)
     if empty is not None:
         raise InputError(f"source file {empty!r} is empty: it has no header and no ratings.")
     first = files[0]
     name = os.path.basename(first).lower()
-    if os.path.isdir(first) and not any(f.lower().endswith(PARQUET_SUFFIXES) for *_, fs in os.walk(first) for f in fs):
-        raise InputError(f"source {first!r} is a directory with no Parquet files ({', '.join(PARQUET_SUFFIXES)}) in it.")
+    if os.path.isdir(first):
+        parquet = [os.path.join(d, f) for d, _, fs in os.walk(first) for f in fs if f.lower().endswith(PARQUET_SUFFIXES)]
+        if not parquet:
+            raise InputError(f"source {first!r} is a directory with no Parquet files ({', '.join(PARQUET_SUFFIXES)}) in it.")
+        for f in parquet:
+            _refuse_special(f)
     if os.path.isdir(first) or name.endswith(PARQUET_SUFFIXES):
+        if len(files) > 1 and not any(os.path.isdir(f) for f in files):
+            _same_columns(files)  # read by name, but a file lacking a column must not read as missing values
         return dd.read_parquet(files if len(files) > 1 else first), None
     if name == "u.data":
         return dd.read_csv(files, sep="\t", header=None, names=MOVIELENS_COLUMNS, dtype=str), {}
@@ -114,9 +178,9 @@ def _read_path(path: str) -> tuple[dd.DataFrame, dict[str, str] | None]:
             frame = dd.read_csv(files, sep="::", engine="python", header=None, names=names, dtype=str)
             return frame, {}
     if name == "ratings.csv":
-        return dd.read_csv(files, dtype=str), {"userId": "user", "movieId": "item"}
+        return _read_csvs(files), {"userId": "user", "movieId": "item"}
     # Text first: a bad value deep in a file then names its row instead of failing dtype inference.
-    return dd.read_csv(files, dtype=str), None
+    return _read_csvs(files), None
 
 
 def read_source(
@@ -201,6 +265,7 @@ def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+_LEADING_ZERO = re.compile(r"\s*[-+]?0\d")
 _INT_TEXT = re.compile(r"\s*[-+]?\d+\s*")
 _NUMBER_TEXT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
 _EXACT_FLOAT_INT = 2.0**53  # beyond this, a number read through float64 may not be the integer written
@@ -248,7 +313,9 @@ def id_kind(values: pd.Series, role: str) -> tuple[str, tuple[int, str] | None]:
     if is_str.all():
         empty = np.fromiter((not x.strip() for x in v), bool, len(v))
         if empty.any():
-            return "str", (_first(empty), f"{role} id in row {{row}} is an empty string.")
+            row = _first(empty)
+            what = "an empty string" if not v[row] else f"{v[row]!r}, a blank string"
+            return "str", (row, f"{role} id in row {{row}} is {what}; string ids need a character other than whitespace.")
         return _text_id_kind(v, role)
     is_int = np.fromiter((isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v), bool, len(v))
     if is_int.all():
@@ -270,8 +337,11 @@ def _text_id_kind(v: np.ndarray, role: str) -> tuple[str, tuple[int, str] | None
 
     Numbers may be written like ``1.0`` (as pandas writes a float column), so a CSV and a
     Parquet file of one frame give the same ids; a number with a fraction is refused, as
-    in a numeric column.
+    in a numeric column. A value with a leading zero (``007``) is a code, not a number:
+    its column is strings, kept as written, so ``007`` and ``7`` stay two ids.
     """
+    if any(_LEADING_ZERO.match(x) for x in v):
+        return "str", None
     is_int = np.fromiter((_INT_TEXT.fullmatch(x) is not None for x in v), bool, len(v))
     if not is_int.all() and not all(_NUMBER_TEXT.fullmatch(x) for x in v):
         return "str", None
@@ -321,27 +391,38 @@ def normalize_ratings(values: pd.Series) -> tuple[np.ndarray, tuple[int, str] | 
             )
         r = coerced.to_numpy(dtype=np.float64, na_value=np.nan)
     nonfinite = ~np.isfinite(r)
-    huge = np.abs(np.where(nonfinite, 0.0, r)) > FLOAT32_MAX
+    huge = np.abs(np.where(nonfinite, 0.0, r)) > RATING_MAX
     if nonfinite.any() or huge.any():
         row = _first(nonfinite | huge)
+        if huge[row]:
+            return r, (row, f"rating in row {{row}} is {r[row]:g}; ratings must be finite float32 numbers whose square "
+                            f"fits float32 too (at most {RATING_MAX:.3g} in magnitude).")
         what = "missing (NaN)" if np.isnan(r[row]) else f"{r[row]:g}"
         return r, (row, f"rating in row {{row}} is {what}; ratings must be finite float32 numbers.")
     return r, None
 
 
 def normalize_timestamps(values: pd.Series) -> tuple[np.ndarray, tuple[int, str] | None]:
-    """Timestamps as int64 (datetimes become seconds since the epoch)."""
+    """Timestamps as int64 (datetimes become seconds since the epoch); numbers must be
+    whole and within int64, less its lowest value, which has no negation."""
     if values.dtype.kind == "M":
         missing = values.isna().to_numpy()
         if missing.any():
             return np.empty(0), (_first(missing), "timestamp in row {row} is missing.")
         return values.astype("datetime64[s]").astype(np.int64).to_numpy(), None
-    t = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    numbers = pd.to_numeric(values, errors="coerce")
+    t = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
     bad = ~np.isfinite(t) | (t != np.floor(t))
     if bad.any():
         row = _first(bad)
         return np.empty(0), (row, f"timestamp in row {{row}} is {_describe(values.iloc[row])}, not a whole number.")
-    return t.astype(np.int64), None
+    outside = np.abs(t) >= 2.0**63  # float64 rounds int64's extremes to +-2**63: both refused
+    if outside.any():
+        row = _first(outside)
+        return np.empty(0), (row, f"timestamp in row {{row}} is {_describe(values.iloc[row])}, outside the range of "
+                                  f"int64; timestamps must be whole numbers of magnitude below 2**63.")
+    # Integers as they were read (float64 would round those beyond 2**53).
+    return (numbers.to_numpy(dtype=np.int64) if numbers.dtype.kind == "i" else t.astype(np.int64)), None
 
 
 @dataclass(frozen=True, kw_only=True)

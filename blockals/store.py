@@ -41,7 +41,9 @@ import numpy as np
 import pandas as pd
 
 from blockals.errors import InputError, StoreError
-from blockals.formats import absolute, check_meta, open_group, read_array, remove_path, writable_meta, write_array
+from blockals.formats import (
+    absolute, check_meta, open_group, read_array, remove_path, sibling, writable_meta, write_array,
+)
 from blockals.routing import InBlock, OutBlocks
 
 __all__ = [
@@ -416,8 +418,7 @@ class StoreWriter:
     @property
     def scratch(self) -> str:
         """A hidden sibling of the target, named after it and this writer."""
-        parent, _, name = absolute(self.path).rstrip("/").rpartition("/")
-        return f"{parent}/.{name}.scan-{self.token}"
+        return sibling(self.path, f"scan-{self.token}")
 
     def start_scratch(self) -> None:
         open_group(self.scratch, "w", self.storage_options, attributes={"blockals": {"format": "blockals-scratch"}})

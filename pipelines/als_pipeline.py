@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         if "train" in stages:
             model = timed("train", lambda: blockals.ALS(**config["model"], verbose=True).fit(train, client, resume=args.resume),
                           lambda m: f"objective {m.history_[-1]['loss']:.6g}, train RMSE {m.history_[-1]['train_rmse']:.4f}")
-            model.save(paths["model.zarr"])
+            model.save(paths["model.zarr"], overwrite=True)
         model = blockals.ALS.load(paths["model.zarr"]) if {"evaluate", "recommend"} & set(stages) else None
         if "evaluate" in stages:
             test = blockals.open_store(paths["test.zarr"])

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -371,3 +374,56 @@ def test_a_started_cluster_runs_a_small_training_in_threads_of_this_process(rati
         assert np.isfinite(model.user_factors_).all()
         assert (len(BLOCK_CACHE) > 0) == in_process  # the in-process worker caches its in-blocks here
     assert len(BLOCK_CACHE) == 0  # and they go with the cluster
+
+
+@pytest.fixture
+def port_8787_taken():
+    """Port 8787 held on every interface, as another Dask's dashboard holds it."""
+    held = socket.socket()
+    try:
+        held.bind(("0.0.0.0", 8787))
+        held.listen()
+    except OSError:  # something else holds it already
+        held.close()
+    with pytest.raises(OSError):  # taken, whoever holds it
+        socket.create_server(("127.0.0.1", 8787)).close()
+    yield
+    held.close()
+
+
+def test_a_training_with_port_8787_taken_serves_its_dashboard_on_a_free_port(port_8787_taken, tmp_path):
+    store = blockals.ingest(blockals.datasets.synthetic_frame(300, 100, 6_000, seed=3), tmp_path / "r.zarr",
+                            n_user_blocks=2, n_item_blocks=2)
+    train = subprocess.Popen([sys.executable, "-m", "blockals.cli", "train", store.path, str(tmp_path / "m.zarr"),
+                              "--rank", "4", "--max-iter", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "DASK_SCHEDULER_ADDRESS": ""})
+    first = train.stdout.readline()
+    link = re.fullmatch(r"dashboard: http://127\.0\.0\.1:(\d+)/status\n", first)
+    assert link and link.group(1) != "8787", first
+    # Asked while the training runs (30 iterations): the printed port is the one this cluster serves.
+    with urllib.request.urlopen(f"http://127.0.0.1:{link.group(1)}/health", timeout=30) as response:
+        assert response.read() == b"ok"
+    out, err = train.communicate(timeout=600)
+    assert train.returncode == 0, err[-2000:]
+    assert "already in use" not in err and "Traceback" not in err and "still alive" not in err, err
+    assert blockals.ALS.load(tmp_path / "m.zarr").history_[-1]["iteration"] == 30
+
+
+def test_a_started_cluster_waits_for_its_worker_processes_to_exit(tmp_path):
+    # Workers that take 6 seconds to exit (as on a busy machine) are waited for, not killed
+    # with "Worker process still alive after 4.0 seconds, killing" on stderr.
+    script = (
+        "from blockals.cluster import connect\n"
+        "def slow_exit():\n"
+        "    import atexit, time\n"
+        "    atexit.register(time.sleep, 6)\n"
+        "if __name__ == '__main__':\n"
+        "    with connect(dashboard_address='127.0.0.1:0') as client:\n"
+        "        client.run(slow_exit)\n"
+        "    print('closed')\n"
+    )
+    (tmp_path / "slow.py").write_text(script)
+    done = subprocess.run([sys.executable, str(tmp_path / "slow.py")], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "DASK_SCHEDULER_ADDRESS": ""})
+    assert done.returncode == 0 and done.stdout == "closed\n", done.stderr[-2000:]
+    assert done.stderr == "", done.stderr[-2000:]

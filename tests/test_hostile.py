@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -34,6 +35,7 @@ from blockals.evaluation import evaluate
 from blockals.kernels import init_factors
 from conftest import cluster_client
 from reference import dense_explicit_als, dense_weighted_als, reg_counts, weights_and_targets
+from test_ingest import assert_store_holds
 from test_model import random_ratings, to_frame
 
 HEADER = "user,item,rating\n"
@@ -110,7 +112,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFram
 # -- 1. sources that cannot be ingested ----------------------------------------------------
 
 BAD_SOURCES = [
-    # (case, file contents, the sentence's essential part)
+    # (case, file contents, the sentence's essential part[, ingest options, also given to the CLI])
     ("empty-file", "", r"source file '.*r\.csv' is empty: it has no header and no ratings\."),
     ("header-only", HEADER, r"the source .*r\.csv has no ratings\."),
     ("missing-column", "user,item\n1,10\n", r"rating column 'rating' is not in the source; its columns are 'user', 'item'"),
@@ -120,12 +122,21 @@ BAD_SOURCES = [
     ("nan-rating", HEADER + GOOD_ROWS + "3,12,NaN\n", r"rating in row 3 is missing \(NaN\)"),
     ("inf-rating", HEADER + "3,12,-inf\n" + GOOD_ROWS, r"rating in row 0 is -inf; ratings must be finite float32 numbers\."),
     ("huge-rating", HEADER + GOOD_ROWS + "3,12,1e300\n", r"rating in row 3 is 1e\+300; ratings must be finite float32"),
+    # Storable as float32, but its square is not: it would train to zero factors and an infinite loss.
+    ("rating-square-overflows", HEADER + GOOD_ROWS + "3,12,-2e19\n",
+     r"rating in row 3 is -2e\+19; ratings must be finite float32 numbers whose square fits float32 too "
+     r"\(at most 1\.84e\+19 in magnitude\)\."),
+    ("timestamp-beyond-int64", "user,item,rating,t\n1,10,4,0\n2,10,3,1e20\n",
+     r"timestamp in row 1 is '1e20', outside the range of int64; timestamps must be whole numbers of magnitude "
+     r"below 2\*\*63\.", {"timestamp_col": "t"}),
+    ("timestamp-int64-min", "user,item,rating,t\n1,10,4,-9223372036854775808\n",
+     r"timestamp in row 0 is '-9223372036854775808', outside the range of int64", {"timestamp_col": "t"}),
     ("duplicate-pair", HEADER + GOOD_ROWS + "3,12,1\n2,10,5\n",
      r"the source has 1 duplicate \(user, item\) pair, the first being user 2 and item 10 in rows 1 and 4; "
      r"pass duplicates='sum', 'last' or 'mean'"),
     ("fraction-id", HEADER + GOOD_ROWS + "3.5,12,1\n", r"user id in row 3 is '3\.5', which is not a whole number"),
     ("empty-id", HEADER + "1,,4\n" + GOOD_ROWS, r"item id in row 0 is missing\."),
-    ("blank-id", HEADER + GOOD_ROWS + "  ,12,1\n", r"user id in row 3 is an empty string\."),
+    ("blank-id", HEADER + GOOD_ROWS + "  ,12,1\n", r"user id in row 3 is '  ', a blank string; string ids need a character other than whitespace\."),
     ("id-beyond-int64", HEADER + GOOD_ROWS + "9223372036854775808,12,1\n", r"user id in row 3 is larger than int64 allows\."),
     ("ragged-row", HEADER + "1,10,4\n2,10,3,7\n", r"source '.*r\.csv' cannot be read: .*Expected 3 fields in line 3, saw 4\."),
     ("unclosed-quote", HEADER + '1,10,4\n"2,10,3\n3,11,1\n',
@@ -133,27 +144,85 @@ BAD_SOURCES = [
 ]
 
 
-@pytest.mark.parametrize("text,match", [pytest.param(*c[1:], id=c[0]) for c in BAD_SOURCES])
-def test_bad_source_file(text, match, tmp_path, capsys):
+def cli_options(options: dict[str, object]) -> list[str]:
+    """Keyword arguments of the API as command-line options."""
+    return [str(a) for name, value in options.items() for a in (f"--{name.replace('_', '-')}", value)]
+
+
+@pytest.mark.parametrize("text,match,options", [pytest.param(*c[1:3], *c[3:] or [{}], id=c[0]) for c in BAD_SOURCES])
+def test_bad_source_file(text, match, options, tmp_path, capsys):
     (tmp_path / "r.csv").write_text(text)
-    api_fails(blockals.InputError, match, blockals.ingest, tmp_path / "r.csv", tmp_path / "api.zarr")
-    line = cli_fails(capsys, "ingest", tmp_path / "r.csv", tmp_path / "cli.zarr")
+    api_fails(blockals.InputError, match, blockals.ingest, tmp_path / "r.csv", tmp_path / "api.zarr", **options)
+    line = cli_fails(capsys, "ingest", tmp_path / "r.csv", tmp_path / "cli.zarr", *cli_options(options))
     assert re.search(match, line)
     # Refused before or after writing began: nothing is left that could pass for a store.
     assert not (tmp_path / "api.zarr").exists() and not (tmp_path / "cli.zarr").exists()
 
 
-@pytest.mark.parametrize("bad,match", [
-    ("4,12,1\n5,12,2,9\n", r"cannot be read: .*Expected 3 fields in line 3, saw 4\."),
-    ('4,12,1\n"5,12,2\n6,12,1\n', r"cannot be read: EOF inside string starting at row 2\."),
-], ids=["ragged-row", "unclosed-quote"])
-def test_malformed_row_deep_in_a_glob_is_one_sentence(bad, match, tmp_path, capsys):
-    # The reader samples the first file only: the second fails inside its partition's task.
+GLOB_COLUMNS = r"; every file of a glob needs a header naming the same columns\."
+BAD_GLOB_PARTS = [
+    # (case, contents of the glob's second file, the sentence; the first file is good)
+    # The reader samples the first file only: these fail inside the second one's partition.
+    ("ragged-row", HEADER + "4,12,1\n5,12,2,9\n", r"cannot be read: .*Expected 3 fields in line 3, saw 4\."),
+    ("unclosed-quote", HEADER + '4,12,1\n"5,12,2\n6,12,1\n', r"cannot be read: EOF inside string starting at row 2\."),
+    # Dask would take the first line for a header like the first file's: read by position, or a row lost.
+    ("no-header", "4,12,1\n5,12,2\n",
+     r"source file '.*part-1\.csv' has columns '4', '12', '1', but '.*part-0\.csv' has 'user', 'item', 'rating'"
+     + GLOB_COLUMNS),
+    ("extra-column", "user,item,rating,note\n4,12,1,x\n",
+     r"source file '.*part-1\.csv' has columns 'user', 'item', 'rating', 'note', but" + ".*" + GLOB_COLUMNS),
+    ("missing-column", "item,user\n12,4\n", r"source file '.*part-1\.csv' has columns 'item', 'user', but" + ".*" + GLOB_COLUMNS),
+]
+
+
+@pytest.mark.parametrize("bad,match", [pytest.param(*c[1:], id=c[0]) for c in BAD_GLOB_PARTS])
+def test_bad_file_in_a_glob_is_one_sentence(bad, match, tmp_path, capsys):
     (tmp_path / "part-0.csv").write_text(HEADER + GOOD_ROWS)
-    (tmp_path / "part-1.csv").write_text(HEADER + bad)
+    (tmp_path / "part-1.csv").write_text(bad)
     pattern = str(tmp_path / "part-*.csv")
     api_fails(blockals.InputError, match, blockals.ingest, pattern, tmp_path / "api.zarr")
     assert re.search(match, cli_fails(capsys, "ingest", pattern, tmp_path / "cli.zarr"))
+    assert not (tmp_path / "api.zarr").exists() and not (tmp_path / "cli.zarr").exists()
+
+
+def test_files_of_a_glob_are_read_by_column_name(tmp_path):
+    # Reordered headers: each file is read by its own header's names, rows counted in file order.
+    (tmp_path / "part-0.csv").write_text(HEADER + GOOD_ROWS)
+    (tmp_path / "part-1.csv").write_text("item,rating,user\n12,1,4\n13,5,5\n")
+    (tmp_path / "part-2.csv").write_text("rating,user,item\n2,6,10\nx,7,11\n")
+    expected = pd.DataFrame({"user": [1, 2, 2, 4, 5, 6], "item": [10, 10, 11, 12, 13, 10],
+                             "rating": [4.0, 3.0, 5.0, 1.0, 5.0, 2.0]})
+    api_fails(blockals.InputError, r"rating in row 6 is 'x', which is not a number\.", blockals.ingest,
+              str(tmp_path / "part-*.csv"), tmp_path / "bad.zarr")
+    (tmp_path / "part-2.csv").write_text("rating,user,item\n2,6,10\n")
+    assert_store_holds(blockals.ingest(str(tmp_path / "part-*.csv"), tmp_path / "r.zarr"), expected)
+    # Parquet files are read by name already; one lacking a column is refused all the same.
+    expected.iloc[:3].to_parquet(tmp_path / "p-0.parquet")
+    expected.iloc[3:, [1, 2, 0]].to_parquet(tmp_path / "p-1.parquet")
+    assert_store_holds(blockals.ingest(str(tmp_path / "p-*.parquet"), tmp_path / "pq.zarr"), expected)
+    expected.iloc[3:, [0, 1]].to_parquet(tmp_path / "p-2.parquet")
+    api_fails(blockals.InputError, r"source file '.*p-2\.parquet' has columns 'user', 'item', but '.*p-0\.parquet' has "
+              r"'user', 'item', 'rating'" + GLOB_COLUMNS, blockals.ingest, str(tmp_path / "p-*.parquet"),
+              tmp_path / "pq2.zarr")
+
+
+SPECIAL_SOURCES = [
+    # (case, source (made in tmp_path), the sentence): refused from stat, before anything opens them.
+    ("fifo", "r.csv", r"source '.*r\.csv' is a named pipe \(FIFO\), not a regular file; write the ratings to a file "
+                      r"and ingest that\."),
+    ("fifo-in-a-glob", "part-*.csv", r"source '.*part-1\.csv' is a named pipe \(FIFO\), not a regular file"),
+    ("device", "/dev/null", r"source '/dev/null' is a character device, not a regular file"),
+]
+
+
+@pytest.mark.parametrize("source,match", [pytest.param(*c[1:], id=c[0]) for c in SPECIAL_SOURCES])
+def test_special_files_as_source(source, match, tmp_path, capsys):
+    os.mkfifo(tmp_path / ("part-1.csv" if "*" in source else "r.csv"))  # nothing ever writes to it: a read would hang
+    (tmp_path / "part-0.csv").write_text(HEADER + GOOD_ROWS)
+    source = str(tmp_path / source) if not source.startswith("/") else source
+    api_fails(blockals.InputError, match, blockals.ingest, source, tmp_path / "api.zarr")
+    api_fails(blockals.InputError, match, blockals.ALS().fit, source)
+    assert re.search(match, cli_fails(capsys, "ingest", source, tmp_path / "cli.zarr"))
     assert not (tmp_path / "api.zarr").exists() and not (tmp_path / "cli.zarr").exists()
 
 
@@ -192,6 +261,15 @@ def test_whole_numbers_written_as_decimals_are_integer_ids(tmp_path, capsys):
     (tmp_path / "inexact.csv").write_text(HEADER + GOOD_ROWS + "9007199254740993.0,12,1\n")
     match = r"user id in row 3 is '9007199254740993\.0', too large to read exactly unless written as an integer\."
     assert re.search(match, cli_fails(capsys, "ingest", tmp_path / "inexact.csv", tmp_path / "inexact.zarr"))
+
+
+def test_numbers_with_leading_zeros_are_string_ids(tmp_path, capsys):
+    # Codes such as 007 are not numbers: read as strings and kept as written, so 007 and 7 stay two users
+    # (as integers they would be one, their ratings merged).
+    (tmp_path / "r.csv").write_text(HEADER + "007,10,4\n7,10,3\n0042,11,5\n")
+    cli_ok(capsys, "ingest", tmp_path / "r.csv", tmp_path / "r.zarr")
+    store = blockals.open_store(tmp_path / "r.zarr")
+    assert list(store.user_ids) == ["0042", "007", "7"] and list(store.item_ids) == [10, 11]
 
 
 def test_fractional_ids_in_numeric_columns(tmp_path, capsys):
@@ -312,6 +390,22 @@ def test_path_that_is_not_a_store_as_output(foreign, trained, tmp_path, capsys):
     assert blockals.open_store(store.path).nnz == store.nnz
 
 
+def test_an_existing_model_is_replaced_only_with_overwrite(trained, tmp_path, capsys):
+    # As a store is by ingest: a complete model is never replaced unasked, and the
+    # training is refused before it starts (nothing on stdout), not after it has trained.
+    root, _, store, _ = trained
+    path = tmp_path / "m.zarr"
+    shutil.copytree(root / "m.zarr", path)
+    before = tree(path)
+    match = r"m\.zarr already holds a complete model; pass overwrite=True \(--overwrite\) to replace it\."
+    api_fails(blockals.InputError, match, blockals.ALS.load(path).save, path)
+    assert re.search(match, cli_fails(capsys, "train", store.path, path, "--rank", "3", "--max-iter", "1",
+                                      "--scheduler", scheduler()))
+    assert tree(path) == before
+    cli_ok(capsys, "train", store.path, path, "--rank", "3", "--max-iter", "1", "--overwrite", "--scheduler", scheduler())
+    assert blockals.ALS.load(path).rank == 3  # the fixture's model has rank 2
+
+
 def test_newer_format_versions_are_refused(trained, tmp_path, capsys):
     root, _, store, _ = trained
     shutil.copytree(store.path, tmp_path / "s.zarr")
@@ -375,6 +469,28 @@ def test_folded_in_users_keep_working_with_the_training_store(trained):
     recs = model.recommend([0, 50], n=4)
     assert (recs["user"] == 0).sum() == 0  # user 0 rated every item in the training store
     assert sorted(recs.loc[recs["user"] == 50, "item"]) == [12, 13]  # user 50 rated 10 and 11, by fold-in
+
+
+BAD_FOLD_IN = [
+    # (case, user ids of two new ratings, the sentence): ingest's id rules, as the model's ids (integers) are.
+    ("fraction", [7.5, 7.5], r"user id in row 0 is 7\.5, which is not a whole number; ids must be integers or strings\."),
+    ("nan", [7.0, np.nan], r"user id in row 1 is missing\."),
+    ("word", ["7", "seven"], r"user id in row 1 is 'seven', but the model's user ids are integers\."),
+    ("blank", [" ", " "], r"user id in row 0 is ' ', a blank string; string ids need a character other than whitespace\."),
+]
+
+
+@pytest.mark.parametrize("users,match", [pytest.param(*c[1:], id=c[0]) for c in BAD_FOLD_IN])
+def test_fold_in_applies_ingests_id_rules(users, match, trained):
+    model = blockals.ALS.load(trained[0] / "m.zarr")
+    model.fold_in(pd.DataFrame({"user": [7, 7], "item": [10, 11], "rating": [5.0, 1.0]}), update=True)
+    api_fails(blockals.InputError, match, model.fold_in,
+              pd.DataFrame({"user": users, "item": [10, 12], "rating": [4.0, 2.0]}), update=True)
+    assert list(model.user_ids_) == [0, 1, 2, 3, 4, 5, 7]  # 7 once, still an integer
+    # Whole numbers, as floats or text, are the model's integer ids: user 7 is updated, not added again.
+    model.fold_in(pd.DataFrame({"user": [7.0, 7.0], "item": [10, 12], "rating": [4.0, 2.0]}), update=True)
+    model.fold_in(pd.DataFrame({"user": ["7", "8"], "item": [10, 12], "rating": [4.0, 2.0]}), update=True)
+    assert list(model.user_ids_) == [0, 1, 2, 3, 4, 5, 7, 8] and model.user_ids_.dtype == np.int64
 
 
 def test_unknown_ids(trained, capsys):

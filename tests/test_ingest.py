@@ -481,8 +481,8 @@ BAD_VALUES = [
     ("nan-item", "item", 10, np.nan, float, r"item id in row 10 is missing"),
     ("none-string-item", "item", 2, None, None, r"item id in row 2 is missing"),
     ("fraction-user", "user", 11, 2.5, float, r"user id in row 11 is 2\.5, which is not a whole number"),
-    ("empty-item", "item", 12, "", None, r"item id in row 12 is an empty string"),
-    ("blank-user", "user", 13, "   ", None, r"user id in row 13 is an empty string"),
+    ("empty-item", "item", 12, "", None, r"item id in row 12 is an empty string; string ids need a character other than whitespace\."),
+    ("blank-user", "user", 13, "   ", None, r"user id in row 13 is '   ', a blank string; string ids need a character"),
     ("str-among-ints", "user", 14, "abc", object,
      r"user id in row 14 is 'abc' of type str, but the column mixes types"),
     ("int-among-strs", "item", 6, 7, None, r"item id in row 6 is 7 of type int, but the column mixes types"),
@@ -733,7 +733,7 @@ def test_bad_sources(small, tmp_path):
         blockals.ingest(tmp_path / "nope.csv", tmp_path / "r.zarr")
     with pytest.raises(blockals.InputError, match=r"source '.*part-\*\.csv' does not exist"):
         blockals.ingest(str(tmp_path / "part-*.csv"), tmp_path / "r.zarr")
-    message = r"source must be a DataFrame, a path or \(users, items, ratings\) arrays, got int"
+    message = r"source must be a DataFrame, a path, \(users, items, ratings\) arrays or a sparse matrix, got int"
     with pytest.raises(blockals.InputError, match=message):
         blockals.ingest(42, tmp_path / "r.zarr")
     with pytest.raises(blockals.InputError, match=r"got dict"):

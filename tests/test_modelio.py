@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import zarr
 
 import blockals
+from blockals.cli import main
+from blockals.recstore import read_recommendations
+from conftest import cluster_client
 
 MODES = {"explicit": {}, "biased": {"biases": True}, "wals": {"weighting": "wals"}}
 
@@ -112,3 +116,76 @@ def test_the_model_holds_no_pickle(tmp_path):
         text = meta.read_text()
         assert "pickle" not in text.lower()
         json.loads(text)
+
+
+def test_a_model_is_replaced_only_with_overwrite(tmp_path):
+    path = tmp_path / "m.zarr"
+    first, second = made_model("explicit", rank=3), made_model("biased", rank=2)
+    first.save(path)
+    with pytest.raises(blockals.InputError, match=r"m\.zarr already holds a complete model; pass overwrite=True "
+                                                  r"\(--overwrite\) to replace it\."):
+        second.save(path)
+    np.testing.assert_array_equal(blockals.ALS.load(path).user_factors_, first.user_factors_)
+    second.save(path, overwrite=True)
+    loaded = blockals.ALS.load(path)
+    assert loaded.rank == 2 and loaded.biases
+    np.testing.assert_array_equal(loaded.user_factors_, second.user_factors_)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.zarr"]  # no staged copy or old model left beside it
+
+
+def test_a_failing_save_leaves_the_old_model_loadable(tmp_path):
+    path = tmp_path / "m.zarr"
+    made_model("explicit").save(path)
+    broken = made_model("biased")
+    broken.history_ = [{"iteration": 1, "loss": object()}]  # not JSON: fails after every array is written
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        broken.save(path, overwrite=True)
+    loaded = blockals.ALS.load(path)
+    assert not loaded.biases and loaded.history_[0]["loss"] == 1.5
+    np.testing.assert_array_equal(loaded.user_factors_, made_model("explicit").user_factors_)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.zarr"]
+
+
+# Unicode, numeric-looking and look-alike ids: "007", "7" and "7.0" are three users, kept as written.
+STRING_USERS = ["007", "7", "7.0", "ä", "naïve user", "𝔘𝔫𝔦", "-1", "1e3"]
+STRING_ITEMS = ["x", "007", "ü", "Ω", "0", "item 5"]
+
+
+def test_string_ids_survive_every_round_trip(tmp_path, capsys):
+    """CSV -> ingest -> train -> save -> load -> save over itself -> recommend_all (CLI) -> read back."""
+    rng = np.random.default_rng(3)
+    pairs = [(u, i) for u in STRING_USERS for i in STRING_ITEMS if rng.random() < 0.6]
+    frame = pd.DataFrame(pairs, columns=["user", "item"]).assign(rating=rng.integers(1, 6, len(pairs)).astype(float))
+    assert set(frame["user"]) == set(STRING_USERS) and set(frame["item"]) == set(STRING_ITEMS)
+    frame.to_csv(tmp_path / "r.csv", index=False, encoding="utf-8")
+    store = blockals.ingest(tmp_path / "r.csv", tmp_path / "r.zarr", n_user_blocks=2, n_item_blocks=2)
+    assert sorted(store.user_ids) == sorted(STRING_USERS) and sorted(store.item_ids) == sorted(STRING_ITEMS)
+    model = blockals.ALS(rank=3, max_iter=2, seed=1).fit(store, cluster_client(2))
+    path = tmp_path / "m.zarr"
+    model.save(path)
+    loaded = blockals.ALS.load(path)
+    loaded.save(path, overwrite=True)  # over the path it was loaded from
+    again = blockals.ALS.load(path)
+    for name in ("user_ids_", "item_ids_", "user_factors_", "item_factors_"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(model, name))
+    assert all(type(x) is str for x in again.user_ids_)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.zarr", "r.csv", "r.zarr"]
+
+    recs = tmp_path / "recs.zarr"
+    capsys.readouterr()
+    assert main(["recommend", str(path), "--output", str(recs), "--n", "2",
+                 "--scheduler", cluster_client(2).scheduler.address]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out == f"top 2 items for every user written to {recs}\n"
+    got = read_recommendations(recs)
+    # Brute force from the CSV's pairs and the saved factors: the best two items each user did not rate.
+    users, items = list(again.user_ids_), list(again.item_ids_)
+    scores = again.user_factors_.astype(np.float64) @ again.item_factors_.astype(np.float64).T
+    for user, i in pairs:
+        scores[users.index(user), items.index(i)] = -np.inf
+    expected = {u: [items[j] for j in np.argsort(-scores[users.index(u)], kind="stable")[:2]
+                    if np.isfinite(scores[users.index(u), j])] for u in STRING_USERS}
+    assert {u: list(g["item"]) for u, g in got.groupby("user")} == {u: v for u, v in expected.items() if v}
+
+    assert main(["recommend", str(path), "--users", "007", "7.0", "--n", "1", "--include-seen"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]  # below the header
+    assert rows == ["007", "7.0"]
