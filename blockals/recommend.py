@@ -291,52 +291,65 @@ def recommend_all(
     tile at a time (:func:`recommend_rows`), so no score matrix is ever held; rows beyond
     the store (folded in after training, or every row of a model trained without a saved
     store) are scored here, their seen items taken from ``kept``. A Parquet dataset (one
-    file per block, columns ``<row side>, rank, <other side>, score`` in original ids) is
-    written beside ``output`` and renamed into place when whole.
+    file per block, columns ``<row side>, rank, <other side>, score`` in original ids). Both
+    are written beside ``output`` and moved into place when whole
+    (:func:`blockals.recstore.stage`), so a failed run leaves an earlier output as it was.
     """
-    stored = 0 if store is None else store.n_rows(side)
-    extra = np.arange(stored, F.shape[0])
-    n_blocks = (0 if store is None else store.n_blocks(side)) + (extra.size > 0)
-    target, write = None, None
-    if fmt == "zarr":
-        recstore.create(output, n, n_blocks, row_ids, other_ids, storage_options, side)
-        target = output
-    elif fmt == "parquet":
-        target = recstore.start_parquet(output, storage_options)
+    names = ("user", "item") if side == "users" else ("item", "user")
+    if fmt == "frame":
+        tops = _score(store, side, F, G, bias, n, exclude_seen, kept, client, None, fmt, None, None)
+        frames = [to_frame(names[0], row_ids[t.users], names[1], other_ids, t.items, t.scores) for t in tops]
+        empty = to_frame(names[0], row_ids[:0], names[1], other_ids, np.zeros((0, n), int), np.zeros((0, n)))
+        return pd.concat(frames, ignore_index=True) if frames else empty
+    staged = recstore.stage(output, fmt, storage_options)
+    try:
+        if fmt == "zarr":
+            n_blocks = (0 if store is None else store.n_blocks(side)) + (F.shape[0] > _stored(store, side))
+            recstore.create(staged, n, n_blocks, row_ids, other_ids, storage_options, side)
+        _score(store, side, F, G, bias, n, exclude_seen, kept, client, staged, fmt, (row_ids, other_ids),
+               storage_options)
+        recstore.publish(staged, output, fmt, storage_options)
+    finally:
+        recstore.discard(staged, storage_options)
+    return output
+
+
+def _stored(store: RatingStore | None, side: Side) -> int:
+    return 0 if store is None else store.n_rows(side)
+
+
+def _score(
+    store: RatingStore | None, side: Side, F: np.ndarray, G: np.ndarray, bias: np.ndarray | None, n: int,
+    exclude_seen: bool, kept: Seen | None, client: Any, staged: str | None, fmt: str,
+    ids: tuple[np.ndarray, np.ndarray] | None, storage_options: dict | None,
+) -> list:
+    """Every row's top ``n``: the store's by blocks in Dask tasks, the rest here; each
+    block's :class:`TopItems` (``fmt="frame"``) or, written to ``staged``, its row count."""
+    stored = _stored(store, side)
+    n_store_blocks = 0 if store is None else store.n_blocks(side)
     tops: list = []
-    if store is not None and store.n_blocks(side):
+    if n_store_blocks:
         tag = uuid.uuid4().hex[:8]
         with connect(client, ratings=store.nnz) as c:
             V = c.scatter(G, broadcast=True)
             b_ = None if bias is None else c.scatter(bias, broadcast=True)
-            ids = None if fmt != "parquet" else (c.scatter(row_ids, broadcast=True), c.scatter(other_ids, broadcast=True))
-            for b in range(store.n_blocks(side)):
+            sent = None if fmt != "parquet" else tuple(c.scatter(a, broadcast=True) for a in ids)
+            for b in range(n_store_blocks):
                 top = c.submit(recommend_block, store.ref, side, b, store.n_blocks(other_side(side)),
                                F[store.rows(side, b)], V, b_, n, exclude_seen, key=f"blockals-recommend-{side}-{b}-{tag}")
-                if fmt == "frame":
-                    tops.append(top)
-                else:
-                    tops.append(c.submit(_write_block, target, fmt, storage_options, b, top, ids, side,
-                                         key=f"blockals-recommend-write-{side}-{b}-{tag}"))
+                if fmt != "frame":
+                    top = c.submit(_write_block, staged, fmt, storage_options, b, top, sent, side,
+                                   key=f"blockals-recommend-write-{side}-{b}-{tag}")
+                tops.append(top)
             tops = c.gather(tops)
-    if extra.size:
+    if F.shape[0] > stored:
         seen = None
         if exclude_seen and kept is not None:
             seen = Seen(kept.indptr[stored:] - kept.indptr[stored], kept.items[kept.indptr[stored]:])
-        idx, val = recommend_rows(F[extra], G, n, bias, seen)
-        top = TopItems(users=extra, items=idx, scores=val)
-        tops.append(top if fmt == "frame" else _write_block(target, fmt, storage_options, n_blocks - 1, top,
-                                                            (row_ids, other_ids), side))
-    if fmt == "frame":
-        names = ("user", "item") if side == "users" else ("item", "user")
-        frames = [to_frame(names[0], row_ids[t.users], names[1], other_ids, t.items, t.scores) for t in tops]
-        return pd.concat(frames, ignore_index=True) if frames else to_frame(names[0], row_ids[:0], names[1], other_ids,
-                                                                            np.zeros((0, n), int), np.zeros((0, n)))
-    if fmt == "zarr":
-        recstore.commit(output, storage_options)
-    else:
-        recstore.commit_parquet(target, output, storage_options)
-    return output
+        idx, val = recommend_rows(F[stored:], G, n, bias, seen)
+        top = TopItems(users=np.arange(stored, F.shape[0]), items=idx, scores=val)
+        tops.append(top if fmt == "frame" else _write_block(staged, fmt, storage_options, n_store_blocks, top, ids, side))
+    return tops
 
 
 def _write_block(target: str, fmt: str, storage_options: dict | None, block: int, top: TopItems,

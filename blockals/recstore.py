@@ -8,9 +8,12 @@
       blocks/<b>/items       (n_b, n) recommended item indices, best first; -1 past a user's candidates
       blocks/<b>/scores      (n_b, n) float32 scores; NaN where items is -1
 
-:func:`create` writes the group marked incomplete, :func:`write_block` runs inside a Dask
-task per user block, and :func:`commit` sets the marker last. :func:`read_recommendations`
-refuses an incomplete group and checks every block against what was recorded.
+:func:`stage` picks a hidden sibling of the output, :func:`create` writes the group there
+marked incomplete, :func:`write_block` runs inside a Dask task per block, and
+:func:`publish` sets the marker and moves the group into place, replacing an earlier one
+only then. :func:`read_recommendations` refuses an incomplete group and checks every block
+against what was recorded. The same recommendations can be written as Parquet instead
+(below).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from blockals.formats import (check_meta, filesystem, move_path, open_group, pat
                               sibling, writable_meta, write_array)
 
 __all__ = ["RECS_FORMAT", "RECS_FORMAT_VERSION", "create", "write_block", "commit", "read_recommendations",
-           "start_parquet", "write_parquet_part", "commit_parquet"]
+           "stage", "write_parquet_part", "publish", "discard"]
 
 RECS_FORMAT = "blockals-recommendations"
 RECS_FORMAT_VERSION = 1
@@ -100,34 +103,52 @@ def read_recommendations(path: str, storage_options: dict | None = None) -> pd.D
 
 # -- the same recommendations as a Parquet dataset ----------------------------------------
 # One file per block (columns <row side>, rank, <other side>, score, in original ids), for
-# readers that are not blockals: Dask, Spark, DuckDB, pandas. The dataset is written into a
-# temporary sibling and moved into place when whole, so an interrupted run never leaves a
-# directory that a Parquet reader takes for a complete result; a marker file (ignored by
+# readers that are not blockals: Dask, Spark, DuckDB, pandas. A marker file (ignored by
 # Parquet readers, as is every name starting with "_") says the directory is blockals' own.
 PARQUET_MARKER = "_blockals.json"
 
 
-def start_parquet(output: str, storage_options: dict | None = None) -> str:
-    """The temporary sibling to write a Parquet output into; refuses an ``output`` that holds
-    anything but an earlier blockals Parquet output."""
+def stage(output: str, fmt: str, storage_options: dict | None = None) -> str:
+    """The hidden sibling to write an output of format ``fmt`` (``"zarr"``, ``"parquet"``)
+    into, refusing an ``output`` that holds anything but earlier recommendations of that
+    format. Written there and :func:`publish`-ed when whole, an interrupted run leaves the
+    earlier output as it was, and never a partial one at ``output``."""
+    _check_replaceable(output, fmt, storage_options)
+    staged = sibling(output, f"partial-{uuid.uuid4().hex[:12]}")
+    if fmt == "parquet":
+        fs, path = filesystem(staged, storage_options)
+        fs.makedirs(path, exist_ok=True)
+    return staged
+
+
+def _check_replaceable(output: str, fmt: str, storage_options: dict | None) -> None:
+    if fmt == "zarr":
+        writable_meta(output, RECS_FORMAT, KIND, storage_options)
+        return
     fs, path = filesystem(output, storage_options)
     if fs.exists(path) and not (fs.isdir(path) and (not fs.ls(path) or fs.exists(f"{path}/{PARQUET_MARKER}"))):
         raise InputError(f"{output} exists and is not a blockals Parquet output; refusing to write over it.")
-    partial = sibling(output, f"partial-{uuid.uuid4().hex[:12]}")
-    fs.makedirs(filesystem(partial, storage_options)[1], exist_ok=True)
-    return partial
 
 
-def write_parquet_part(partial: str, storage_options: dict | None, block: int, frame: pd.DataFrame) -> None:
-    """One block's recommendations into the dataset being written (a Dask task)."""
-    frame.to_parquet(f"{partial}/part-{block:05d}.parquet", index=False, storage_options=storage_options)
+def write_parquet_part(staged: str, storage_options: dict | None, block: int, frame: pd.DataFrame) -> None:
+    """One block's recommendations into the Parquet dataset being written (a Dask task)."""
+    frame.to_parquet(f"{staged}/part-{block:05d}.parquet", index=False, storage_options=storage_options)
 
 
-def commit_parquet(partial: str, output: str, storage_options: dict | None = None) -> None:
-    """Mark the dataset complete and move it to ``output``, replacing an earlier one only now."""
-    fs, src = filesystem(partial, storage_options)
-    with fs.open(f"{src}/{PARQUET_MARKER}", "w") as f:
-        f.write('{"format": "blockals-recommendations-parquet", "complete": true}\n')
+def publish(staged: str, output: str, fmt: str, storage_options: dict | None = None) -> None:
+    """Mark the staged output complete and move it to ``output``, replacing an earlier one only now."""
+    if fmt == "zarr":
+        commit(staged, storage_options)
+    else:
+        fs, path = filesystem(staged, storage_options)
+        with fs.open(f"{path}/{PARQUET_MARKER}", "w") as f:
+            f.write('{"format": "blockals-recommendations-parquet", "complete": true}\n')
+    _check_replaceable(output, fmt, storage_options)  # again: time has passed
     if path_exists(output, storage_options):
         remove_path(output, storage_options)
-    move_path(partial, output, storage_options)
+    move_path(staged, output, storage_options)
+
+
+def discard(staged: str, storage_options: dict | None = None) -> None:
+    """Remove what a run that did not :func:`publish` left at its staged path."""
+    remove_path(staged, storage_options)

@@ -28,5 +28,5 @@ def test_dashboard_serves_and_task_prefixes_name_the_stages(tmp_path):
         prefixes = client.run_on_scheduler(lambda dask_scheduler: set(dask_scheduler.task_prefixes))
     for stage in ("blockals-init-users", "blockals-route-items", "blockals-gram-items",
                   "blockals-gramsum-items", "blockals-solve-items", "blockals-solve-users", "blockals-loss-users",
-                  "blockals-checkpoint-items", "blockals-restart-users", "blockals-recommend"):
+                  "blockals-checkpoint-items", "blockals-restart-users", "blockals-recommend-users"):
         assert stage in prefixes, stage

@@ -341,3 +341,21 @@ def test_ids_one_at_a_time_and_item_filters_match_brute_force(trained):
     allowed[[7, 0]] = -np.inf  # filtered, and the item itself
     got = model.similar_items(0, n=3, among=[3, 6, 15, 21, 24], filter_items=[21])
     assert list(got["similar"]) == [3 * j for j in brute_top(C[[0]] + allowed, 3)[0]]
+
+
+def test_a_failed_recommend_all_leaves_the_earlier_output_as_it_was(trained, client2, tmp_path):
+    R, M, store, models = trained
+    model = models["explicit"]
+    # Item factors of another rank: every scoring task fails, after the output was started.
+    broken = blockals.ALS(rank=4)
+    broken.__dict__.update({k: v for k, v in model.__dict__.items() if k.endswith("_")})
+    broken.item_factors_ = model.item_factors_[:, :3]
+    for name in ("recs", "recs.parquet"):
+        out = tmp_path / name
+        model.recommend_all(2, out, client=client2)
+        before = sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file())
+        with pytest.raises(ValueError, match="could not broadcast"):
+            broken.recommend_all(3, out, client=client2)
+        assert sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file()) == before
+    assert read_recommendations(tmp_path / "recs")["rank"].max() == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recs", "recs.parquet"]  # nothing staged is left
