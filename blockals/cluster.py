@@ -5,6 +5,8 @@ one, or a LocalCluster started for the run); :func:`blas_limits` and
 :func:`blas_context` keep Dask threads x BLAS threads within each host's cores;
 :func:`cache_bytes` sizes a worker's in-block cache from its memory limit, and
 :func:`retain_freed_memory` lets a worker reuse the memory of one solve in the next.
+:func:`kubernetes_client` starts a DaskCluster on Kubernetes for a run, the one
+:func:`kubernetes_cluster_spec` describes (``deploy/kubernetes/daskcluster.yaml``'s).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from threadpoolctl import ThreadpoolController
 from blockals.errors import InputError
 
 __all__ = ["connect", "free_dashboard_address", "blas_limits", "blas_context", "cache_bytes", "retain_freed_memory",
-           "reusing_memory"]
+           "reusing_memory", "kubernetes_cluster_spec", "kubernetes_client"]
 
 log = logging.getLogger("blockals")
 
@@ -302,3 +304,123 @@ class connect:
                 self._in_process = False
             self.client = self._cluster = None
             self._owned = False
+
+
+# Kubernetes: the DaskCluster that ``--cluster kubernetes`` starts. deploy/kubernetes/daskcluster.yaml
+# is this spec named "blockals", and the DaskJob's cluster the same under the job's name
+# (tests/test_deploy.py holds them equal).
+
+KUBERNETES_NAME = "blockals-run"
+"""The name of the DaskCluster a run starts: neither ``blockals`` (daskcluster.yaml's, which
+a run would otherwise connect to and shut down) nor ``blockals-pipeline`` (the DaskJob's);
+deploy/kubernetes/networkpolicy.yaml has a policy for each of the three."""
+SCRATCH = "/tmp"
+"""Where every container mounts its pod's emptyDir: the only path it can write, as the root
+filesystem is read-only. ``HOME``, ``TMPDIR``, Dask's temporary directory (worker spill
+and scratch space) and numba's cache all point there."""
+IMAGE_NUMBA_CACHE = "/opt/blockals/numba-cache"
+"""``NUMBA_CACHE_DIR`` of deploy/Dockerfile, where its build compiles the solver loops; an
+init container copies it to the emptyDir, since numba caches only in a writable directory."""
+
+
+def kubernetes_image() -> str:
+    """The image deploy/Dockerfile builds, tagged with this version of blockals."""
+    import blockals
+
+    return f"blockals:{blockals.__version__}"
+
+
+def kubernetes_cluster_spec(name: str = KUBERNETES_NAME, *, image: str | None = None, n_workers: int = 2) -> dict:
+    """The dask-kubernetes ``DaskCluster`` resource ``name``: a scheduler and ``n_workers``
+    workers of one Dask thread, running ``image`` (default :func:`kubernetes_image`) as
+    user 1000 with a read-only root filesystem, the RuntimeDefault seccomp profile, no
+    privilege escalation, no capabilities and no service account token."""
+    image = image or kubernetes_image()
+    scratch = {"HOME": SCRATCH, "TMPDIR": SCRATCH, "DASK_TEMPORARY_DIRECTORY": SCRATCH,
+               "NUMBA_CACHE_DIR": f"{SCRATCH}/numba-cache"}
+
+    def container(name: str, command: list[str], cpu: tuple[str, str], memory: str, **more) -> dict:
+        return {"name": name, "image": image, "imagePullPolicy": "IfNotPresent", "command": command, **more,
+                "resources": {"requests": {"cpu": cpu[0], "memory": memory}, "limits": {"cpu": cpu[1], "memory": memory}},
+                "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                    "readOnlyRootFilesystem": True},
+                "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH}]}
+
+    def pod(containers: list[dict], scratch_size: str, init: list[dict] = ()) -> dict:
+        return {"securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                                    "seccompProfile": {"type": "RuntimeDefault"}},
+                "automountServiceAccountToken": False,
+                **({"initContainers": list(init)} if init else {}),
+                "containers": containers,
+                "volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": scratch_size}}]}
+
+    secret = [{"secretRef": {"name": "blockals-s3", "optional": True}}]
+    dashboard = {"httpGet": {"port": "http-dashboard", "path": "/health"}}
+    worker = container(
+        "worker",
+        # One Dask thread per worker: BLAS gets the container's other cores.
+        ["dask", "worker", "--name", "$(DASK_WORKER_NAME)", "--nthreads", "1", "--memory-limit", "4GiB",
+         "--dashboard", "--dashboard-address", "8788"],
+        ("2", "2"), "4Gi", ports=[{"name": "http-dashboard", "containerPort": 8788, "protocol": "TCP"}],
+        env=[{"name": k, "value": v} for k, v in scratch.items()], envFrom=secret)
+    scheduler = container(
+        "scheduler", ["dask", "scheduler"], ("500m", "1"), "1Gi",
+        ports=[{"name": "tcp-comm", "containerPort": 8786, "protocol": "TCP"},
+               {"name": "http-dashboard", "containerPort": 8787, "protocol": "TCP"}],
+        env=[{"name": k, "value": v} for k, v in scratch.items()],
+        readinessProbe={**dashboard, "initialDelaySeconds": 5, "periodSeconds": 10},
+        livenessProbe={**dashboard, "initialDelaySeconds": 15, "periodSeconds": 20})
+    return {
+        "apiVersion": "kubernetes.dask.org/v1",
+        "kind": "DaskCluster",
+        "metadata": {"name": name},
+        "spec": {
+            "worker": {"replicas": n_workers, "spec": pod([worker], "8Gi", [_numba_cache_container(image)])},
+            "scheduler": {
+                "spec": pod([scheduler], "1Gi"),
+                "service": {"type": "ClusterIP",
+                            "selector": {"dask.org/cluster-name": name, "dask.org/component": "scheduler"},
+                            "ports": [{"name": "tcp-comm", "protocol": "TCP", "port": 8786, "targetPort": "tcp-comm"},
+                                      {"name": "http-dashboard", "protocol": "TCP", "port": 8787,
+                                       "targetPort": "http-dashboard"}]},
+            },
+        },
+    }
+
+
+def _numba_cache_container(image: str) -> dict:
+    """The init container that copies the image's compiled solver loops into the emptyDir,
+    so that workers load them instead of compiling (a minute of CPU) at their first task."""
+    copy = f"import shutil; shutil.copytree({IMAGE_NUMBA_CACHE!r}, {SCRATCH + '/numba-cache'!r}, dirs_exist_ok=True)"
+    return {"name": "numba-cache", "image": image, "imagePullPolicy": "IfNotPresent", "command": ["python", "-c", copy],
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "1", "memory": "128Mi"}},
+            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                "readOnlyRootFilesystem": True},
+            "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH}]}
+
+
+@contextlib.contextmanager
+def kubernetes_client(*, n_workers: int = 2, image: str | None = None, name: str = KUBERNETES_NAME) -> Iterator[Client]:
+    """A client of the DaskCluster :func:`kubernetes_cluster_spec` describes, created through
+    the dask-kubernetes operator (``pip install 'blockals[kubernetes]'``, kubectl access) and
+    deleted on exit. A cluster of that name already there is refused, not joined: it is
+    another run's, or one left by a run that did not finish."""
+    try:
+        from dask_kubernetes.operator import KubeCluster
+        from dask_kubernetes.operator.kubecluster.kubecluster import CreateMode
+    except ImportError as exc:
+        raise InputError("--cluster kubernetes needs dask-kubernetes: pip install 'blockals[kubernetes]'.") from exc
+    spec = kubernetes_cluster_spec(name, image=image, n_workers=n_workers)
+    try:
+        cluster = KubeCluster(custom_cluster_spec=spec, create_mode=CreateMode.CREATE_ONLY, shutdown_on_close=True)
+    except ValueError as exc:
+        if "already exists" not in str(exc):
+            raise
+        raise InputError(f"a DaskCluster named {name} already exists (another run's, or one left by a run that "
+                         f"did not finish); remove it with: kubectl delete daskcluster {name}") from None
+    try:
+        with Client(cluster) as client:
+            log.info("started the Kubernetes DaskCluster %s: %d workers of %s", name, n_workers, image or kubernetes_image())
+            yield client
+    finally:
+        cluster.close()

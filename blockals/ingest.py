@@ -34,6 +34,7 @@ from typing import Any
 
 import dask
 from dask.base import get_scheduler
+from dask.system import cpu_count
 import numpy as np
 import pandas as pd
 
@@ -302,7 +303,7 @@ def _compute_all(tasks: Sequence[Any]) -> tuple[Any, ...]:
 
     client = getattr(get_scheduler(), "__self__", None)  # the client dask.compute would use
     if not isinstance(client, Client):
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        with ThreadPoolExecutor(cpu_count()) as pool:  # the CPU affinity and a container's CPU quota
             return dask.compute(*tasks, scheduler="threads", pool=pool)
     futures = client.compute(list(tasks))
     wait(futures)

@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cluster", choices=["local", "kubernetes"], default="local",
                    help="the cluster to start when no scheduler is given")
     p.add_argument("--n-workers", type=int, default=2, help="workers of a Kubernetes cluster started here")
+    p.add_argument("--image", help="image of a Kubernetes cluster started here (default: blockals:<version>, "
+                                    "as deploy/README.md builds it)")
     p.add_argument("--dashboard-address", default="127.0.0.1:8787",
                    help="where a started LocalCluster serves its dashboard (default: loopback only; it has no authentication)")
     p.add_argument("--tls-ca-file", help="TLS for the Dask comm: the CA certificate (PEM) that signed the cluster's certificates")
@@ -125,14 +127,9 @@ def connect_cluster(args: argparse.Namespace):
         if tls:
             raise InputError("--tls-* options apply to --scheduler and local clusters; the Kubernetes operator "
                              "configures a cluster's TLS in its manifests.")
-        try:
-            from dask_kubernetes.operator import KubeCluster
-        except ImportError as exc:
-            raise InputError("--cluster kubernetes needs dask-kubernetes: pip install 'blockals[kubernetes]'.") from exc
-        from distributed import Client
+        from blockals.cluster import kubernetes_client
 
-        cluster = KubeCluster(name="blockals", n_workers=args.n_workers)
-        return connect(Client(cluster))
+        return kubernetes_client(n_workers=args.n_workers, image=args.image)
     return connect(dashboard_address=args.dashboard_address, security=security)
 
 

@@ -1,6 +1,8 @@
-"""Shared fixtures: real Dask clusters on 127.0.0.1, started once per session."""
+"""Shared fixtures: real Dask clusters and an S3 API on 127.0.0.1, started once per session."""
 
 from __future__ import annotations
+
+import socket
 
 import pytest
 from distributed import Client, LocalCluster
@@ -51,3 +53,16 @@ def client(request) -> Client:
 def client2() -> Client:
     """Two worker processes, for tests that need only one cluster shape."""
     return cluster_client(2)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """The URL of an S3 API (moto's server) on 127.0.0.1, for the session; any key is accepted."""
+    moto_server = pytest.importorskip("moto.server", reason="the S3 tests need moto[server] (test extra)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,22 +9,15 @@ import pytest
 import blockals
 
 s3fs = pytest.importorskip("s3fs", reason="S3 support is in the 's3' extra: pip install -e '.[s3]'")
-moto_server = pytest.importorskip("moto.server", reason="the S3 test needs moto[server] (test extra)")
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+def s3(s3_endpoint):
     options = {"key": "testing", "secret": "testing",
-               "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "eu-west-1"}}
+               "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": "eu-west-1"}}
     fs = s3fs.S3FileSystem(**options)
     fs.mkdir("blockals-test")
-    yield fs, options
-    server.stop()
+    return fs, options
 
 
 def test_ingest_train_save_load_recommend_on_s3(s3, client2, tmp_path, monkeypatch):
