@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 
 from blockals import modelio, params, training
-from blockals.errors import InputError, StoreError
 from blockals.factors import Factors, FoldIn
 from blockals.params import parse_int
 from blockals.recommend import recommend_all
@@ -225,10 +224,7 @@ class ALS:
     def load(cls, path: str, storage_options: dict | None = None) -> ALS:
         """Read a model written by :meth:`save`."""
         saved = modelio.read_model(str(path), storage_options)
-        try:
-            params.parse_params(saved.params)
-        except InputError as exc:  # attributes edited by hand, or written by another version
-            raise StoreError(f"{path} cannot be loaded: its parameters are not valid here ({exc})") from None
+        params.parse_saved_params(saved.params, f"{path}/zarr.json")  # edited by hand, or by another version
         model = cls(**saved.params)
         for name, value in saved.arrays.items():
             setattr(model, f"{name}_", float(value[0]) if name == "global_mean" else value)

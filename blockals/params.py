@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from blockals.errors import InputError
+from blockals.errors import InputError, StoreError
 
 if TYPE_CHECKING:  # the command line imports this table; the solvers load only when a config makes an objective
     from blockals.objectives import Objective
@@ -46,6 +46,7 @@ __all__ = [
     "numpydoc",
     "add_arguments",
     "check_keys",
+    "parse_saved_params",
 ]
 
 
@@ -327,6 +328,31 @@ def parse_params(params: dict[str, Any], arrays: dict[str, np.ndarray] | None = 
     config = ALSConfig(**{p.name: values[p.name] for p in PARAMS if p.config}, arrays_digest=_digest(arrays or {}))
     return RunParams(config=config, max_iter=values["max_iter"], checkpoint_interval=values["checkpoint_interval"],
                      checkpoint_seconds=values["checkpoint_seconds"], verbose=values["verbose"])
+
+
+# Parameters a user may give as arrays, which a saved model's JSON leaves out.
+ARRAY_VALUED = ("row_weights", "col_weights", "init")
+
+
+def parse_saved_params(saved: Any, where: str) -> RunParams:
+    """The parameters recorded in a saved model's metadata file ``where``.
+
+    Metadata edited by hand (or by another version) is refused with :class:`StoreError`
+    naming the key: an unknown key, a value of the wrong type, or a missing parameter that
+    determines the factors (one that only shaped the run takes its default).
+    """
+    if not isinstance(saved, dict):
+        raise StoreError(f"{where}: key 'params' must map parameter names to values, got {type(saved).__name__}.")
+    try:
+        check_keys(saved, template="unknown key {key} in 'params'")
+        for p in PARAMS:
+            if p.name in saved:
+                p.parse(saved[p.name], f"key 'params.{p.name}'")
+            elif p.config and p.name not in ARRAY_VALUED:
+                raise InputError(f"key 'params.{p.name}' is missing.")
+        return parse_params(saved)
+    except InputError as exc:
+        raise StoreError(f"{where}: {exc}") from None
 
 
 def check_keys(keys: Iterable[str], known: Iterable[str] | None = None, template: str = "unknown parameter {key}") -> None:

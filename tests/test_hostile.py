@@ -44,8 +44,9 @@ GOOD_ROWS = "1,10,4\n2,10,3\n2,11,5\n"
 
 
 def one_sentence(message: str) -> None:
-    """One line, one sentence: it ends with a full stop and no full stop starts another."""
-    assert "\n" not in message.strip() and message.rstrip().endswith("."), message
+    """One line, one sentence: it ends with a full stop (a question mark where it suggests a
+    name) and no full stop starts another."""
+    assert "\n" not in message.strip() and message.rstrip().endswith((".", "?")), message
     assert re.search(r"\.\s+[A-Z]", message) is None, message
 
 
@@ -243,6 +244,37 @@ def test_bad_training_parameter(params, options, match, trained, tmp_path, capsy
     line = cli_fails(capsys, "train", store.path, tmp_path / "m.zarr", *options, "--scheduler", scheduler())
     assert re.search(match, line)
     assert not (tmp_path / "m.zarr").exists()
+
+
+EDITED_MODELS = [
+    # (case, edit of the model's blockals attributes, sentence naming the key)
+    ("params-missing", lambda m: m.pop("params"), r"key 'params' must map parameter names to values\."),
+    ("rank-missing", lambda m: m["params"].pop("rank"), r"key 'params\.rank' is missing\."),
+    ("rank-as-text", lambda m: m["params"].update(rank="2"), r"key 'params\.rank' must be an integer, got '2'\."),
+    ("dtype-missing", lambda m: m["params"].pop("dtype"), r"key 'params\.dtype' is missing\."),
+    ("solver-unknown", lambda m: m["params"].update(solver="lu"),
+     r"key 'params\.solver' must be one of 'cholesky', 'cg'; got 'lu'\."),
+    ("reg-as-text", lambda m: m["params"].update(reg="0.1"), r"key 'params\.reg' must be a finite number, got '0\.1'\."),
+    ("unknown-key", lambda m: m["params"].update(rnak=2), r"unknown key 'rnak' in 'params'; did you mean 'rank'\?"),
+    ("history-not-a-list", lambda m: m.update(history="none"),
+     r"key 'history' must be a list of one mapping per iteration\."),
+    ("config-not-a-mapping", lambda m: m.update(config=[2]), r"key 'config' must be a dict or null, got list\."),
+    ("store-path-a-number", lambda m: m.update(store_path=3), r"key 'store_path' must be a str or null, got int\."),
+]
+
+
+@pytest.mark.parametrize("edit,match", [pytest.param(*c[1:], id=c[0]) for c in EDITED_MODELS])
+def test_model_metadata_edited_by_hand(edit, match, trained, tmp_path, capsys):
+    root = trained[0]
+    shutil.copytree(root / "m.zarr", tmp_path / "m.zarr")
+    meta_path = tmp_path / "m.zarr" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    edit(meta["attributes"]["blockals"])
+    meta_path.write_text(json.dumps(meta))
+    match = r"m\.zarr/zarr\.json: " + match  # the file, then the key
+    api_fails(blockals.StoreError, match, blockals.ALS.load, tmp_path / "m.zarr")
+    assert re.search(match, cli_fails(capsys, "recommend", tmp_path / "m.zarr", "--users", "0"))
+    assert re.search(match, cli_fails(capsys, "evaluate", tmp_path / "m.zarr", trained[2].path))
 
 
 BAD_BLOCKS = [
