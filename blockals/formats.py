@@ -36,6 +36,7 @@ __all__ = [
     "writable_meta",
     "remove_path",
     "blockals_meta",
+    "children",
 ]
 
 # Large enough that a block is usually one chunk (one read), small enough to stream.
@@ -143,6 +144,15 @@ def _fs(path: str, storage_options: dict | None):
 def path_exists(path: str, storage_options: dict | None = None) -> bool:
     fs, p = _fs(path, storage_options)
     return fs.exists(p)
+
+
+def children(path: str, storage_options: dict | None = None) -> list[str]:
+    """The paths directly under the directory ``path``, written as ``path`` is; none where
+    there is no directory."""
+    fs, p = _fs(path, storage_options)
+    if not fs.isdir(p):
+        return []
+    return [f"{path.rstrip('/')}/{entry.rstrip('/').rsplit('/', 1)[-1]}" for entry in sorted(fs.ls(p, detail=False))]
 
 
 def writable_meta(path: str, fmt: str, kind: str, storage_options: dict | None = None) -> dict | None:
