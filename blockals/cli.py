@@ -276,7 +276,7 @@ OUTPUTS = {
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse what argparse lets through and a command would trip on late: the log level,
-    the scheduler's address and paths that cannot be written."""
+    the scheduler's address, paths that cannot be written and numbers out of range."""
     level = params.parse_log_level(args.log_level, "--log-level")
     logging.basicConfig(level=level, format="%(message)s")
     if getattr(args, "scheduler", None):
@@ -284,6 +284,15 @@ def check_arguments(args: argparse.Namespace) -> None:
     for dest, name, kind in OUTPUTS.get(args.command, ()):
         if getattr(args, dest):
             params.parse_output_path(getattr(args, dest), name, kind)
+    # Checked again by the calls they feed, but only once a store is read or a cluster started.
+    if args.command == "split":
+        from blockals.evaluation import parse_split_params
+
+        parse_split_params(args.method, args.fraction, args.k, args.seed, prefix="--")
+    elif args.command == "evaluate":
+        params.parse_int(args.k, "--k", 1)
+    elif args.command == "recommend":
+        params.parse_int(args.n, "--n", 1)
 
 
 def internal_error(prog: str, argv: Sequence[str] | None = None) -> int:

@@ -278,6 +278,11 @@ BAD_ARGUMENTS = [
      r"--output .*/r\.zarr cannot be written: .*notes\.txt is a file, not a directory\."),
     ("json-in-missing-directory", ["evaluate", "{model}", "{store}", "--json", "{out}/no/m.json"],
      r"--json .*/no/m\.json cannot be written: the directory .*/no does not exist\."),
+    ("split-fraction", ["split", "{store}", "{out}/train.zarr", "{out}/test.zarr", "--fraction", "1.5"],
+     r"--fraction must be below 1, got 1\.5\."),
+    ("evaluate-k-zero", ["evaluate", "{model}", "{store}", "--k", "0"], r"--k must be at least 1, got 0\."),
+    ("recommend-n-zero", ["recommend", "{model}", "--output", "{out}/r.zarr", "--n", "0"],
+     r"--n must be at least 1, got 0\."),
 ]
 
 
@@ -678,3 +683,4 @@ def test_internal_error_is_one_line_pointing_at_its_log(trained, tmp_path):
     assert log.parent == tmp_path / "tmp"
     text = log.read_text()
     assert text.startswith(f"blockals info {tmp_path / 's.zarr'}") and "Traceback" in text and "KeyError: 'users'" in text
+
