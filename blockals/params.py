@@ -180,7 +180,8 @@ def check_solve_memory(rank: int, width: int, itemsize: int, rows: int, limit: i
     if need > limit:
         raise InputError(
             f"rank={rank} needs at least {need / 2**30:,.1f} GiB for one block's solve ({width}x{width} float64 "
-            f"systems and {rows:,} factor rows), more than {where} ({limit / 2**30:,.1f} GiB); lower rank."
+            f"systems{f' and {rows:,} factor rows' if rows else ''}), more than {where} ({limit / 2**30:,.1f} GiB); "
+            f"lower rank."
         )
 
 

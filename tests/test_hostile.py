@@ -684,3 +684,39 @@ def test_internal_error_is_one_line_pointing_at_its_log(trained, tmp_path):
     text = log.read_text()
     assert text.startswith(f"blockals info {tmp_path / 's.zarr'}") and "Traceback" in text and "KeyError: 'users'" in text
 
+
+BAD_PIPELINE_RUNS = [
+    # (case, pipeline arguments, sentence); {file} is a regular file, {data} the --data
+    # directory, which must not come to exist: every refusal comes before any stage.
+    ("scheduler-without-port", ["--scheduler", "localhost"],
+     r"--scheduler must be an address of the form host:port or tcp://host:port, got 'localhost'\."),
+    ("data-under-a-file", ["--data", "{file}/data"], r"--data .*/data cannot be written: .*notes\.txt is a file"),
+    ("n-workers-zero", ["--n-workers", "0"], r"--n-workers must be at least 1, got 0\."),
+    ("source-missing", ["--source", "{data}/none.csv"], r"source '.*none\.csv' does not exist\."),
+    ("rank-beyond-memory", ["--rank", "1000000"],
+     r"rank=1000000 needs at least 22,351\.7 GiB for one block's solve \(1000000x1000000 float64 systems\), "
+     r"more than this machine's memory \([\d,.]+ GiB\); lower rank\."),
+    # Documented: --resume continues an earlier run; with none recorded in --data it is refused.
+    ("resume-with-nothing", ["--resume"],
+     r"--resume: .*data holds no earlier run of this pipeline \(no pipeline\.json\); run without --resume to start\."),
+    ("config-value", ["--config", "{config}"], r"c\.yaml: split\.fraction must be below 1, got 1\.5\."),
+]
+
+
+def test_pipeline_refusals_come_before_any_stage(tmp_path):
+    (tmp_path / "notes.txt").write_text("precious")
+    (tmp_path / "c.yaml").write_text("split:\n  fraction: 1.5\n")
+    fill = {"file": tmp_path / "notes.txt", "data": tmp_path / "data", "config": tmp_path / "c.yaml"}
+    script = Path(__file__).resolve().parents[1] / "pipelines" / "als_pipeline.py"
+    procs = [subprocess.Popen([sys.executable, str(script), "--data", str(tmp_path / "data"),
+                               *(arg.format(**fill) for arg in args)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _, args, _ in BAD_PIPELINE_RUNS]
+    for proc, (case, _, match) in zip(procs, BAD_PIPELINE_RUNS):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (case, err)
+        assert "Traceback" not in err and out == "", (case, out, err)  # no dashboard: no cluster started
+        line = err.strip()
+        assert line.startswith("als_pipeline: error: ") and re.search(match, line), (case, line)
+        one_sentence(line)
+    assert not (tmp_path / "data").exists() and (tmp_path / "notes.txt").read_text() == "precious"
