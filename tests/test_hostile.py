@@ -278,6 +278,10 @@ BAD_ARGUMENTS = [
      r"--output .*/r\.zarr cannot be written: .*notes\.txt is a file, not a directory\."),
     ("json-in-missing-directory", ["evaluate", "{model}", "{store}", "--json", "{out}/no/m.json"],
      r"--json .*/no/m\.json cannot be written: the directory .*/no does not exist\."),
+    # Without --scheduler the cluster would start here: the rank is weighed against this machine.
+    ("rank-beyond-this-machine", ["train", "{store}", "{out}/m.zarr", "--rank", "1000000"],
+     r"rank=1000000 needs at least 22,351\.\d GiB for one block's solve .*, more than this machine's memory "
+     r"\([\d,.]+ GiB\); lower rank\."),
     ("split-fraction", ["split", "{store}", "{out}/train.zarr", "{out}/test.zarr", "--fraction", "1.5"],
      r"--fraction must be below 1, got 1\.5\."),
     ("evaluate-k-zero", ["evaluate", "{model}", "{store}", "--k", "0"], r"--k must be at least 1, got 0\."),
