@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from blockals.errors import StoreError
-from blockals.formats import check_meta, open_group, path_exists, read_array, writable_meta, write_array
+from blockals.formats import blockals_meta, check_meta, children, open_group, path_exists, read_array, writable_meta, write_array
 from blockals.store import Side
 
-__all__ = ["Checkpoint", "Committed", "write_block"]
+__all__ = ["Checkpoint", "Committed", "write_block", "difference", "committed_configs"]
 
 FORMAT = "blockals-checkpoint"
 FORMAT_VERSION = 1
@@ -40,6 +40,29 @@ def write_block(path: str, storage_options: dict | None, slot: int, side: Side, 
     group = open_group(f"{path}/slot{slot}/{side}", "r+", storage_options)
     write_array(group, str(block), factors)
     return int(factors.nbytes)
+
+
+def difference(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> tuple[str, str]:
+    """The first parameter two configurations disagree on, as ``("rank=4", "rank=8")``, in
+    the order of ``wanted`` (a config's, where derived parameters such as ``bias_reg`` come
+    after what they derive from)."""
+    for key in [*wanted, *(key for key in recorded if key not in wanted)]:
+        if recorded.get(key) != wanted.get(key):
+            if key == "arrays_digest":  # a hash: say what it stands for
+                return "other initial factors or weights", "these"
+            return f"{key}={recorded.get(key)!r}", f"{key}={wanted.get(key)!r}"
+    return "the same parameters", "these"
+
+
+def committed_configs(parent: str, store_id: str, storage_options: dict | None = None) -> list[dict[str, Any]]:
+    """The configurations of the checkpoints of store ``store_id`` under ``parent`` that
+    hold a committed iteration: what a resume could have meant."""
+    configs = []
+    for path in children(parent, storage_options):
+        meta = blockals_meta(path, storage_options) or {}
+        if meta.get("format") == FORMAT and meta.get("store_id") == store_id and meta.get("committed"):
+            configs.append(meta.get("config") or {})
+    return configs
 
 
 class Checkpoint:
@@ -89,9 +112,10 @@ class Checkpoint:
         if meta.get("store_id") != self.store_id:
             raise StoreError(f"checkpoint {self.path} was made from another ratings store; it cannot be resumed here.")
         if meta.get("config") != self.config:
+            recorded, wanted = difference(meta.get("config") or {}, self.config)
             raise StoreError(
-                f"checkpoint {self.path} was made with other training parameters "
-                f"({meta.get('config')}); it cannot be resumed with {self.config}."
+                f"checkpoint {self.path} was made with other training parameters ({recorded}, not {wanted}); "
+                f"resume with {recorded}, or train without resume."
             )
         committed = meta.get("committed")
         if not committed:

@@ -2,7 +2,8 @@
 
 Every subcommand wraps the Python API with the same parameter names (dashes for
 underscores). Bad input ends with one sentence on stderr and exit status 2, never a
-traceback.
+traceback, and is refused before any work starts (:func:`check_arguments`); an unexpected
+error is reported in one line naming the log file that holds its traceback, status 1.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, NoReturn
 
 from blockals import params
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "check_arguments", "internal_error"]
 
 
 def _client(args: argparse.Namespace, ratings: int | None = None):
@@ -65,15 +66,20 @@ def _train(args: argparse.Namespace) -> int:
     import blockals
     from blockals.lock import Lease
     from blockals.modelio import check_model_path
+    from blockals.training import check_worker_memory, preflight
 
-    store = blockals.open_store(args.store)
-    check_model_path(args.model, overwrite=args.overwrite)  # refused before the training, not after it
     model = blockals.ALS(**params.from_arguments(args), verbose=2 if args.progress else 1)
     params.parse_params(model.get_params())  # a bad parameter is refused before a cluster starts
+    if args.plot:
+        _pyplot()  # refused before the training, not after it, as everything below
+    store = blockals.open_store(args.store)
+    check_model_path(args.model, overwrite=args.overwrite)
+    run = preflight(model.get_params(), store, resume=args.resume, local=args.scheduler is None)[0]
     # Held from start to save: a second training of this model path is refused before it
     # starts a cluster, not after it has trained.
     with Lease(args.model, "model", break_lease=args.break_lease):
         with _client(args, store.nnz) as client:
+            check_worker_memory(client, run, store)
             print(f"dashboard: {client.dashboard_link}", flush=True)
             report = contextlib.nullcontext()
             if args.report:
@@ -90,7 +96,8 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plot(history: list[dict], path: str) -> None:
+def _pyplot():
+    """matplotlib's pyplot, drawing to files."""
     from blockals.errors import InputError
 
     try:
@@ -100,6 +107,11 @@ def _plot(history: list[dict], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise InputError("--plot needs matplotlib: pip install 'blockals[plot]'.") from exc
+    return plt
+
+
+def _plot(history: list[dict], path: str) -> None:
+    plt = _pyplot()
     it = [h["iteration"] for h in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     left.plot(it, [h["loss"] for h in history], marker="o")
@@ -202,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Typical use: blockals ingest ratings.csv ratings.zarr && blockals split ratings.zarr train.zarr test.zarr "
                "&& blockals train train.zarr model.zarr && blockals evaluate model.zarr test.zarr --train train.zarr",
     )
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    parser.add_argument("--log-level", default="WARNING",
+                        help=f"logging level: {', '.join(params.LOG_LEVELS)} (default: WARNING)")
     parser.add_argument("--version", action=_Version, help="print the versions of blockals and its engine, and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -276,12 +289,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What each command writes, as (argument, how refusals name it, "file" or "directory" for a
+# store): checked writable before the command reads or trains anything.
+OUTPUTS = {
+    "ingest": (("store", "store path", "directory"),),
+    "split": (("train", "train store path", "directory"), ("test", "test store path", "directory")),
+    "train": (("model", "model path", "directory"), ("report", "--report", "file"), ("plot", "--plot", "file")),
+    "evaluate": (("json", "--json", "file"),),
+    "recommend": (("output", "--output", "directory"),),
+}
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse what argparse lets through and a command would trip on late: the log level,
+    the scheduler's address, paths that cannot be written and numbers out of range."""
+    level = params.parse_log_level(args.log_level, "--log-level")
+    logging.basicConfig(level=level, format="%(message)s")
+    if getattr(args, "scheduler", None):
+        params.parse_address(args.scheduler, "--scheduler")
+    for dest, name, kind in OUTPUTS.get(args.command, ()):
+        if getattr(args, dest):
+            params.parse_output_path(getattr(args, dest), name, kind)
+    # Checked again by the calls they feed, but only once a store is read or a cluster started.
+    if args.command == "split":
+        from blockals.evaluation import parse_split_params
+
+        parse_split_params(args.method, args.fraction, args.k, args.seed, prefix="--")
+    elif args.command == "evaluate":
+        params.parse_int(args.k, "--k", 1)
+    elif args.command == "recommend":
+        params.parse_int(args.n, "--n", 1)
+
+
+def internal_error(prog: str, argv: Sequence[str] | None = None) -> int:
+    """Report the exception being handled as a bug, in one line on stderr, with its traceback
+    written to a log file whose path that line gives; returns the exit status, 1."""
+    import tempfile
+    import traceback
+
+    exc = sys.exc_info()[1]
+    fd, path = tempfile.mkstemp(prefix=f"{prog}-error-", suffix=".log")
+    with open(fd, "w", encoding="utf-8") as fh:
+        fh.write(f"{prog} {' '.join(sys.argv[1:] if argv is None else argv)}\n\n{traceback.format_exc()}")
+    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0]}" if str(exc) else type(exc).__name__
+    print(f"{prog}: internal error ({reason}), not a problem with the input; the details are in {path}",
+          file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from blockals.errors import BlockalsError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
     try:
+        check_arguments(args)
         return args.run(args)
     except BlockalsError as exc:
         print(f"blockals: error: {exc}", file=sys.stderr)
@@ -289,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("blockals: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # a bug: one line here, the traceback in a file
+        return internal_error("blockals", argv)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from blockals.cluster import cache_bytes, connect
 from blockals.errors import InputError
 from blockals.store import RatingStore, StoreRef, block_triples, load_rows, load_times
 
-__all__ = ["split", "evaluate", "ranking_metrics", "METRICS", "SPLITS"]
+__all__ = ["split", "parse_split_params", "evaluate", "ranking_metrics", "METRICS", "SPLITS"]
 
 METRICS = ("rmse", "mae", "precision", "recall", "ndcg", "map", "auc")
 SPLITS = ("random", "leave_k_out", "ratio", "temporal")
@@ -106,6 +106,19 @@ def _split_part(block: int, *, ref: StoreRef, n_item_blocks: int, n_items: int, 
     return frame
 
 
+def parse_split_params(method: Any = "random", fraction: Any = 0.2, k: Any = 1, seed: Any = 0, *,
+                       prefix: str = "") -> dict[str, Any]:
+    """:func:`split`'s parameters, validated; a refusal names ``prefix`` + the parameter."""
+    from blockals.params import parse_choice, parse_float, parse_int
+
+    method = parse_choice(method, prefix + "method", SPLITS)
+    fraction = parse_float(fraction, prefix + "fraction")
+    if fraction >= 1:
+        raise InputError(f"{prefix}fraction must be below 1, got {fraction:g}.")
+    return {"method": method, "fraction": fraction, "k": parse_int(k, prefix + "k", 1),
+            "seed": parse_int(seed, prefix + "seed", 0)}
+
+
 def split(
     store: RatingStore, train_path: str, test_path: str, method: str = "random", fraction: float = 0.2,
     k: int = 1, seed: int = 0, overwrite: bool = False,
@@ -118,14 +131,8 @@ def split(
     import dask.dataframe as dd
 
     from blockals.ingest import ingest
-    from blockals.params import parse_choice, parse_float, parse_int
 
-    method = parse_choice(method, "method", SPLITS)
-    fraction = parse_float(fraction, "fraction")
-    if fraction >= 1:
-        raise InputError(f"fraction must be below 1, got {fraction:g}.")
-    k = parse_int(k, "k", 1)
-    seed = parse_int(seed, "seed", 0)
+    method, fraction, k, seed = parse_split_params(method, fraction, k, seed).values()
     timed = store.has_timestamps
     if method == "temporal" and not timed:
         raise InputError(f"a temporal split needs timestamps; {store.path} was ingested without a timestamp column.")

@@ -38,6 +38,7 @@ __all__ = [
     "blockals_meta",
     "sibling",
     "move_path",
+    "children",
 ]
 
 # Large enough that a block is usually one chunk (one read), small enough to stream.
@@ -155,6 +156,15 @@ def filesystem(path: str, storage_options: dict | None):
 def path_exists(path: str, storage_options: dict | None = None) -> bool:
     fs, p = filesystem(path, storage_options)
     return fs.exists(p)
+
+
+def children(path: str, storage_options: dict | None = None) -> list[str]:
+    """The paths directly under the directory ``path``, written as ``path`` is; none where
+    there is no directory."""
+    fs, p = _fs(path, storage_options)
+    if not fs.isdir(p):
+        return []
+    return [f"{path.rstrip('/')}/{entry.rstrip('/').rsplit('/', 1)[-1]}" for entry in sorted(fs.ls(p, detail=False))]
 
 
 def writable_meta(path: str, fmt: str, kind: str, storage_options: dict | None = None) -> dict | None:

@@ -15,7 +15,6 @@ import pandas as pd
 import scipy.sparse as sp
 
 from blockals import modelio, params, training
-from blockals.errors import InputError, StoreError
 from blockals.factors import Factors, FoldIn
 
 __all__ = ["ALS", "FoldIn"]
@@ -280,10 +279,7 @@ class ALS:
     def load(cls, path: str, storage_options: dict | None = None) -> ALS:
         """Read a model written by :meth:`save`."""
         saved = modelio.read_model(str(path), storage_options)
-        try:
-            params.parse_params(saved.params)
-        except InputError as exc:  # attributes edited by hand, or written by another version
-            raise StoreError(f"{path} cannot be loaded: its parameters are not valid here ({exc})") from None
+        params.parse_saved_params(saved.params, f"{path}/zarr.json")  # edited by hand, or by another version
         model = cls(**saved.params)
         arrays = dict(saved.arrays)
         if "user_items_indptr" in arrays:

@@ -134,9 +134,20 @@ def read_model(path: str, storage_options: dict | None = None) -> SavedModel:
     """Read and check a model written by :func:`write_model`."""
     root = open_group(path, "r", storage_options)
     meta = check_meta(root.attrs.get("blockals"), path, MODEL_FORMAT, MODEL_FORMAT_VERSION, "model")
-    params = meta.get("params")
-    if not isinstance(params, dict) or not isinstance(meta.get("history"), list):
-        raise StoreError(f"{path} is damaged: its attributes lack the model's parameters or history.")
+    where = f"{path}/zarr.json"  # the file a hand edit went into
+    params, history = meta.get("params"), meta.get("history")
+    if not isinstance(params, dict):
+        raise StoreError(f"{where}: key 'params' must map parameter names to values.")
+    rank = params.get("rank")
+    if "rank" not in params:
+        raise StoreError(f"{where}: key 'params.rank' is missing.")
+    if isinstance(rank, bool) or not isinstance(rank, int):  # the arrays are checked against it
+        raise StoreError(f"{where}: key 'params.rank' must be an integer, got {rank!r}.")
+    if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
+        raise StoreError(f"{where}: key 'history' must be a list of one mapping per iteration.")
+    for key, kind in (("config", dict), ("store_path", str)):
+        if meta.get(key) is not None and not isinstance(meta[key], kind):
+            raise StoreError(f"{where}: key {key!r} must be a {kind.__name__} or null, got {type(meta[key]).__name__}.")
     try:
         present = set(root.array_keys())
     except ValueError as exc:  # an array's metadata Zarr cannot parse, e.g. a planted pickle codec

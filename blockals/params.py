@@ -5,7 +5,9 @@ else is derived from it: the estimator's signature and the *Parameters* section 
 docstring (:func:`make_init`, :func:`numpydoc`), validation (:func:`parse_params`, one
 sentence per refusal, before any data is read or a cluster started), the frozen
 :class:`ALSConfig` the engine runs, the command line's options (:func:`add_arguments`)
-and the pipeline's YAML keys (:func:`check_keys`).
+and the pipeline's YAML keys (:func:`check_keys`). The other inputs of the command line
+and the pipeline (log level, scheduler address, output paths, the memory a rank needs)
+and a saved model's recorded parameters are checked here too, with the same sentences.
 
 A parameter either determines the factors (it is in :class:`ALSConfig`, whose
 fingerprint names checkpoints) or only how a run goes (``max_iter``,
@@ -21,13 +23,16 @@ import hashlib
 import inspect
 import json
 import numbers
+import os
+import re
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, make_dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from blockals.errors import InputError
+from blockals.errors import InputError, StoreError
 
 if TYPE_CHECKING:  # the command line imports this table; the solvers load only when a config makes an objective
     from blockals.objectives import Objective
@@ -46,6 +51,11 @@ __all__ = [
     "numpydoc",
     "add_arguments",
     "check_keys",
+    "parse_log_level",
+    "parse_address",
+    "parse_output_path",
+    "check_solve_memory",
+    "parse_saved_params",
 ]
 
 
@@ -103,6 +113,76 @@ def _parse_init(value: Any, name: str) -> str:
 
 def _parse_verbose(value: Any, name: str) -> int:
     return int(value) if isinstance(value, bool) else parse_int(value, name, 0)
+
+
+# -- the command line's and the pipeline's other inputs, checked before any work ---------
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Dask's comm protocols a client can dial; host is a name, an IPv4 address or a bracketed IPv6 one.
+ADDRESS_SCHEMES = ("tcp", "tls", "ucx", "ws", "wss")
+_ADDRESS = re.compile(r"(?:(?P<scheme>[A-Za-z]+)://)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]@]+):(?P<port>[0-9]+)")
+
+
+def parse_log_level(value: Any, name: str) -> str:
+    """A :mod:`logging` level name, in any case."""
+    if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
+        raise InputError(f"{name} must be one of {', '.join(LOG_LEVELS)}; got {value!r}.")
+    return value.upper()
+
+
+def parse_address(value: Any, name: str) -> str:
+    """A scheduler address ``[protocol://]host:port``, as Dask's ``Client`` dials it:
+    refused here, naming the option, rather than by Dask's parser or its connect timeout."""
+    match = _ADDRESS.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise InputError(f"{name} must be an address of the form host:port or tcp://host:port, got {value!r}.")
+    if match["scheme"] and match["scheme"] not in ADDRESS_SCHEMES:
+        raise InputError(f"{name} has the protocol {match['scheme']!r}; use one of "
+                         f"{', '.join(s + '://' for s in ADDRESS_SCHEMES)}.")
+    if not 0 < int(match["port"]) < 65536:
+        raise InputError(f"{name} has the port {match['port']}, which is not between 1 and 65535.")
+    return value
+
+
+def parse_output_path(value: Any, name: str, kind: str = "file") -> str:
+    """A local path a run will write (``kind``: ``"file"``, or ``"directory"`` for a store,
+    whose missing parents are made), checked before the run so that its output is not lost
+    at the end; fsspec URLs are taken as given (their writers check them)."""
+    path = os.fspath(value)
+    if "://" in path:
+        return path
+    if kind == "file" and os.path.isdir(path):
+        raise InputError(f"{name} {path} is a directory; give the path of a file to write.")
+    parent = os.path.dirname(os.path.abspath(path))
+    while kind == "directory" and not os.path.exists(parent):  # a store's missing directories are made
+        parent = os.path.dirname(parent)
+    if not os.path.exists(parent):
+        raise InputError(f"{name} {path} cannot be written: the directory {parent} does not exist.")
+    if not os.path.isdir(parent):
+        raise InputError(f"{name} {path} cannot be written: {parent} is a file, not a directory.")
+    try:  # a probe, not os.access, which root passes for read-only mounts and /proc alike
+        fd, probe = tempfile.mkstemp(prefix=".blockals-probe-", dir=parent)
+    except OSError as exc:
+        raise InputError(f"{name} {path} cannot be written: {parent} is not writable ({exc.strerror}).") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def check_solve_memory(rank: int, width: int, itemsize: int, rows: int, limit: int, where: str) -> None:
+    """Refuse a ``rank`` whose block solve cannot fit in ``limit`` bytes (``where`` names them).
+
+    A lower bound of what one solve holds: its ``rows`` factor rows of ``width`` columns in
+    and out, and three float64 ``width x width`` matrices (a row's normal equations, their
+    factorization, the other side's Gram matrix).
+    """
+    need = 3 * 8 * width**2 + 2 * itemsize * width * rows
+    if need > limit:
+        raise InputError(
+            f"rank={rank} needs at least {need / 2**30:,.1f} GiB for one block's solve ({width}x{width} float64 "
+            f"systems{f' and {rows:,} factor rows' if rows else ''}), more than {where} ({limit / 2**30:,.1f} GiB); "
+            f"lower rank."
+        )
 
 
 # -- the table ---------------------------------------------------------------------------
@@ -328,6 +408,31 @@ def parse_params(params: dict[str, Any], arrays: dict[str, np.ndarray] | None = 
     config = ALSConfig(**{p.name: values[p.name] for p in PARAMS if p.config}, arrays_digest=_digest(arrays or {}))
     return RunParams(config=config, max_iter=values["max_iter"], checkpoint_interval=values["checkpoint_interval"],
                      checkpoint_seconds=values["checkpoint_seconds"], verbose=values["verbose"])
+
+
+# Parameters a user may give as arrays, which a saved model's JSON leaves out.
+ARRAY_VALUED = ("row_weights", "col_weights", "init")
+
+
+def parse_saved_params(saved: Any, where: str) -> RunParams:
+    """The parameters recorded in a saved model's metadata file ``where``.
+
+    Metadata edited by hand (or by another version) is refused with :class:`StoreError`
+    naming the key: an unknown key, a value of the wrong type, or a missing parameter that
+    determines the factors (one that only shaped the run takes its default).
+    """
+    if not isinstance(saved, dict):
+        raise StoreError(f"{where}: key 'params' must map parameter names to values, got {type(saved).__name__}.")
+    try:
+        check_keys(saved, template="unknown key {key} in 'params'")
+        for p in PARAMS:
+            if p.name in saved:
+                p.parse(saved[p.name], f"key 'params.{p.name}'")
+            elif p.config and p.name not in ARRAY_VALUED:
+                raise InputError(f"key 'params.{p.name}' is missing.")
+        return parse_params(saved)
+    except InputError as exc:
+        raise StoreError(f"{where}: {exc}") from None
 
 
 def check_keys(keys: Iterable[str], known: Iterable[str] | None = None, template: str = "unknown parameter {key}") -> None:

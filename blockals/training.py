@@ -22,20 +22,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from distributed.system import MEMORY_LIMIT
 
-from blockals.checkpoint import Checkpoint
+from blockals.checkpoint import Checkpoint, committed_configs, difference
 from blockals.cluster import connect
 from blockals.engine import Engine
-from blockals.errors import InputError
+from blockals.errors import InputError, StoreError
 from blockals.factors import Factors
 from blockals.formats import blockals_meta
 from blockals.ingest import ingest
 from blockals.lock import Lease
-from blockals.params import ALSConfig, RunParams, parse_params
+from blockals.params import ALSConfig, RunParams, check_solve_memory, parse_params
 from blockals.recommend import rated_matrix
 from blockals.store import SIDES, RatingStore, Side, open_store
 
-__all__ = ["Trained", "train", "user_arrays"]
+__all__ = ["Trained", "train", "preflight", "user_arrays", "check_memory", "check_worker_memory"]
 
 log = logging.getLogger("blockals")
 
@@ -142,13 +143,47 @@ def _checkpoint(run: RunParams, store: RatingStore, path: str | None, resume: bo
         if resume:
             raise InputError("resume=True needs checkpoints; checkpoint_interval is 0.")
         return None, contextlib.nullcontext()
+    default = path is None
     path = path or f"{store.path}/checkpoints/{run.config.fingerprint()}"
     width = run.config.objective(float(store.stats["rating_mean"])).width
     checkpoint = Checkpoint(path, store.store_id, run.config.to_dict(), store.storage_options,
                             block_rows={side: store.block_rows(side).tolist() for side in SIDES}, width=width)
     checkpoint.check_writable()
+    if resume and checkpoint.load() is None:  # load refuses a checkpoint of other parameters
+        raise StoreError(_nothing_to_resume(checkpoint, store, run.config, default))
     # Taken before a cluster starts, so a second training of this checkpoint is refused at once.
     return checkpoint, Lease(path, "checkpoint", store.storage_options, break_lease)
+
+
+def _nothing_to_resume(checkpoint: Checkpoint, store: RatingStore, config: ALSConfig, default: bool) -> str:
+    """Why resume=True has nothing to start from: no commit at the path, or, at the default
+    path (named by the parameters' fingerprint), checkpoints of other parameters only, one
+    of which is named with the parameter that differs."""
+    others = committed_configs(f"{store.path}/checkpoints", store.store_id, store.storage_options) if default else []
+    if not others:
+        return (f"resume=True, but there is no committed checkpoint to resume at {checkpoint.path}; "
+                f"train without resume to start.")
+    ours = config.to_dict()
+    nearest = min(others, key=lambda other: sum(other.get(k) != v for k, v in ours.items()))
+    recorded, wanted = difference(nearest, ours)
+    return (f"resume=True, but {store.path} has no checkpoint of these parameters, only one made with {recorded} "
+            f"(not {wanted}); resume with {recorded}, or train without resume.")
+
+
+def check_memory(run: RunParams, store: RatingStore, limit: int, where: str) -> None:
+    """Refuse a rank whose largest block solve needs more than ``limit`` bytes (see
+    :func:`blockals.params.check_solve_memory`); ``where`` names the limit."""
+    width = run.config.objective(float(store.stats["rating_mean"])).width
+    rows = max(int((store.block_rows(side) + store.message_rows(side).sum(axis=0)).max()) for side in SIDES)
+    check_solve_memory(run.config.rank, width, np.dtype(run.config.dtype).itemsize, rows, limit, where)
+
+
+def check_worker_memory(client: Any, run: RunParams, store: RatingStore) -> None:
+    """:func:`check_memory` against the smallest memory limit of the client's workers, if any."""
+    limits = [w.get("memory_limit") for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+    limit = min((limit for limit in limits if limit), default=None)
+    if limit:
+        check_memory(run, store, limit, "a worker's memory limit")
 
 
 def _trained(store: RatingStore, config: ALSConfig, blocks: dict[Side, list[np.ndarray]], history: list[dict],
@@ -170,6 +205,24 @@ def _trained(store: RatingStore, config: ALSConfig, blocks: dict[Side, list[np.n
     return Trained(factors=factors, history=history)
 
 
+def preflight(
+    params: dict[str, Any], store: RatingStore, *, resume: bool = False, checkpoint_path: str | None = None,
+    local: bool = True, break_lease: bool = False,
+) -> tuple[RunParams, dict[str, np.ndarray], Checkpoint | None, Any]:
+    """What :func:`train` refuses before a cluster starts: parameters and arrays that do not
+    fit the store, a rank whose solves cannot fit in this machine's memory (``local``: the
+    cluster will run here), a checkpoint path that is not one, and a resume with nothing
+    to resume. Returns the validated parameters, the arrays, the checkpoint and its lease
+    (not yet taken).
+    """
+    arrays = user_arrays(params, store)
+    run = parse_params(params, arrays)
+    if local:
+        check_memory(run, store, MEMORY_LIMIT, "this machine's memory")
+    checkpoint, lease = _checkpoint(run, store, checkpoint_path, resume, break_lease)
+    return run, arrays, checkpoint, lease
+
+
 def train(
     params: dict[str, Any],
     ratings: Any,
@@ -183,12 +236,12 @@ def train(
     """Train with the estimator's parameters; see :meth:`blockals.ALS.fit` for the arguments."""
     parse_params(params)  # every parameter, before any data is read or a cluster started
     with _ratings_store(ratings, storage_options) as (store, temporary):
-        arrays = user_arrays(params, store)
-        run = parse_params(params, arrays)
+        run, arrays, checkpoint, lease = preflight(params, store, resume=resume, checkpoint_path=checkpoint_path,
+                                                   local=client is None, break_lease=break_lease)
         if run.config.rank > min(store.n_users, store.n_items):
             log.warning("rank %d exceeds min(n_users, n_items); extra factors are unidentified", run.config.rank)
-        checkpoint, lease = _checkpoint(run, store, checkpoint_path, resume, break_lease)
         with lease, connect(client, ratings=store.nnz) as c:
+            check_worker_memory(c, run, store)
             engine = Engine(
                 c, store, run.config, checkpoint, run.checkpoint_interval, run.checkpoint_seconds,
                 print_iteration if run.verbose else None, arrays,

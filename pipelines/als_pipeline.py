@@ -2,10 +2,14 @@
 
 Every stage reads and writes stores under ``--data`` (``ratings.zarr``, ``train.zarr``,
 ``test.zarr``, ``model.zarr``, ``metrics.json``, ``recommendations.zarr``; a local directory or
-an ``s3://`` URL), so any stage
-can be rerun alone (``--stages train,evaluate``) and training resumes from its checkpoint
-(``--resume``). Parameters come from a YAML file (``pipelines/configs/``: explicit,
-biased, implicit) and flags override them.
+an ``s3://`` URL), so any stage can be rerun alone (``--stages train,evaluate``).
+``--resume`` continues an earlier run in ``--data``: ingest and split are skipped when
+``pipeline.json`` records that they completed with the same inputs (the source's files by
+path, size and modification time, and the stage's parameters) and their stores are still
+the ones they wrote, and training resumes from its checkpoint, which must then be of the
+same parameters. Parameters come from a YAML file (``pipelines/configs/``: explicit,
+biased, implicit) and flags override them. Every value is checked before a cluster
+starts or a stage runs; bad input ends with one sentence and exit status 2.
 
 With no arguments it runs the embedded default: a synthetic MovieLens-shaped data set
 (943 users x 1682 items, ~100k half-star ratings, made locally from a seed) under
@@ -45,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int)
     p.add_argument("--max-iter", type=int)
     p.add_argument("--reg", type=float)
-    p.add_argument("--resume", action="store_true", help="continue training from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an earlier run in --data: skip ingest and split where unchanged, resume training "
+                        "from its checkpoint")
     p.add_argument("--scheduler", default=os.environ.get("DASK_SCHEDULER_ADDRESS") or None,
                    help="attach to this scheduler (default: $DASK_SCHEDULER_ADDRESS, else start a cluster)")
     p.add_argument("--cluster", choices=["local", "kubernetes"], default="local",
@@ -109,8 +115,50 @@ def load_config(args: argparse.Namespace) -> dict:
             config["model"][flag] = getattr(args, flag)
     if args.source:
         config["data"]["source"] = args.source
-    parse_params(config["model"])  # refused here, before a cluster starts or a stage runs
+    # Every value, refused here, before a cluster starts or a stage runs.
+    try:
+        parse_params(config["model"])
+        check_values(config)
+    except InputError as exc:
+        raise InputError(f"{args.config}: {exc}") from None
     return config
+
+
+def value_checks() -> dict[str, dict]:
+    """How each key's value is checked, for the sections other than ``model`` and ``split``
+    (whose calls have their own validators): ``check(value, name)`` raises
+    :class:`~blockals.errors.InputError` naming it."""
+    from blockals.errors import InputError
+    from blockals.ingest import DUPLICATE_POLICIES
+    from blockals.params import parse_choice, parse_float, parse_int
+
+    def text(value, name):
+        if value is not None and not isinstance(value, str):
+            raise InputError(f"{name} must be a string, got {value!r}.")
+
+    def optional_int(value, name):
+        if value is not None:
+            parse_int(value, name, 1)
+
+    return {
+        "data": {"source": text, "user_col": text, "item_col": text, "rating_col": text, "timestamp_col": text,
+                 "n_user_blocks": optional_int, "n_item_blocks": optional_int, "block_budget": optional_int,
+                 "duplicates": lambda value, name: parse_choice(value, name, DUPLICATE_POLICIES)},
+        "evaluate": {"k": lambda value, name: parse_int(value, name, 1),
+                     "relevance": lambda value, name: parse_float(value, name, -float("inf"))},
+        "recommend": {"n": lambda value, name: parse_int(value, name, 1)},
+    }
+
+
+def check_values(config: dict) -> None:
+    """Check every value of the sections other than ``model`` with the validators of the
+    API calls they feed, each refusal naming ``section.key``."""
+    from blockals.evaluation import parse_split_params
+
+    for section, checks in value_checks().items():
+        for key, value in config[section].items():
+            checks[key](value, f"{section}.{key}")
+    parse_split_params(**config["split"], prefix="split.")
 
 
 def connect_cluster(args: argparse.Namespace):
@@ -133,11 +181,72 @@ def connect_cluster(args: argparse.Namespace):
     return connect(dashboard_address=args.dashboard_address, security=security)
 
 
+MANIFEST = "pipeline.json"  # under --data: what each finished stage read and wrote, for --resume
+
+
+def source_identity(source: str | None, seed: int) -> dict:
+    """What identifies the ratings ingest reads: each file's path, size and modification
+    time (an object store's ETag), or the seed of the synthetic set."""
+    import fsspec
+
+    if source is None:
+        return {"synthetic": "movielens_like", "seed": seed}
+    fs, path = fsspec.core.url_to_fs(source)
+    files = []
+    for name in sorted(fs.expand_path(path, recursive=True)):
+        info = fs.info(name)
+        if info["type"] == "file":
+            files.append([name, info.get("size"), str(info.get("mtime") or info.get("ETag") or info.get("LastModified"))])
+    return {"source": source, "files": files}
+
+
+class Manifest:
+    """``pipeline.json`` under --data: per stage, the inputs it ran with and the ids of the
+    stores it completed, written after the stage. A stage is unchanged when its inputs
+    are equal and each of its stores still opens complete with the recorded id (a store
+    rewritten since, even at the same path, gets a new id)."""
+
+    def __init__(self, data: str) -> None:
+        self.path = f"{data}/{MANIFEST}"
+        self.records: dict | None = None
+
+    def read(self) -> Manifest:
+        import fsspec
+
+        from blockals.errors import InputError
+
+        fs, path = fsspec.core.url_to_fs(self.path)
+        if fs.exists(path):
+            try:
+                self.records = json.loads(fs.cat_file(path))
+            except ValueError:
+                raise InputError(f"{self.path} is not valid JSON; delete it and run without --resume.") from None
+        return self
+
+    def unchanged(self, stage: str, inputs: dict, paths: dict[str, str]) -> bool:
+        record = (self.records or {}).get(stage)
+        if not isinstance(record, dict) or record.get("inputs") != json.loads(json.dumps(inputs)):
+            return False
+        return all(store_id(paths[name]) == recorded for name, recorded in record.get("outputs", {}).items())
+
+    def record(self, stage: str, inputs: dict, outputs: dict[str, str]) -> None:
+        import fsspec
+
+        self.records = {**(self.records or {}), stage: {"inputs": inputs, "outputs": outputs}}
+        with fsspec.open(self.path, "w") as fh:
+            fh.write(json.dumps(self.records, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     import fsspec
 
     import blockals
     from blockals.evaluation import evaluate, split
+    import numpy as np
+    from distributed.system import MEMORY_LIMIT
+
+    from blockals.params import ALSConfig, check_solve_memory, parse_address, parse_int, parse_output_path
+    from blockals.training import preflight
 
     args = parse_args(argv)
     config = load_config(args)
@@ -145,10 +254,45 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise blockals.InputError(f"--stages has {unknown[0]!r}; stages are {', '.join(STAGES)}.")
-    data = args.data.rstrip("/")
+    if args.scheduler:
+        parse_address(args.scheduler, "--scheduler")
+    parse_int(args.n_workers, "--n-workers", 1)
+    data = parse_output_path(args.data.rstrip("/"), "--data", "directory")
+    paths = {name: f"{data}/{name}" for name in ("ratings.zarr", "train.zarr", "test.zarr", "model.zarr", "recommendations.zarr")}
+    local = not args.scheduler and args.cluster == "local"
+
+    # What each stage will do, decided before a cluster starts: with --resume, ingest and
+    # split are skipped when their inputs and complete outputs are as recorded.
+    d = dict(config["data"])
+    source = d.pop("source", None)
+    if "ingest" in stages and source is not None:
+        from blockals.sources import read_source
+
+        read_source(source, d.get("user_col", "user"), d.get("item_col", "item"), d.get("rating_col", "rating"),
+                    d.get("timestamp_col"))  # a missing or unreadable source, refused before the stages
+    manifest = Manifest(data).read()
+    if args.resume and manifest.records is None and {"ingest", "split"} & set(stages):
+        raise blockals.InputError(f"--resume: {data} holds no earlier run of this pipeline (no {MANIFEST}); "
+                                  f"run without --resume to start.")
+    ingest_inputs = {"source": source_identity(source, config["split"].get("seed", 0)), "data": d} if (
+        "ingest" in stages) else None
+    skip_ingest = args.resume and ingest_inputs is not None and manifest.unchanged("ingest", ingest_inputs, paths)
+    ratings_rewritten = "ingest" in stages and not skip_ingest
+    skip_split = (args.resume and "split" in stages and not ratings_rewritten
+                  and manifest.unchanged("split", {"split": config["split"], "ratings": store_id(paths["ratings.zarr"])},
+                                         paths))
+    train_rewritten = "split" in stages and not skip_split
+    resume_train = args.resume and not train_rewritten
+    if "train" in stages and resume_train:
+        # The training store stays: resuming is checked in full (a checkpoint of these parameters).
+        preflight(blockals.ALS(**config["model"]).get_params(), blockals.open_store(paths["train.zarr"]), resume=True,
+                  local=local)
+    elif "train" in stages and local:  # the store is still to be written: what its size cannot change
+        cfg = ALSConfig.parse(**config["model"])
+        check_solve_memory(cfg.rank, cfg.objective(0.0).width, np.dtype(cfg.dtype).itemsize, 0, MEMORY_LIMIT,
+                           "this machine's memory")
     if "://" not in data:
         Path(data).mkdir(parents=True, exist_ok=True)
-    paths = {name: f"{data}/{name}" for name in ("ratings.zarr", "train.zarr", "test.zarr", "model.zarr", "recommendations.zarr")}
     summary: list[tuple[str, float, str]] = []
 
     def timed(stage: str, fn, describe) -> object:
@@ -157,25 +301,42 @@ def main(argv: list[str] | None = None) -> int:
         summary.append((stage, time.perf_counter() - t, describe(out)))
         return out
 
+    def skipped(stage: str, why: str) -> None:
+        print(f"{stage}: {why}; skipped (--resume)", flush=True)
+        summary.append((stage, 0.0, "skipped: " + why))
+
     with connect_cluster(args) as client:
         print(f"Dask dashboard: {client.dashboard_link}", flush=True)
-        if "ingest" in stages:
-            d = dict(config["data"])
-            source = d.pop("source", None)
+        if skip_ingest:
+            skipped("ingest", f"{paths['ratings.zarr']} is complete and its source and parameters are unchanged")
+        elif "ingest" in stages:
+            if args.resume:
+                print("ingest: its source, parameters or store changed since the recorded run; ingesting again",
+                      flush=True)
             if source is None:
                 source = blockals.datasets.movielens_like(seed=config["split"].get("seed", 0))
                 print(f"synthetic MovieLens-shaped data: {len(source):,} ratings")
             store = timed("ingest", lambda: blockals.ingest(source, paths["ratings.zarr"], overwrite=True, **d),
                           lambda s: f"{s.nnz:,} ratings, {s.n_users:,} users x {s.n_items:,} items, "
                                     f"{s.n_user_blocks}x{s.n_item_blocks} blocks")
+            manifest.record("ingest", ingest_inputs, {"ratings.zarr": store.store_id})
             print(store.summary(), flush=True)
-        if "split" in stages:
-            timed("split", lambda: split(blockals.open_store(paths["ratings.zarr"]), paths["train.zarr"],
-                                         paths["test.zarr"], overwrite=True, **config["split"]),
-                  lambda tt: f"{tt[0].nnz:,} train / {tt[1].nnz:,} test ratings")
+        if skip_split:
+            skipped("split", f"{paths['train.zarr']} and {paths['test.zarr']} are complete and unchanged")
+        elif "split" in stages:
+            if args.resume:
+                print("split: its ratings or parameters changed since the recorded run; splitting again", flush=True)
+            ratings = blockals.open_store(paths["ratings.zarr"])
+            tt = timed("split", lambda: split(ratings, paths["train.zarr"], paths["test.zarr"], overwrite=True,
+                                              **config["split"]),
+                       lambda tt: f"{tt[0].nnz:,} train / {tt[1].nnz:,} test ratings")
+            manifest.record("split", {"split": config["split"], "ratings": ratings.store_id},
+                            {"train.zarr": tt[0].store_id, "test.zarr": tt[1].store_id})
         train = blockals.open_store(paths["train.zarr"]) if {"train", "evaluate"} & set(stages) else None
         if "train" in stages:
-            model = timed("train", lambda: blockals.ALS(**config["model"], verbose=True).fit(train, client, resume=args.resume),
+            if args.resume and not resume_train:
+                print("train: the training store was written again, so training starts from iteration 1", flush=True)
+            model = timed("train", lambda: blockals.ALS(**config["model"], verbose=True).fit(train, client, resume=resume_train),
                           lambda m: f"objective {m.history_[-1]['loss']:.6g}, train RMSE {m.history_[-1]['train_rmse']:.4f}")
             model.save(paths["model.zarr"], overwrite=True)
         model = blockals.ALS.load(paths["model.zarr"]) if {"evaluate", "recommend"} & set(stages) else None
@@ -195,13 +356,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def store_id(path: str) -> str | None:
+    """The id of the complete ratings store at ``path``, or None."""
+    import blockals
+
+    try:
+        return blockals.open_store(path).store_id
+    except blockals.StoreError:
+        return None
+
+
 if __name__ == "__main__":
+    from blockals.cli import internal_error
+    from blockals.errors import BlockalsError
+
     try:
         sys.exit(main())
-    except Exception as exc:  # one sentence for known bad input, as the CLI does
-        from blockals.errors import BlockalsError
-
-        if isinstance(exc, BlockalsError):
-            print(f"als_pipeline: error: {exc}", file=sys.stderr)
-            sys.exit(2)
-        raise
+    except BlockalsError as exc:  # one sentence for known bad input, as the CLI does
+        print(f"als_pipeline: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("als_pipeline: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception:  # a bug: one line here, the traceback in a file
+        sys.exit(internal_error("als_pipeline"))

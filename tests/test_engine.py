@@ -54,7 +54,8 @@ def test_default_checkpoint_lives_in_the_store_and_resumes(store, client2):
 
 def test_resume_refuses_other_parameters(store, client2, tmp_path):
     fit(store, client2, 1, checkpoint_path=str(tmp_path / "d"))
-    with pytest.raises(blockals.StoreError, match="other training parameters"):
+    match = r"other training parameters \(rank=5, not rank=3\); resume with rank=5, or train without resume\.$"
+    with pytest.raises(blockals.StoreError, match=match):
         blockals.ALS(rank=3, max_iter=2).fit(store, client2, checkpoint_path=str(tmp_path / "d"), resume=True)
 
 

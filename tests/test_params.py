@@ -158,6 +158,12 @@ def test_command_line_help_carries_the_table_help():
         ("model:\n  rank: 0\n", r"rank must be at least 1, got 0\."),
         ("model: 3\n", r"section 'model' of .* must hold keys and values\."),
         ("- 1\n- 2\n", r"must hold sections"),
+        # Values of every section, refused before ingest and split run rather than when their stage comes.
+        ("split:\n  method: randm\n",
+         r"c\.yaml: split\.method must be one of 'random', 'leave_k_out', 'ratio', 'temporal'; got 'randm'\.$"),
+        ("evaluate:\n  k: 0\n", r"c\.yaml: evaluate\.k must be at least 1, got 0\.$"),
+        ("data:\n  n_user_blocks: two\n", r"c\.yaml: data\.n_user_blocks must be an integer, got 'two'\.$"),
+        ("recommend:\n  n: 2.5\n", r"c\.yaml: recommend\.n must be an integer, got 2\.5\.$"),
     ],
 )
 def test_pipeline_yaml_keys_come_from_the_api(yaml_text, match, tmp_path):
@@ -182,3 +188,17 @@ def test_shipped_pipeline_configs_pass_the_table(config):
     loaded = pipeline.load_config(pipeline.parse_args(["--config", str(config)]))
     assert set(loaded) == {"data", "split", "model", "evaluate", "recommend"}
     assert params.parse_params(loaded["model"]).config.rank >= 1
+
+
+def test_pipeline_checks_the_value_of_every_key():
+    import importlib.util
+
+    from blockals.evaluation import parse_split_params
+
+    spec = importlib.util.spec_from_file_location("als_pipeline", ROOT / "pipelines" / "als_pipeline.py")
+    pipeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pipeline)
+    keys, checks = pipeline.config_keys(), pipeline.value_checks()
+    for section in ("data", "evaluate", "recommend"):
+        assert set(checks[section]) == set(keys[section]), section
+    assert set(keys["split"]) == set(inspect.signature(parse_split_params).parameters) - {"prefix"}

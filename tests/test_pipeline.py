@@ -1,0 +1,75 @@
+"""The pipeline script's --resume: stages whose outputs are complete and whose inputs are
+unchanged are skipped, changed ones run again, and training resumes from its checkpoint.
+
+The script runs as users run it, in a subprocess, against the session's cluster
+(``--scheduler``), on a small CSV source.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import blockals
+from conftest import cluster_client
+
+SCRIPT = Path(__file__).resolve().parents[1] / "pipelines" / "als_pipeline.py"
+
+
+def pipeline(data: Path, source: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--data", str(data), "--source", str(source), "--stages", "ingest,split,train",
+         "--scheduler", cluster_client(2).scheduler.address, *args],
+        capture_output=True, text=True, timeout=600,
+    )
+
+
+def store_ids(data: Path) -> dict[str, str]:
+    return {name: blockals.open_store(data / name).store_id for name in ("ratings.zarr", "train.zarr", "test.zarr")}
+
+
+def test_resume_skips_unchanged_stages_and_reruns_changed_ones(tmp_path):
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame({"user": rng.integers(0, 30, 400), "item": rng.integers(0, 20, 400)}).drop_duplicates()
+    frame["rating"] = rng.integers(1, 6, len(frame)).astype(float)
+    source, data = tmp_path / "r.csv", tmp_path / "data"
+    frame.to_csv(source, index=False)
+
+    first = pipeline(data, source, "--max-iter", "2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    ids = store_ids(data)
+
+    # Unchanged source and parameters: ingest and split are skipped, their stores are the
+    # same ones, and training continues from its checkpoint at iteration 2.
+    again = pipeline(data, source, "--max-iter", "3", "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert re.search(r"^ingest: .*ratings\.zarr is complete and its source and parameters are unchanged; "
+                     r"skipped \(--resume\)$", again.stdout, re.M)
+    assert re.search(r"^split: .* are complete and unchanged; skipped \(--resume\)$", again.stdout, re.M)
+    assert "iteration   2" not in again.stdout and "iteration   3" in again.stdout
+    assert store_ids(data) == ids
+
+    # Another rank with --resume names what differs, before any stage or cluster work.
+    other = pipeline(data, source, "--max-iter", "3", "--rank", "3", "--resume")
+    assert other.returncode == 2 and other.stdout == "" and "Traceback" not in other.stderr
+    assert other.stderr.strip().endswith("only one made with rank=10 (not rank=3); resume with rank=10, "
+                                         "or train without resume."), other.stderr
+    assert store_ids(data) == ids
+
+    # The source edited in place (same path): ingest and split run again, and training,
+    # whose store was rewritten, starts over.
+    frame.loc[0, "rating"] = 6 - frame.loc[0, "rating"]
+    frame.to_csv(source, index=False)
+    changed = pipeline(data, source, "--max-iter", "2", "--resume")
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    assert "skipped" not in changed.stdout
+    assert "train: the training store was written again, so training starts from iteration 1" in changed.stdout
+    assert "iteration   1" in changed.stdout
+    new_ids = store_ids(data)
+    assert all(new_ids[name] != ids[name] for name in ids)
+    assert blockals.open_store(data / "ratings.zarr").nnz == len(frame)
