@@ -110,7 +110,8 @@ def _pyplot():
     return plt
 
 
-def _plot(history: list[dict], path: str) -> None:
+def _plot(history: list[dict], path: Any) -> None:
+    """The objective and training RMSE per iteration, as a PNG at ``path`` (or a binary file object)."""
     plt = _pyplot()
     it = [h["iteration"] for h in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -119,7 +120,7 @@ def _plot(history: list[dict], path: str) -> None:
     right.plot(it, [h["train_rmse"] for h in history], marker="o", color="tab:orange")
     right.set(xlabel="iteration", ylabel="RMSE", title="training RMSE")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -198,13 +199,23 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
-        from importlib.metadata import version
-
-        import blockals
-
-        libs = ", ".join(f"{name} {version(name)}" for name in ("dask", "distributed", "zarr", "numba", "numpy"))
-        print(f"blockals {blockals.__version__} ({libs})")
+        found = versions()
+        libs = ", ".join(f"{name} {v}" for name, v in found.items() if name != "blockals")
+        print(f"blockals {found['blockals']} ({libs})")
         parser.exit()
+
+
+# The libraries whose versions decide blockals' results and speed.
+ENGINE = ("dask", "distributed", "zarr", "numba", "numpy")
+
+
+def versions() -> dict[str, str]:
+    """The versions of blockals and of the :data:`ENGINE` libraries."""
+    from importlib.metadata import version
+
+    import blockals
+
+    return {"blockals": blockals.__version__, **{name: version(name) for name in ENGINE}}
 
 
 def build_parser() -> argparse.ArgumentParser:

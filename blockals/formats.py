@@ -161,7 +161,7 @@ def path_exists(path: str, storage_options: dict | None = None) -> bool:
 def children(path: str, storage_options: dict | None = None) -> list[str]:
     """The paths directly under the directory ``path``, written as ``path`` is; none where
     there is no directory."""
-    fs, p = _fs(path, storage_options)
+    fs, p = filesystem(path, storage_options)
     if not fs.isdir(p):
         return []
     return [f"{path.rstrip('/')}/{entry.rstrip('/').rsplit('/', 1)[-1]}" for entry in sorted(fs.ls(p, detail=False))]

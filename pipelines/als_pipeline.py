@@ -1,8 +1,10 @@
 """The blockals pipeline: ingest -> split -> train -> evaluate -> recommend, on a Dask cluster.
 
 Every stage reads and writes stores under ``--data`` (``ratings.zarr``, ``train.zarr``,
-``test.zarr``, ``model.zarr``, ``metrics.json``, ``recommendations.zarr``; a local directory or
-an ``s3://`` URL), so any stage can be rerun alone (``--stages train,evaluate``).
+``test.zarr``, ``model.zarr``, ``recommendations.zarr``; a local directory or an ``s3://``
+URL), so any stage can be rerun alone (``--stages train,evaluate``). The evaluate stage
+writes ``metrics.json`` (the metrics, every parameter, the versions and the per-iteration
+history), ``loss.png`` (with matplotlib installed) and ``report.html`` (all of it on one page).
 ``--resume`` continues an earlier run in ``--data``: ingest and split are skipped when
 ``pipeline.json`` records that they completed with the same inputs (the source's files by
 path, size and modification time, and the stage's parameters) and their stores are still
@@ -238,8 +240,6 @@ class Manifest:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import fsspec
-
     import blockals
     from blockals.evaluation import evaluate, split
     import numpy as np
@@ -344,8 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             test = blockals.open_store(paths["test.zarr"])
             metrics = timed("evaluate", lambda: evaluate(model, test, train, client=client, **config["evaluate"]),
                             lambda m: ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
-            with fsspec.open(f"{data}/metrics.json", "w") as fh:
-                fh.write(json.dumps(metrics, indent=2))
+            write_outputs(data, config, metrics, model.history_)
         if "recommend" in stages:
             timed("recommend", lambda: model.recommend_all(config["recommend"].get("n", 10), paths["recommendations.zarr"], client=client),
                   lambda path: f"top {config['recommend'].get('n', 10)} for every user in {path}")
@@ -354,6 +353,55 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {stage} | {seconds:.1f} | {text} |")
     print(f"\noutputs in {data}")
     return 0
+
+
+def write_outputs(data: str, config: dict, metrics: dict, history: list[dict]) -> None:
+    """metrics.json (the metrics, every parameter of every stage, the versions and the
+    history), loss.png (when matplotlib is installed) and report.html (all of it on one
+    page, the plot inline) in ``data``."""
+    import base64
+    import html
+    import io
+
+    import fsspec
+
+    from blockals.cli import _plot, versions
+    from blockals.errors import InputError
+
+    record = {**metrics, "parameters": config, "versions": versions(), "history": history}
+    with fsspec.open(f"{data}/metrics.json", "w") as fh:
+        fh.write(json.dumps(record, indent=2, default=str))
+    png = io.BytesIO()
+    try:
+        _plot(history, png)
+    except InputError:  # matplotlib is optional
+        print("loss.png and the report's plot need matplotlib: pip install 'blockals[plot]'", flush=True)
+        png = None
+    if png is not None:
+        with fsspec.open(f"{data}/loss.png", "wb") as fh:
+            fh.write(png.getvalue())
+
+    def table(rows: list[tuple]) -> str:
+        return "<table>" + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
+                                   for r in rows) + "</table>"
+
+    columns = list(history[0]) if history else []
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>blockals pipeline report</title>",
+        "<style>body{font-family:sans-serif;margin:2em}td{padding:2px 10px;border-bottom:1px solid #ddd}</style>",
+        "<h1>blockals pipeline report</h1>",
+        f"<p>{html.escape(time.strftime('%Y-%m-%d %H:%M:%S'))}, "
+        + html.escape(", ".join(f"{k} {v}" for k, v in versions().items())) + "</p>",
+        "<h2>Metrics</h2>", table([(k, f"{v:.6g}" if isinstance(v, float) else v) for k, v in metrics.items()]),
+        "<h2>Parameters</h2>",
+        table([(f"{section}.{key}", value) for section, values in config.items() for key, value in values.items()]),
+        "<h2>Iterations</h2>", table([tuple(columns)] + [tuple(h[c] for c in columns) for h in history]),
+    ]
+    if png is not None:
+        parts.insert(5, "<img alt='objective and training RMSE per iteration' src='data:image/png;base64,"
+                        + base64.b64encode(png.getvalue()).decode() + "'>")
+    with fsspec.open(f"{data}/report.html", "w") as fh:
+        fh.write("\n".join(parts))
 
 
 def store_id(path: str) -> str | None:

@@ -151,7 +151,17 @@ def test_pipeline_default_job(tmp_path):
     # Better than predicting every rating with one constant, by a clear margin.
     frame = blockals.datasets.movielens_like()
     assert metrics["rmse"] < 0.85 * frame["rating"].std()
-    assert blockals.ALS.load(tmp_path / "model.zarr").history_[-1]["iteration"] == 4
+    model = blockals.ALS.load(tmp_path / "model.zarr")
+    assert model.history_[-1]["iteration"] == 4
+    # Beside the metrics: every parameter the run used, the versions, the history, a plot and a report.
+    from importlib.metadata import version
+
+    assert metrics["parameters"]["model"]["max_iter"] == 4 and metrics["parameters"]["split"]
+    assert metrics["versions"]["blockals"] == version("blockals") and metrics["versions"]["dask"] == version("dask")
+    assert [h["loss"] for h in metrics["history"]] == [h["loss"] for h in model.history_]
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (tmp_path / "report.html").read_text()
+    assert f"{metrics['rmse']:.6g}" in report and "model.max_iter" in report and "data:image/png;base64," in report
     recs = read_recommendations(tmp_path / "recommendations.zarr")
     assert recs["user"].nunique() == frame["user"].nunique()
 
