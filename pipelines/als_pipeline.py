@@ -5,7 +5,9 @@ Every stage reads and writes stores under ``--data`` (``ratings.zarr``, ``train.
 an ``s3://`` URL), so any stage
 can be rerun alone (``--stages train,evaluate``) and training resumes from its checkpoint
 (``--resume``). Parameters come from a YAML file (``pipelines/configs/``: explicit,
-biased, implicit) and flags override them.
+biased, implicit) and flags override them. A config whose ``search`` section has
+``enabled: true`` runs the ``search`` stage instead of ``train``: :func:`blockals.search`
+on ``train.zarr``, the best model saved as ``model.zarr``, every candidate in ``search.csv``.
 
 With no arguments it runs the embedded default: a synthetic MovieLens-shaped data set
 (943 users x 1682 items, ~100k half-star ratings, made locally from a seed) under
@@ -29,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "pipelines" / "configs"
 DEFAULT_DATA = ROOT / "storage" / "data" / "demo"
-STAGES = ("ingest", "split", "train", "evaluate", "recommend")
+STAGES = ("ingest", "split", "search", "train", "evaluate", "recommend")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="directory or fsspec URL (s3://bucket/prefix) of the stages' stores; "
                         "credentials come from the environment (AWS_* variables for S3)")
     p.add_argument("--source", help="ratings to ingest (default: the config's, else the synthetic set)")
-    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {', '.join(STAGES)}")
+    p.add_argument("--stages", help=f"comma-separated subset of {', '.join(STAGES)} (default: all but search, or all "
+                                    f"but train when the config's search section has enabled: true)")
     p.add_argument("--rank", type=int)
     p.add_argument("--max-iter", type=int)
     p.add_argument("--reg", type=float)
@@ -76,6 +79,8 @@ def config_keys() -> dict[str, list[str]]:
         "model": [p.name for p in params.PARAMS if p.cli],
         "evaluate": keywords(evaluate, "model", "test", "train", "client"),
         "recommend": ["n"],
+        # Opt-in: with enabled: true, the search stage replaces train, saving the best model.
+        "search": ["enabled"] + keywords(blockals.search, "store", "client", "verbose", "storage_options"),
     }
 
 
@@ -85,6 +90,7 @@ def load_config(args: argparse.Namespace) -> dict:
 
     from blockals.errors import InputError
     from blockals.params import check_keys, parse_params
+    from blockals.search import plan
 
     try:
         with open(args.config, encoding="utf-8") as fh:
@@ -108,7 +114,14 @@ def load_config(args: argparse.Namespace) -> dict:
     if args.source:
         config["data"]["source"] = args.source
     parse_params(config["model"])  # refused here, before a cluster starts or a stage runs
+    plan(**search_arguments(config))
     return config
+
+
+def search_arguments(config: dict) -> dict:
+    """blockals.search's keyword arguments from the search section (implicit: the model's, unless given)."""
+    return {"implicit": config["model"].get("implicit", False),
+            **{k: v for k, v in config["search"].items() if k != "enabled"}}
 
 
 def connect_cluster(args: argparse.Namespace):
@@ -144,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     config = load_config(args)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    searching = config["search"].get("enabled", False) is True
+    default = [s for s in STAGES if s != ("train" if searching else "search")]
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else default
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise blockals.InputError(f"--stages has {unknown[0]!r}; stages are {', '.join(STAGES)}.")
@@ -176,7 +191,14 @@ def main(argv: list[str] | None = None) -> int:
             timed("split", lambda: split(blockals.open_store(paths["ratings.zarr"]), paths["train.zarr"],
                                          paths["test.zarr"], overwrite=True, **config["split"]),
                   lambda tt: f"{tt[0].nnz:,} train / {tt[1].nnz:,} test ratings")
-        train = blockals.open_store(paths["train.zarr"]) if {"train", "evaluate"} & set(stages) else None
+        train = blockals.open_store(paths["train.zarr"]) if {"search", "train", "evaluate"} & set(stages) else None
+        if "search" in stages:
+            result = timed("search", lambda: blockals.search(train, client=client, **search_arguments(config)),
+                           lambda r: f"{len(r.candidates)} candidates, best {r.metric} {r.best_score:.4f} on validation "
+                                     f"with {', '.join(f'{k}={v}' for k, v in r.best_params.items())}")
+            result.best_model.save(paths["model.zarr"])
+            with fsspec.open(f"{data}/search.csv", "w") as fh:
+                fh.write(result.candidates.to_csv())
         if "train" in stages:
             model = timed("train", lambda: blockals.ALS(**config["model"], verbose=True).fit(train, client, resume=args.resume),
                           lambda m: f"objective {m.history_[-1]['loss']:.6g}, train RMSE {m.history_[-1]['train_rmse']:.4f}")
