@@ -143,13 +143,14 @@ def _search(args: argparse.Namespace) -> int:
 
     kwargs = dict(implicit=args.implicit, metric=args.metric, validation=args.validation, min_iter=args.min_iter,
                   max_iter=args.max_iter, factor=args.factor, budget=args.budget, seed=args.seed)
-    plan(_space(args.space), **kwargs)  # refused before the store is read or a cluster starts
+    space = _space(args.space)
+    plan(space, **kwargs)  # refused before the store is read or a cluster starts
     store = blockals.open_store(args.store)
     check_model_path(args.model)
     with Lease(args.model, "model", break_lease=args.break_lease):
         with _client(args, store.nnz) as client:
             print(f"dashboard: {client.dashboard_link}", flush=True)
-            result = blockals.search(store, _space(args.space), client=client, **kwargs)
+            result = blockals.search(store, space, client=client, **kwargs)
         result.best_model.save(args.model)
     if args.candidates:  # written whole, then renamed: never a half-written table
         partial = f"{args.candidates}.partial"

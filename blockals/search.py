@@ -231,16 +231,13 @@ class SearchResult:
         """The validation metric against iterations, one line per candidate; returns the
         matplotlib figure, also written to ``path`` if given. Needs matplotlib."""
         try:
-            import matplotlib
-
-            if path is not None:
-                matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            from matplotlib.figure import Figure  # not pyplot: no backend or global figure is touched
         except ImportError as exc:
             raise InputError("plotting a search needs matplotlib: pip install 'blockals[plot]'.") from exc
         columns = [c for c in self.candidates if c.startswith(f"{self.metric}_it")]
         x = [int(c.rsplit("_it", 1)[1]) for c in columns]
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         for _, row in self.candidates.iterrows():
             ax.plot(x, row[columns].to_numpy(dtype=float), marker="o", lw=1, alpha=0.6)
         ax.set(xlabel="iterations", ylabel=f"validation {self.metric}", title="successive halving", xscale="log")

@@ -98,12 +98,18 @@ def test_bad_input_is_refused_before_any_work(store, kwargs, message):
     assert not os.path.exists(f"{store.path}/search")
 
 
-def test_rungs_past_the_budget_are_not_run(store, client2):
+def test_rungs_past_the_budget_are_not_run(store, client2, tmp_path):
     result = blockals.search(store, {"rank": [2, 3, 4, 5]}, min_iter=1, max_iter=4, factor=2, budget=7,
                              client=client2, verbose=0)
     # 4 x 1 + 2 x 1 more fit in 7; the last rung (1 x 2 more) would not.
     assert sorted(result.candidates["iterations"]) == [1, 1, 2, 2]
     assert result.best_params["max_iter"] == 2 and len(result.rungs) == 2
+    fig = result.plot(str(tmp_path / "search.png"))  # one line per candidate, through its rungs' scores
+    assert (tmp_path / "search.png").stat().st_size > 0
+    lines = fig.axes[0].lines
+    assert [list(line.get_xdata()) for line in lines] == [[1, 2]] * 4
+    np.testing.assert_array_equal(np.array([line.get_ydata() for line in lines], dtype=float),
+                                  result.candidates[["rmse_it1", "rmse_it2"]].to_numpy())
 
 
 def cli(*args, **kwargs):
