@@ -1,4 +1,4 @@
-"""The ``blockals`` command line: ingest, split, train, evaluate, recommend, info.
+"""The ``blockals`` command line: ingest, split, train, search, evaluate, recommend, info.
 
 Every subcommand wraps the Python API with the same parameter names (dashes for
 underscores). Bad input ends with one sentence on stderr and exit status 2, never a
@@ -122,6 +122,57 @@ def _plot(history: list[dict], path: Any) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
+
+
+def _space(text: str | None) -> object:
+    """``--space``: JSON text, or the path of a JSON or YAML file holding the space."""
+    from blockals.errors import InputError
+
+    if text is None:
+        return None
+    if text.endswith((".json", ".yaml", ".yml")):
+        import yaml
+
+        try:
+            with open(text, encoding="utf-8") as fh:
+                return yaml.safe_load(fh)  # YAML reads JSON too
+        except OSError as exc:
+            raise InputError(f"--space file {text} cannot be read: {exc.strerror}.") from None
+        except yaml.YAMLError as exc:
+            raise InputError(f"--space file {text} is not valid YAML or JSON ({exc.__class__.__name__}).") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--space is not valid JSON ({exc.msg} at character {exc.pos}) nor a .json/.yaml file.") from None
+
+
+def _search(args: argparse.Namespace) -> int:
+    import os
+
+    import blockals
+    from blockals.lock import Lease
+    from blockals.modelio import check_model_path
+    from blockals.search import plan
+
+    kwargs = dict(implicit=args.implicit, metric=args.metric, validation=args.validation, min_iter=args.min_iter,
+                  max_iter=args.max_iter, factor=args.factor, budget=args.budget, seed=args.seed)
+    space = _space(args.space)
+    plan(space, **kwargs)  # refused before the store is read or a cluster starts
+    store = blockals.open_store(args.store)
+    check_model_path(args.model)
+    with Lease(args.model, "model", break_lease=args.break_lease):
+        with _client(args, store.nnz) as client:
+            print(f"dashboard: {client.dashboard_link}", flush=True)
+            result = blockals.search(store, space, client=client, **kwargs)
+        result.best_model.save(args.model)
+    if args.candidates:  # written whole, then renamed: never a half-written table
+        partial = f"{args.candidates}.partial"
+        result.candidates.to_csv(partial)
+        os.replace(partial, args.candidates)
+    print(f"best {result.metric} {result.best_score:.4f} on validation; model written to {args.model}")
+    if args.plot:
+        result.plot(args.plot)
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -270,6 +321,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "died (local leases of dead processes free themselves)")
     _add_cluster_options(p)
     p.set_defaults(run=_train)
+
+    p = sub.add_parser("search", help="choose parameters on a validation split by successive halving; save the best model")
+    p.add_argument("store", help="training ratings store (the test set stays out of it)")
+    p.add_argument("model", help="path of the best model, refitted on every rating of STORE")
+    p.add_argument("--space", help='parameter values to try, as JSON (\'{"rank": [8, 16], "reg": [0.05, 0.1]}\') or '
+                                   "a .json/.yaml file (default: blockals.search.DEFAULT_SPACES)")
+    p.add_argument("--implicit", action="store_true", help="search implicit-feedback models")
+    p.add_argument("--metric", help="rmse, mae, auc, precision@k, recall@k, ndcg@k or map@k (default: rmse; ndcg@10 implicit)")
+    p.add_argument("--validation", type=float, default=0.1, help="fraction of ratings held out to score candidates (default: 0.1)")
+    p.add_argument("--min-iter", type=int, default=3, help="iterations of every candidate before the first cut (default: 3)")
+    p.add_argument("--max-iter", type=int, default=20, help="iterations the best candidate reaches (default: 20)")
+    p.add_argument("--factor", type=int, default=3, help="keep the best 1/FACTOR of each rung (default: 3)")
+    p.add_argument("--budget", type=int, help="at most this many iterations, summed over candidates (default: no cap)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the validation split and the candidates (default: 0)")
+    p.add_argument("--candidates", help="write every candidate's parameters and scores here (CSV)")
+    p.add_argument("--plot", help="write the validation metric against iterations (PNG) here; needs matplotlib")
+    p.add_argument("--break-lease", action="store_true", help="take over the model's lease left on an object store by a dead search")
+    _add_cluster_options(p)
+    p.set_defaults(run=_search)
 
     p = sub.add_parser("evaluate", help="rating and ranking metrics of a model on a test store")
     p.add_argument("model")

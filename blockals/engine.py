@@ -29,7 +29,8 @@ iterations, or by default once ``checkpoint_seconds`` have passed since the last
 and always after the last. The iteration after a commit restarts from the checkpoint
 (``blockals-restart-...``), so the scheduler holds the graph of the iterations since the
 last commit only (of every iteration when training runs without checkpoints). Keys end
-in a run id, so two trainings on one cluster never share a key.
+in a run id, so two trainings on one cluster never share a key; a search's candidates
+start theirs with ``blockals-search`` and put the candidate before the run id.
 """
 
 from __future__ import annotations
@@ -149,6 +150,11 @@ class Engine:
     arrays : dict, optional
         User-given global arrays, in global-index order: ``"user_init"``, ``"item_init"``,
         ``"row_weights"``, ``"col_weights"``.
+    key_prefix : str
+        What every task key starts with (``"blockals-search"`` for a search's candidates).
+    run_tag : str
+        Put before the run id at the end of every key, naming the run on the dashboard
+        (a search's candidate: ``"c7"``).
     """
 
     def __init__(
@@ -162,6 +168,8 @@ class Engine:
         on_iteration: Callable[[dict[str, Any]], None] | None = None,
         arrays: dict[str, np.ndarray] | None = None,
         on_block: Callable[[int, int, int], None] | None = None,
+        key_prefix: str = "blockals",
+        run_tag: str = "",
     ) -> None:
         self.client = client
         self.store = store
@@ -173,7 +181,8 @@ class Engine:
         self.checkpoint_seconds = checkpoint_seconds
         self.on_iteration = on_iteration
         self.on_block = on_block
-        self.run_id = uuid.uuid4().hex[:8]
+        self.key_prefix = key_prefix
+        self.run_id = f"{run_tag}-{uuid.uuid4().hex[:8]}" if run_tag else uuid.uuid4().hex[:8]
         self.limits = blas_limits(client)
         self.per_block = self._split_arrays(arrays or {})
         self.routes: dict[Side, list[list[Future | None]]] = {}
@@ -189,7 +198,7 @@ class Engine:
         return out
 
     def _key(self, *parts: object) -> str:
-        return "blockals-" + "-".join(map(str, parts)) + f"-{self.run_id}"
+        return f"{self.key_prefix}-" + "-".join(map(str, parts)) + f"-{self.run_id}"
 
     def _submit(self, fn: Callable, *args: Any, key: str) -> Future:
         return self.client.submit(fn, *args, key=key, pure=False)

@@ -111,6 +111,10 @@ class ALS:
         """
         trained = training.train(self.get_params(), ratings, client, resume=resume, checkpoint_path=checkpoint_path,
                                  storage_options=storage_options, break_lease=break_lease)
+        return self._learned(trained)
+
+    def _learned(self, trained: training.Trained) -> ALS:
+        """Take a training's factors and history as the learned attributes."""
         for name, value in trained.factors.attributes().items():
             setattr(self, name, value)
         self.history_ = trained.history

@@ -232,8 +232,11 @@ def train(
     checkpoint_path: str | None = None,
     storage_options: dict | None = None,
     break_lease: bool = False,
+    key_prefix: str = "blockals",
+    run_tag: str = "",
 ) -> Trained:
-    """Train with the estimator's parameters; see :meth:`blockals.ALS.fit` for the arguments."""
+    """Train with the estimator's parameters; see :meth:`blockals.ALS.fit` for the arguments
+    and :class:`blockals.engine.Engine` for ``key_prefix`` and ``run_tag``."""
     parse_params(params)  # every parameter, before any data is read or a cluster started
     with _ratings_store(ratings, storage_options) as (store, temporary):
         run, arrays, checkpoint, lease = preflight(params, store, resume=resume, checkpoint_path=checkpoint_path,
@@ -245,7 +248,7 @@ def train(
             engine = Engine(
                 c, store, run.config, checkpoint, run.checkpoint_interval, run.checkpoint_seconds,
                 print_iteration if run.verbose else None, arrays,
-                print_block_progress if run.verbose >= 2 else None,
+                print_block_progress if run.verbose >= 2 else None, key_prefix=key_prefix, run_tag=run_tag,
             )
             result = engine.run(run.max_iter, resume=resume, on_compiled=functools.partial(report_compiled, verbose=run.verbose))
         return _trained(store, run.config, result.blocks, result.history, temporary)

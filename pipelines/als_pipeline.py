@@ -10,8 +10,11 @@ history), ``loss.png`` (with matplotlib installed) and ``report.html`` (all of i
 path, size and modification time, and the stage's parameters) and their stores are still
 the ones they wrote, and training resumes from its checkpoint, which must then be of the
 same parameters. Parameters come from a YAML file (``pipelines/configs/``: explicit,
-biased, implicit) and flags override them. Every value is checked before a cluster
-starts or a stage runs; bad input ends with one sentence and exit status 2.
+biased, implicit) and flags override them. A config whose ``search`` section has
+``enabled: true`` runs the ``search`` stage instead of ``train``: :func:`blockals.search`
+on ``train.zarr``, the best model saved as ``model.zarr``, every candidate in ``search.csv``.
+Every value is checked before a cluster starts or a stage runs; bad input ends with one
+sentence and exit status 2.
 
 With no arguments it runs the embedded default: a synthetic MovieLens-shaped data set
 (943 users x 1682 items, ~100k half-star ratings, made locally from a seed) under
@@ -35,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "pipelines" / "configs"
 DEFAULT_DATA = ROOT / "storage" / "data" / "demo"
-STAGES = ("ingest", "split", "train", "evaluate", "recommend")
+STAGES = ("ingest", "split", "search", "train", "evaluate", "recommend")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="directory or fsspec URL (s3://bucket/prefix) of the stages' stores; "
                         "credentials come from the environment (AWS_* variables for S3)")
     p.add_argument("--source", help="ratings to ingest (default: the config's, else the synthetic set)")
-    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {', '.join(STAGES)}")
+    p.add_argument("--stages", help=f"comma-separated subset of {', '.join(STAGES)} (default: all but search, or all "
+                                    f"but train when the config's search section has enabled: true)")
     p.add_argument("--rank", type=int)
     p.add_argument("--max-iter", type=int)
     p.add_argument("--reg", type=float)
@@ -86,6 +90,8 @@ def config_keys() -> dict[str, list[str]]:
         "model": [p.name for p in params.PARAMS if p.cli],
         "evaluate": keywords(evaluate, "model", "test", "train", "client"),
         "recommend": ["n"],
+        # Opt-in: with enabled: true, the search stage replaces train, saving the best model.
+        "search": ["enabled"] + keywords(blockals.search, "store", "client", "verbose", "storage_options"),
     }
 
 
@@ -95,6 +101,7 @@ def load_config(args: argparse.Namespace) -> dict:
 
     from blockals.errors import InputError
     from blockals.params import check_keys, parse_params
+    from blockals.search import plan
 
     try:
         with open(args.config, encoding="utf-8") as fh:
@@ -121,9 +128,16 @@ def load_config(args: argparse.Namespace) -> dict:
     try:
         parse_params(config["model"])
         check_values(config)
+        plan(**search_arguments(config))
     except InputError as exc:
         raise InputError(f"{args.config}: {exc}") from None
     return config
+
+
+def search_arguments(config: dict) -> dict:
+    """blockals.search's keyword arguments from the search section (implicit: the model's, unless given)."""
+    return {"implicit": config["model"].get("implicit", False),
+            **{k: v for k, v in config["search"].items() if k != "enabled"}}
 
 
 def value_checks() -> dict[str, dict]:
@@ -240,6 +254,8 @@ class Manifest:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import fsspec
+
     import blockals
     from blockals.evaluation import evaluate, split
     import numpy as np
@@ -250,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     config = load_config(args)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    searching = config["search"].get("enabled", False) is True
+    default = [s for s in STAGES if s != ("train" if searching else "search")]
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else default
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise blockals.InputError(f"--stages has {unknown[0]!r}; stages are {', '.join(STAGES)}.")
@@ -332,7 +350,14 @@ def main(argv: list[str] | None = None) -> int:
                        lambda tt: f"{tt[0].nnz:,} train / {tt[1].nnz:,} test ratings")
             manifest.record("split", {"split": config["split"], "ratings": ratings.store_id},
                             {"train.zarr": tt[0].store_id, "test.zarr": tt[1].store_id})
-        train = blockals.open_store(paths["train.zarr"]) if {"train", "evaluate"} & set(stages) else None
+        train = blockals.open_store(paths["train.zarr"]) if {"search", "train", "evaluate"} & set(stages) else None
+        if "search" in stages:
+            result = timed("search", lambda: blockals.search(train, client=client, **search_arguments(config)),
+                           lambda r: f"{len(r.candidates)} candidates, best {r.metric} {r.best_score:.4f} on validation "
+                                     f"with {', '.join(f'{k}={v}' for k, v in r.best_params.items())}")
+            result.best_model.save(paths["model.zarr"], overwrite=True)
+            with fsspec.open(f"{data}/search.csv", "w") as fh:
+                fh.write(result.candidates.to_csv())
         if "train" in stages:
             if args.resume and not resume_train:
                 print("train: the training store was written again, so training starts from iteration 1", flush=True)

@@ -186,7 +186,7 @@ def test_shipped_pipeline_configs_pass_the_table(config):
     pipeline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pipeline)
     loaded = pipeline.load_config(pipeline.parse_args(["--config", str(config)]))
-    assert set(loaded) == {"data", "split", "model", "evaluate", "recommend"}
+    assert set(loaded) == {"data", "split", "model", "evaluate", "recommend", "search"}
     assert params.parse_params(loaded["model"]).config.rank >= 1
 
 
