@@ -193,7 +193,16 @@ def move_path(source: str, target: str, storage_options: dict | None = None) -> 
     """Rename the tree at ``source`` to ``target``, which must not exist (one rename on a
     local disk; a copy and a delete on object stores)."""
     fs, src = filesystem(source, storage_options)
-    fs.mv(src, filesystem(target, storage_options)[1], recursive=True)
+    dst = filesystem(target, storage_options)[1]
+    if "://" not in source:
+        fs.mv(src, dst, recursive=True)
+        return
+    # Object stores have no directories: fsspec's recursive mv also asks to copy the prefix
+    # itself, an object that does not exist (NoSuchKey). Every object, then the originals.
+    files = fs.find(src)
+    for path in files:
+        fs.copy(path, dst + path[len(src.rstrip("/")):])
+    fs.rm(files)
 
 
 def remove_path(path: str, storage_options: dict | None = None) -> None:

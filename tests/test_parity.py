@@ -125,5 +125,6 @@ def test_docs_spark_table_maps_every_spark_parameter_and_model_member_to_ours():
     accepted = set(blockals.ALS().get_params()) | set(inspect.signature(blockals.ingest).parameters)
     for method in ("fit", "recommend", "recommend_all", "predict"):
         accepted |= set(inspect.signature(getattr(blockals.ALS, method)).parameters)
+    accepted |= set(inspect.signature(blockals.search).parameters)
     for argument in re.findall(r"(\w+)=", ours):
         assert argument in accepted, f"docs/spark.md offers {argument}=, which no blockals call takes"
