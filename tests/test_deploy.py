@@ -524,15 +524,20 @@ def test_cluster_kubernetes_without_dask_kubernetes_says_what_to_install(monkeyp
 
 LAYOUT = r"""
 set -e
-pipelines=$1 cache=$2 emptydir=$3 venv=$4; shift 4
+pipelines=$1 cache=$2 emptydir=$3 venv=$4 keep=$5; shift 5
 mount -t tmpfs -o mode=755 blockals-opt /opt
-mkdir -p /opt/blockals/pipelines /opt/blockals/numba-cache /opt/venv
+mkdir -p /opt/blockals/pipelines /opt/blockals/numba-cache /opt/venv /opt/host-tmp
 mount --bind "$pipelines" /opt/blockals/pipelines
 mount -o remount,bind,ro /opt/blockals/pipelines
 if [ -n "$cache" ]; then mount --bind "$cache" /opt/blockals/numba-cache; fi
 if [ -n "$venv" ]; then mount --bind "$venv" /opt/venv; fi
 if [ -n "$emptydir" ]; then
+    mount --bind /tmp /opt/host-tmp
     mount --bind "$emptydir" /tmp
+    for path in $keep; do  # this Python and checkout, where they live under the host's /tmp
+        mkdir -p "$path"
+        mount --bind "/opt/host-tmp${path#/tmp}" "$path"
+    done
     mount -o remount,ro /opt
     mount -o remount,bind,ro /
 fi
@@ -547,7 +552,14 @@ def in_layout(command: list[str], *, cache: Path | None = None, emptydir: Path |
     (this checkout's, read-only), /opt/blockals/numba-cache (``cache``) and /opt/venv (``venv``).
     With ``emptydir``, that directory is /tmp and everything else is read-only, as in a pod."""
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", LAYOUT, "layout", str(ROOT / "pipelines"),
-            str(cache or ""), str(emptydir or ""), str(venv or ""), *command]
+            str(cache or ""), str(emptydir or ""), str(venv or ""), " ".join(_under_tmp()), *command]
+
+
+def _under_tmp() -> list[str]:
+    """This checkout and this Python's environment where they lie under /tmp, which a pod's
+    emptyDir replaces: kept visible in the layout, so the host image still finds them."""
+    paths = {str(ROOT), sys.prefix, sys.base_prefix, str(Path(sys.executable).resolve().parent.parent)}
+    return sorted(p for p in paths if Path(p).resolve().is_relative_to("/tmp") and " " not in p)
 
 
 @pytest.fixture(scope="session")
