@@ -416,7 +416,7 @@ def write_outputs(data: str, config: dict, metrics: dict, history: list[dict]) -
         "<style>body{font-family:sans-serif;margin:2em}td{padding:2px 10px;border-bottom:1px solid #ddd}</style>",
         "<h1>blockals pipeline report</h1>",
         f"<p>{html.escape(time.strftime('%Y-%m-%d %H:%M:%S'))}, "
-        + html.escape(", ".join(f"{k} {v}" for k, v in versions().items())) + "</p>",
+        + html.escape(", ".join(f"{k} {v}" for k, v in record["versions"].items())) + "</p>",
         "<h2>Metrics</h2>", table([(k, f"{v:.6g}" if isinstance(v, float) else v) for k, v in metrics.items()]),
         "<h2>Parameters</h2>",
         table([(f"{section}.{key}", value) for section, values in config.items() for key, value in values.items()]),
