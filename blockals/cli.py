@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from blockals import params
+from blockals.errors import InputError
 
 __all__ = ["main", "build_parser", "check_arguments", "internal_error"]
 
@@ -388,6 +389,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     logging.basicConfig(level=level, format="%(message)s")
     if getattr(args, "scheduler", None):
         params.parse_address(args.scheduler, "--scheduler")
+    if getattr(args, "dashboard_address", None) is not None:
+        params.parse_dashboard_address(args.dashboard_address, "--dashboard-address")
     for dest, name, kind in OUTPUTS.get(args.command, ()):
         if getattr(args, dest):
             params.parse_output_path(getattr(args, dest), name, kind)
@@ -398,8 +401,16 @@ def check_arguments(args: argparse.Namespace) -> None:
         parse_split_params(args.method, args.fraction, args.k, args.seed, prefix="--")
     elif args.command == "evaluate":
         params.parse_int(args.k, "--k", 1)
+        params.parse_float(args.relevance, "--relevance", float("-inf"))
     elif args.command == "recommend":
         params.parse_int(args.n, "--n", 1)
+        if args.users and args.output:  # one would be ignored
+            raise InputError("recommend takes --users (print those users' items) or --output (write every "
+                             "user's), not both.")
+        if args.output:
+            from blockals.recommend import parse_format
+
+            parse_format(args.output, args.format)
 
 
 def internal_error(prog: str, argv: Sequence[str] | None = None) -> int:

@@ -17,7 +17,9 @@ import ctypes
 import functools
 import logging
 import socket
+import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import dask
 from dask.system import cpu_count
@@ -26,6 +28,7 @@ from distributed.security import Security
 from threadpoolctl import ThreadpoolController
 
 from blockals.errors import InputError
+from blockals.params import parse_address, parse_dashboard_address
 
 __all__ = ["connect", "free_dashboard_address", "blas_limits", "blas_context", "cache_bytes", "retain_freed_memory",
            "reusing_memory", "kubernetes_cluster_spec", "kubernetes_client"]
@@ -198,6 +201,16 @@ async def _close_workers(cluster, timeout: float) -> None:
 IN_PROCESS_RATINGS = 50_000_000
 
 
+def parse_client(value: Any, name: str = "client") -> Client | str | None:
+    """What a run may be given as its cluster: a client, a scheduler's address, or None."""
+    if value is None or isinstance(value, Client):
+        return value
+    if isinstance(value, str):
+        return parse_address(value, name)
+    raise InputError(f"{name} must be a distributed.Client, a scheduler address such as tcp://host:8786, or None; "
+                     f"got {type(value).__name__}.")
+
+
 class connect:
     """Context giving a Dask client: the one passed, one to ``scheduler``, the current one, or a LocalCluster.
 
@@ -208,8 +221,8 @@ class connect:
 
     Parameters
     ----------
-    client : distributed.Client, optional
-        Used as it is and left open.
+    client : distributed.Client or str, optional
+        Used as it is and left open; an address is taken as ``scheduler``.
     scheduler : str, optional
         Address of a running scheduler (``tcp://host:8786``, ``tls://host:8786``); the
         client made for it is closed on exit.
@@ -235,10 +248,13 @@ class connect:
         dashboard_address: str = "127.0.0.1:8787",
         security: Security | None = None,
     ) -> None:
+        client = parse_client(client)
+        if isinstance(client, str):
+            client, scheduler = None, client
         self.client = client
-        self.scheduler = scheduler
+        self.scheduler = parse_address(scheduler, "scheduler") if scheduler else None
         self.ratings = ratings
-        self.dashboard_address = dashboard_address
+        self.dashboard_address = parse_dashboard_address(dashboard_address, "dashboard_address")
         self.security = security
         self._cluster = None
         self._owned = False
@@ -262,16 +278,20 @@ class connect:
         small = self.ratings is not None and self.ratings <= IN_PROCESS_RATINGS
         self._in_process = small and self.security is None
         workers, threads = (1, cores) if self._in_process else (cores, 1)
-        self._cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=threads,
-            processes=not self._in_process,
-            host="127.0.0.1",
-            # In-process too: Dask's inproc comm would advertise the machine's address.
-            **({"protocol": "tcp://"} if self._in_process else {}),
-            dashboard_address=free_dashboard_address(self.dashboard_address),
-            security=self.security,
-        )
+        with warnings.catch_warnings():
+            # Taken between free_dashboard_address's probe and the bind: distributed then serves a
+            # free port by itself, which the link logged below names; its warning would alarm.
+            warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
+            self._cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=threads,
+                processes=not self._in_process,
+                host="127.0.0.1",
+                # In-process too: Dask's inproc comm would advertise the machine's address.
+                **({"protocol": "tcp://"} if self._in_process else {}),
+                dashboard_address=free_dashboard_address(self.dashboard_address),
+                security=self.security,
+            )
         self.client = Client(self._cluster, security=self.security)
         self._owned = True
         kind = f"{cores} threads in this process" if self._in_process else f"{cores} worker processes"

@@ -22,6 +22,7 @@ Definitions (per user ``u`` with at least one relevant test item; means over suc
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any
 
@@ -30,7 +31,8 @@ import pandas as pd
 
 from blockals.cluster import cache_bytes, connect
 from blockals.errors import InputError
-from blockals.store import RatingStore, StoreRef, block_triples, load_rows, load_times
+from blockals.factors import Factors
+from blockals.store import RatingStore, StoreRef, block_triples, load_rows, load_times, open_store
 
 __all__ = ["split", "parse_split_params", "evaluate", "ranking_metrics", "METRICS", "SPLITS"]
 
@@ -113,8 +115,8 @@ def parse_split_params(method: Any = "random", fraction: Any = 0.2, k: Any = 1, 
 
     method = parse_choice(method, prefix + "method", SPLITS)
     fraction = parse_float(fraction, prefix + "fraction")
-    if fraction >= 1:
-        raise InputError(f"{prefix}fraction must be below 1, got {fraction:g}.")
+    if not 0 < fraction < 1:  # 0 leaves the test store empty, 1 the train store
+        raise InputError(f"{prefix}fraction must be above 0 and below 1, got {fraction:g}.")
     return {"method": method, "fraction": fraction, "k": parse_int(k, prefix + "k", 1),
             "seed": parse_int(seed, prefix + "seed", 0)}
 
@@ -125,7 +127,8 @@ def split(
 ) -> tuple[RatingStore, RatingStore]:
     """Split a ratings store into train and test stores that share its ids and blocks.
 
-    Each user block is read and divided by :func:`test_mask`, and each part is ingested
+    ``store`` is a :class:`RatingStore` or its path. Each user block is read and divided by
+    :func:`test_mask`, and each part is ingested
     with ``like=store``, out-of-core, so large splits never sit in memory.
     """
     import dask.dataframe as dd
@@ -133,6 +136,7 @@ def split(
     from blockals.ingest import ingest
 
     method, fraction, k, seed = parse_split_params(method, fraction, k, seed).values()
+    store = _as_store(store, "store")
     timed = store.has_timestamps
     if method == "temporal" and not timed:
         raise InputError(f"a temporal split needs timestamps; {store.path} was ingested without a timestamp column.")
@@ -234,18 +238,43 @@ def _evaluate_block(
     return sums
 
 
+def _as_store(value: Any, name: str) -> RatingStore:
+    """A store given as itself or as its path (local or URL)."""
+    if isinstance(value, RatingStore):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return open_store(value)
+    raise InputError(f"{name} must be a RatingStore or the path of one, got {type(value).__name__}.")
+
+
+def _as_model(value: Any) -> Any:
+    """A fitted model given as itself or as the path of a saved one."""
+    from blockals.model import ALS
+
+    if isinstance(value, (str, os.PathLike)):
+        return ALS.load(value)
+    if not isinstance(value, ALS):
+        raise InputError(f"model must be a fitted blockals.ALS or the path of a saved model, got {type(value).__name__}.")
+    Factors.of(value)  # refuses a model that is not fitted
+    return value
+
+
 def evaluate(
     model: Any, test: RatingStore, train: RatingStore | None = None, k: int = 10, relevance: float = 0.0,
     client: Any = None,
 ) -> dict[str, float]:
     """Rating and ranking metrics of ``model`` on a test store, one Dask task per user block.
 
-    ``test`` and ``train`` must share the model's ids and blocks (stores made by
-    :func:`split`, or the training store itself); training items are not candidates.
+    ``model`` is a fitted :class:`~blockals.ALS` or a saved model's path; ``test`` and
+    ``train`` are stores or their paths, and must share the model's ids and blocks (stores
+    made by :func:`split`, or the training store itself); training items are not candidates.
     """
-    from blockals.params import parse_int
+    from blockals.params import parse_float, parse_int
 
     k = parse_int(k, "k", 1)
+    relevance = parse_float(relevance, "relevance", -np.inf)
+    model, test = _as_model(model), _as_store(test, "test")
+    train = None if train is None else _as_store(train, "train")
     for name, store in (("test", test), ("train", train)):
         if store is not None and (not np.array_equal(store.user_ids.to_numpy(), model.user_ids_)
                                   or not np.array_equal(store.item_ids.to_numpy(), model.item_ids_)):

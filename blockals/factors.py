@@ -16,6 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from blockals.errors import InputError
+from blockals.formats import parse_path
 from blockals.halfstep import gram, solve_block
 from blockals.params import ALSConfig, parse_choice, parse_int
 from blockals.recommend import Seen, parse_format, recommend_all, recommend_rows, seen_items, similar, to_frame
@@ -24,6 +25,17 @@ from blockals.sources import convert_ids, id_kind, normalize_ratings
 from blockals.store import RatingStore, Side, open_store
 
 __all__ = ["Factors", "FoldIn"]
+
+
+def _refuse_repeated_pairs(ratings: pd.DataFrame, dst: np.ndarray, src: np.ndarray) -> None:
+    """A pair rated twice would count twice in its row's system, as ingest's default refuses."""
+    repeated = pd.DataFrame({"dst": dst, "src": src}).duplicated(keep=False).to_numpy()
+    if repeated.any():
+        first, second = np.flatnonzero(repeated & (dst == dst[repeated][0]) & (src == src[repeated][0]))[:2]
+        raise InputError(
+            f"fold_in ratings rate user {ratings['user'].iloc[first]} and item {ratings['item'].iloc[first]} twice, "
+            f"in rows {first} and {second}; combine repeated ratings before folding them in."
+        )
 
 
 @dataclass(frozen=True)
@@ -74,7 +86,11 @@ class Factors:
     def index(self, ids: Any, side: Side) -> np.ndarray:
         """Row of each id (one id or many), -1 for unknown ones; text ids are read as the model's id type."""
         known = pd.Index(self.ids(side))
+        if ids is None:
+            raise InputError(f"{side} must be one id or a sequence of ids, got None.")
         ids = np.atleast_1d(np.asarray(ids))
+        if ids.ndim != 1:
+            raise InputError(f"{side} must be one id or a 1-D sequence of ids, got an array of shape {ids.shape}.")
         if known.dtype.kind in "iu" and ids.dtype.kind not in "iu":
             ids = pd.to_numeric(pd.Series(ids), errors="coerce").to_numpy()
         return known.get_indexer(ids)
@@ -168,7 +184,7 @@ class Factors:
         kept = self.user_items if side == "users" or self.user_items is None else self.user_items.T.tocsr()
         return recommend_all(
             store, side, self.factors(side), self.factors(other), self.item_bias if side == "users" else self.user_bias,
-            self.ids(side), self.ids(other), n, None if output is None else str(output), fmt, exclude_seen,
+            self.ids(side), self.ids(other), n, None if output is None else parse_path(output, "output"), fmt, exclude_seen,
             None if kept is None else _as_seen(kept), client, storage_options,
         )
 
@@ -196,11 +212,12 @@ class Factors:
         src = self.index(ratings[other].to_numpy(), other_side)
         if (src < 0).any():
             row = int(np.flatnonzero(src < 0)[0])
-            raise InputError(f"{other} id in row {row} ({ratings[other].iloc[row]!r}) is not known to the model.")
+            raise InputError(f"{other} id in row {row} ({ratings[other].iloc[row]}) is not known to the model.")
         rating, problem = normalize_ratings(ratings["rating"])
         if problem is not None:
             raise InputError(problem[1].format(row=problem[0]))
         ids, dst = np.unique(self._new_ids(ratings[own], side), return_inverse=True)
+        _refuse_repeated_pairs(ratings, dst, src)
         inblock = build_inblock(dst, np.zeros_like(src), src, rating, ids.shape[0], 1)
         F = self._carried(self.factors(other_side), other_side[:-1], config)
         known = self.index(ids, side)

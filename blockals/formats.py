@@ -32,6 +32,8 @@ __all__ = [
     "write_array",
     "read_array",
     "absolute",
+    "parse_path",
+    "parse_storage_options",
     "path_exists",
     "writable_meta",
     "remove_path",
@@ -133,6 +135,22 @@ def blockals_meta(path: str, storage_options: dict | None = None) -> dict | None
     except StoreError:
         return None
     return meta if isinstance(meta, dict) else None
+
+
+def parse_path(value: Any, name: str) -> str:
+    """A local path or fsspec URL, given as ``str`` or path-like (a number is not a path)."""
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise InputError(f"{name} must be a path (str or os.PathLike), got {value!r}.")
+    return os.fspath(value)
+
+
+def parse_storage_options(value: Any, name: str = "storage_options") -> dict | None:
+    """fsspec's keyword arguments for a remote path: a mapping with string keys, or None."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        raise InputError(f"{name} must be a dict of fsspec options (string keys) or None, got {type(value).__name__}.")
+    return value
 
 
 def absolute(path: str) -> str:

@@ -40,6 +40,8 @@ import pandas as pd
 
 from blockals.cluster import reusing_memory
 from blockals.errors import InputError
+from blockals.formats import parse_path, parse_storage_options
+from blockals.params import parse_bool, parse_int
 from blockals.partition import DEFAULT_BLOCK_BUDGET, assign_blocks, default_n_blocks, parse_n_blocks
 from blockals.routing import build_inblock, counting_order, inblock_order, pair_order
 from blockals.sources import (
@@ -513,7 +515,11 @@ def ingest(
     RatingStore
         The complete store, opened.
     """
-    path = os.fspath(path)
+    path = parse_path(path, "store path")
+    storage_options = parse_storage_options(storage_options)
+    overwrite = parse_bool(overwrite, "overwrite")
+    if block_budget is not None:
+        parse_int(block_budget, "block_budget", 1)
     duplicates = _parse_duplicates(duplicates)
     for name, value in (("n_user_blocks", n_user_blocks), ("n_item_blocks", n_item_blocks)):
         if value is not None:

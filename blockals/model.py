@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from blockals import modelio, params, training
+from blockals import formats, modelio, params, training
 from blockals.factors import Factors, FoldIn
 
 __all__ = ["ALS", "FoldIn"]
@@ -97,8 +97,9 @@ class ALS:
         ----------
         ratings : RatingStore, str, DataFrame or (users, items, ratings)
             A store, a store's path, or a source that is ingested into a temporary store.
-        client : distributed.Client, optional
-            Defaults to the current client, else a LocalCluster started for this fit.
+        client : distributed.Client or str, optional
+            A client or a scheduler's address (``tcp://host:8786``); defaults to the current
+            client, else a LocalCluster started for this fit.
         resume : bool
             Continue from the last committed iteration of this configuration's checkpoint.
         checkpoint_path : str, optional
@@ -268,6 +269,9 @@ class ALS:
         :class:`~blockals.errors.LeaseError` instead of mixing the two models' arrays.
         ``break_lease`` takes over a lease left on an object store by a training that died.
         """
+        path = formats.parse_path(path, "path")
+        storage_options = formats.parse_storage_options(storage_options)
+        overwrite = params.parse_bool(overwrite, "overwrite")
         factors = Factors.of(self)
         arrays = {name: getattr(factors, name) for name in modelio.ARRAYS
                   if hasattr(factors, name) and getattr(factors, name) is not None}
@@ -277,12 +281,13 @@ class ALS:
         json_params = {k: v for k, v in self.get_params().items() if isinstance(v, (str, int, float, bool, type(None)))}
         saved = modelio.SavedModel(params=json_params, arrays=arrays, config=factors.config,
                                    store_path=factors.store_path, history=self.history_)
-        modelio.write_model(str(path), saved, storage_options, overwrite=overwrite, break_lease=break_lease)
+        modelio.write_model(path, saved, storage_options, overwrite=overwrite, break_lease=break_lease)
 
     @classmethod
     def load(cls, path: str, storage_options: dict | None = None) -> ALS:
         """Read a model written by :meth:`save`."""
-        saved = modelio.read_model(str(path), storage_options)
+        path = formats.parse_path(path, "path")
+        saved = modelio.read_model(path, formats.parse_storage_options(storage_options))
         params.parse_saved_params(saved.params, f"{path}/zarr.json")  # edited by hand, or by another version
         model = cls(**saved.params)
         arrays = dict(saved.arrays)

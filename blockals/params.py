@@ -53,6 +53,7 @@ __all__ = [
     "check_keys",
     "parse_log_level",
     "parse_address",
+    "parse_dashboard_address",
     "parse_output_path",
     "check_solve_memory",
     "parse_saved_params",
@@ -141,6 +142,20 @@ def parse_address(value: Any, name: str) -> str:
                          f"{', '.join(s + '://' for s in ADDRESS_SCHEMES)}.")
     if not 0 < int(match["port"]) < 65536:
         raise InputError(f"{name} has the port {match['port']}, which is not between 1 and 65535.")
+    return value
+
+
+def parse_dashboard_address(value: Any, name: str) -> str:
+    """Where a dashboard listens, ``[host]:port`` (port 0: any free one). Refused here
+    because distributed, given a bad one, serves the dashboard on a random port of every
+    interface instead, with a warning."""
+    match = _ADDRESS.fullmatch(value) if isinstance(value, str) else None
+    if match is None and isinstance(value, str) and value.startswith(":"):  # ":8787", every interface
+        match = _ADDRESS.fullmatch("0.0.0.0" + value)
+    if match is None or match["scheme"]:
+        raise InputError(f"{name} must be host:port (e.g. 127.0.0.1:8787, or :0 for any free port), got {value!r}.")
+    if not 0 <= int(match["port"]) < 65536:
+        raise InputError(f"{name} has the port {match['port']}, which is not between 0 and 65535.")
     return value
 
 

@@ -8,6 +8,7 @@ candidates return what there is; the missing places hold index -1 and score NaN.
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,7 @@ def recommend_rows(
     (:func:`_top_k_products`); no rows x items matrix is ever held.
     """
     n, n_items = U.shape[0], V.shape[0]
+    k = min(k, n_items)  # more than every item is every item, not k columns of padding
     idx = np.full((n, k), -1, dtype=np.int64)
     val = np.full((n, k), np.nan)
     if k == 0 or n == 0:
@@ -273,7 +275,11 @@ def parse_format(output: Any, fmt: str | None) -> str:
             raise InputError(f"format={fmt!r} writes to a path; give output=, or leave format unset for a DataFrame.")
         return "frame"
     if fmt is None:
-        return "parquet" if str(output).rstrip("/").endswith(".parquet") else "zarr"
+        suffix = os.path.splitext(str(output).rstrip("/"))[1]
+        if suffix not in ("", ".zarr", ".parquet"):  # a user asking for recs.csv would get a Zarr group
+            raise InputError(f"output {output} ends in {suffix}; recommendations are written as Zarr (.zarr) or "
+                             f"Parquet (.parquet), so name it so or pass format='zarr' or 'parquet'.")
+        return "parquet" if suffix == ".parquet" else "zarr"
     if fmt not in RECOMMEND_FORMATS[:2]:
         raise InputError(f"format must be one of 'zarr', 'parquet', got {fmt!r}.")
     return fmt
@@ -296,6 +302,7 @@ def recommend_all(
     (:func:`blockals.recstore.stage`), so a failed run leaves an earlier output as it was.
     """
     names = ("user", "item") if side == "users" else ("item", "user")
+    n = min(n, other_ids.shape[0])
     if fmt == "frame":
         tops = _score(store, side, F, G, bias, n, exclude_seen, kept, client, None, fmt, None, None)
         frames = [to_frame(names[0], row_ids[t.users], names[1], other_ids, t.items, t.scores) for t in tops]

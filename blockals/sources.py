@@ -183,6 +183,22 @@ def _read_path(path: str) -> tuple[dd.DataFrame, dict[str, str] | None]:
     return _read_csvs(files), None
 
 
+def _parse_columns(user_col: Any, item_col: Any, rating_col: Any, timestamp_col: Any) -> dict[str, str]:
+    """The source's column names: strings, each naming another column (one column read as
+    both users and items would report every pair as repeated)."""
+    names = {"user_col": user_col, "item_col": item_col, "rating_col": rating_col, "timestamp_col": timestamp_col}
+    seen: dict[str, str] = {}
+    for name, value in names.items():
+        if value is None and name == "timestamp_col":
+            continue
+        if not isinstance(value, str) or not value:
+            raise InputError(f"{name} must be a column name (a non-empty string), got {value!r}.")
+        if value in seen:
+            raise InputError(f"{seen[value]} and {name} both name the column {value!r}; each must name its own column.")
+        seen[value] = name
+    return {"user": user_col, "item": item_col, "rating": rating_col}
+
+
 def read_source(
     source: Any, user_col: str = "user", item_col: str = "item", rating_col: str = "rating",
     timestamp_col: str | None = None,
@@ -201,7 +217,7 @@ def read_source(
     user_col, item_col, rating_col, timestamp_col : str
         Column names in the source (MovieLens files have theirs set automatically).
     """
-    cols = {"user": user_col, "item": item_col, "rating": rating_col}
+    cols = _parse_columns(user_col, item_col, rating_col, timestamp_col)
     if isinstance(source, pd.DataFrame):
         src = _from_pandas(source, "pandas DataFrame")
     elif isinstance(source, dd.DataFrame):

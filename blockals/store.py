@@ -42,7 +42,8 @@ import pandas as pd
 
 from blockals.errors import InputError, StoreError
 from blockals.formats import (
-    absolute, check_meta, open_group, read_array, remove_path, sibling, writable_meta, write_array,
+    absolute, check_meta, open_group, parse_path, parse_storage_options, read_array, remove_path, sibling,
+    writable_meta, write_array,
 )
 from blockals.routing import InBlock, OutBlocks
 
@@ -252,8 +253,8 @@ class RatingStore:
     """
 
     def __init__(self, path: str, storage_options: dict | None = None) -> None:
-        self.path = absolute(str(path))
-        self.storage_options = storage_options
+        self.path = absolute(parse_path(path, "store path"))
+        self.storage_options = storage_options = parse_storage_options(storage_options)
         self._group = open_group(self.path, storage_options=storage_options)
         self._meta = meta = check_meta(self._group.attrs.get("blockals"), self.path, FORMAT, FORMAT_VERSION, "ratings store")
         self.params: dict = meta["params"]
@@ -390,7 +391,7 @@ def open_store(path: str, storage_options: dict | None = None) -> RatingStore:
     StoreError
         If the path holds no store, an incomplete one, or one of an unknown format version.
     """
-    return RatingStore(str(path), storage_options)
+    return RatingStore(path, storage_options)
 
 
 @dataclass(frozen=True)

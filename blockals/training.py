@@ -25,14 +25,14 @@ import numpy as np
 from distributed.system import MEMORY_LIMIT
 
 from blockals.checkpoint import Checkpoint, committed_configs, difference
-from blockals.cluster import connect
+from blockals.cluster import connect, parse_client
 from blockals.engine import Engine
 from blockals.errors import InputError, StoreError
 from blockals.factors import Factors
-from blockals.formats import blockals_meta
+from blockals.formats import blockals_meta, parse_path, parse_storage_options
 from blockals.ingest import ingest
 from blockals.lock import Lease
-from blockals.params import ALSConfig, RunParams, check_solve_memory, parse_params
+from blockals.params import ALSConfig, RunParams, check_solve_memory, parse_bool, parse_params
 from blockals.recommend import rated_matrix
 from blockals.store import SIDES, RatingStore, Side, open_store
 
@@ -238,6 +238,11 @@ def train(
     """Train with the estimator's parameters; see :meth:`blockals.ALS.fit` for the arguments
     and :class:`blockals.engine.Engine` for ``key_prefix`` and ``run_tag``."""
     parse_params(params)  # every parameter, before any data is read or a cluster started
+    resume = parse_bool(resume, "resume")
+    storage_options = parse_storage_options(storage_options)
+    if checkpoint_path is not None:
+        checkpoint_path = parse_path(checkpoint_path, "checkpoint_path")
+    client = parse_client(client)
     with _ratings_store(ratings, storage_options) as (store, temporary):
         run, arrays, checkpoint, lease = preflight(params, store, resume=resume, checkpoint_path=checkpoint_path,
                                                    local=client is None, break_lease=break_lease)

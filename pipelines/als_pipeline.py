@@ -261,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from distributed.system import MEMORY_LIMIT
 
-    from blockals.params import ALSConfig, check_solve_memory, parse_address, parse_int, parse_output_path
+    from blockals.params import (
+        ALSConfig, check_solve_memory, parse_address, parse_dashboard_address, parse_int, parse_output_path,
+    )
     from blockals.training import preflight
 
     args = parse_args(argv)
@@ -274,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         raise blockals.InputError(f"--stages has {unknown[0]!r}; stages are {', '.join(STAGES)}.")
     if args.scheduler:
         parse_address(args.scheduler, "--scheduler")
+    parse_dashboard_address(args.dashboard_address, "--dashboard-address")
     parse_int(args.n_workers, "--n-workers", 1)
     data = parse_output_path(args.data.rstrip("/"), "--data", "directory")
     paths = {name: f"{data}/{name}" for name in ("ratings.zarr", "train.zarr", "test.zarr", "model.zarr", "recommendations.zarr")}

@@ -132,7 +132,7 @@ def test_split_and_evaluate_refuse_bad_arguments(source, tmp_path):
     store = blockals.ingest(source, tmp_path / "all.zarr")
     with pytest.raises(blockals.InputError, match="method must be one of"):
         split(store, tmp_path / "a", tmp_path / "b", method="by_time")
-    with pytest.raises(blockals.InputError, match="fraction must be below 1"):
+    with pytest.raises(blockals.InputError, match="fraction must be above 0 and below 1"):
         split(store, tmp_path / "a", tmp_path / "b", fraction=1.5)
     other = blockals.ingest(source[source["user"] != source["user"].iloc[0]], tmp_path / "other.zarr")
     with pytest.raises(blockals.InputError, match="is not in"):

@@ -31,7 +31,7 @@ import pytest
 
 import blockals
 from blockals.cli import main
-from blockals.evaluation import evaluate
+from blockals.evaluation import evaluate, split
 from blockals.kernels import init_factors
 from conftest import cluster_client
 from reference import dense_explicit_als, dense_weighted_als, reg_counts, weights_and_targets
@@ -360,10 +360,32 @@ BAD_ARGUMENTS = [
      r"rank=1000000 needs at least 22,351\.\d GiB for one block's solve .*, more than this machine's memory "
      r"\([\d,.]+ GiB\); lower rank\."),
     ("split-fraction", ["split", "{store}", "{out}/train.zarr", "{out}/test.zarr", "--fraction", "1.5"],
-     r"--fraction must be below 1, got 1\.5\."),
+     r"--fraction must be above 0 and below 1, got 1\.5\."),
     ("evaluate-k-zero", ["evaluate", "{model}", "{store}", "--k", "0"], r"--k must be at least 1, got 0\."),
     ("recommend-n-zero", ["recommend", "{model}", "--output", "{out}/r.zarr", "--n", "0"],
      r"--n must be at least 1, got 0\."),
+    # distributed, given these, serves the dashboard on a random port of every interface.
+    ("dashboard-address-without-port", ["train", "{store}", "{out}/m.zarr", "--dashboard-address", "localhost"],
+     r"--dashboard-address must be host:port \(e\.g\. 127\.0\.0\.1:8787, or :0 for any free port\), got 'localhost'\."),
+    ("dashboard-port-out-of-range", ["evaluate", "{model}", "{store}", "--dashboard-address", ":99999"],
+     r"--dashboard-address has the port 99999, which is not between 0 and 65535\."),
+    ("dashboard-address-with-protocol", ["recommend", "{model}", "--output", "{out}/r.zarr", "--dashboard-address", "tcp://127.0.0.1:8787"],
+     r"--dashboard-address must be host:port"),
+    # One column read as both would report every pair as repeated.
+    ("ingest-one-column-twice", ["ingest", "{csv}", "{out}/s.zarr", "--item-col", "user"],
+     r"user_col and item_col both name the column 'user'; each must name its own column\."),
+    ("ingest-timestamp-is-the-rating", ["ingest", "{csv}", "{out}/s.zarr", "--timestamp-col", "rating"],
+     r"rating_col and timestamp_col both name the column 'rating'; each must name its own column\."),
+    ("split-fraction-zero", ["split", "{store}", "{out}/train.zarr", "{out}/test.zarr", "--fraction", "0"],
+     r"--fraction must be above 0 and below 1, got 0\."),
+    ("evaluate-relevance-nan", ["evaluate", "{model}", "{store}", "--relevance", "nan"],
+     r"--relevance must be a finite number, got nan\."),
+    ("recommend-users-and-output", ["recommend", "{model}", "--users", "0", "--output", "{out}/r.zarr"],
+     r"recommend takes --users \(print those users' items\) or --output \(write every user's\), not both\."),
+    # A Zarr group named recs.csv is not what was asked for.
+    ("recommend-output-suffix", ["recommend", "{model}", "--output", "{out}/recs.csv"],
+     r"output .*/recs\.csv ends in \.csv; recommendations are written as Zarr \(\.zarr\) or Parquet \(\.parquet\), "
+     r"so name it so or pass format='zarr' or 'parquet'\."),
 ]
 
 
@@ -628,6 +650,102 @@ def test_unknown_ids(trained, capsys):
     assert re.search(r"--users: 2 of the 3 ids are not users of the model .*m\.zarr, the first being '99'\.", line)
 
 
+BAD_CALLS = [
+    # (case, call(store, model, frame, out) with the trained fixture's store, model and ratings
+    #  and an empty directory out, the error, the sentence). Each is refused before anything is
+    #  written or started: out stays empty, the fixture's store and model unchanged.
+    ("recommend-none", lambda s, m, f, o: m.recommend(None), blockals.InputError,
+     r"users must be one id or a sequence of ids, got None\."),
+    ("recommend-2d-ids", lambda s, m, f, o: m.recommend(np.array([[0, 1]])), blockals.InputError,
+     r"users must be one id or a 1-D sequence of ids, got an array of shape \(1, 2\)\."),
+    ("predict-none", lambda s, m, f, o: m.predict(None, None), blockals.InputError,
+     r"users must be one id or a sequence of ids, got None\."),
+    ("similar-items-2d-ids", lambda s, m, f, o: m.similar_items([[10], [11]]), blockals.InputError,
+     r"items must be one id or a 1-D sequence of ids, got an array of shape \(2, 1\)\."),
+    # A pair twice would count twice in its row's normal equations.
+    ("fold-in-repeated-pair",
+     lambda s, m, f, o: m.fold_in(pd.DataFrame({"user": [50, 50], "item": [10, 10], "rating": [1.0, 2.0]})),
+     blockals.InputError, r"fold_in ratings rate user 50 and item 10 twice, in rows 0 and 1; combine repeated ratings "
+                          r"before folding them in\."),
+    ("fold-in-unknown-item",
+     lambda s, m, f, o: m.fold_in(pd.DataFrame({"user": [50], "item": [999], "rating": [1.0]})),
+     blockals.InputError, r"item id in row 0 \(999\) is not known to the model\."),
+    # "no" is truthy: taken as given, it would resume.
+    ("fit-resume-as-text", lambda s, m, f, o: blockals.ALS(max_iter=1).fit(s, cluster_client(2), resume="no"),
+     blockals.InputError, r"resume must be True or False, got 'no'\."),
+    ("fit-client-without-port", lambda s, m, f, o: blockals.ALS(max_iter=1).fit(s, "tcp://127.0.0.1"),
+     blockals.InputError, r"client must be an address of the form host:port or tcp://host:port, got 'tcp://127\.0\.0\.1'\."),
+    ("fit-client-of-another-kind", lambda s, m, f, o: blockals.ALS(max_iter=1).fit(s, 8786), blockals.InputError,
+     r"client must be a distributed\.Client, a scheduler address such as tcp://host:8786, or None; got int\."),
+    ("fit-storage-options-as-text",
+     lambda s, m, f, o: blockals.ALS(max_iter=1).fit(f, cluster_client(2), storage_options="anon"),
+     blockals.InputError, r"storage_options must be a dict of fsspec options \(string keys\) or None, got str\."),
+    ("fit-checkpoint-path-a-number",
+     lambda s, m, f, o: blockals.ALS(max_iter=1).fit(s, cluster_client(2), checkpoint_path=3),
+     blockals.InputError, r"checkpoint_path must be a path \(str or os\.PathLike\), got 3\."),
+    ("save-to-a-number", lambda s, m, f, o: m.save(5), blockals.InputError,
+     r"path must be a path \(str or os\.PathLike\), got 5\."),
+    ("save-overwrite-as-text", lambda s, m, f, o: m.save(o / "m.zarr", overwrite="yes"), blockals.InputError,
+     r"overwrite must be True or False, got 'yes'\."),
+    ("load-a-number", lambda s, m, f, o: blockals.ALS.load(5), blockals.InputError,
+     r"path must be a path \(str or os\.PathLike\), got 5\."),
+    ("recommend-all-to-a-number", lambda s, m, f, o: m.recommend_all(2, 5, client=cluster_client(2)),
+     blockals.InputError, r"output must be a path \(str or os\.PathLike\), got 5\."),
+    ("ingest-one-column-twice", lambda s, m, f, o: blockals.ingest(f, o / "s.zarr", item_col="user"),
+     blockals.InputError, r"user_col and item_col both name the column 'user'; each must name its own column\."),
+    ("ingest-column-not-a-name", lambda s, m, f, o: blockals.ingest(f, o / "s.zarr", user_col=0), blockals.InputError,
+     r"user_col must be a column name \(a non-empty string\), got 0\."),
+    ("ingest-empty-column-name", lambda s, m, f, o: blockals.ingest(f, o / "s.zarr", rating_col=""),
+     blockals.InputError, r"rating_col must be a column name \(a non-empty string\), got ''\."),
+    ("ingest-overwrite-as-text", lambda s, m, f, o: blockals.ingest(f, o / "s.zarr", overwrite="no"),
+     blockals.InputError, r"overwrite must be True or False, got 'no'\."),
+    ("ingest-budget-zero", lambda s, m, f, o: blockals.ingest(f, o / "s.zarr", block_budget=0), blockals.InputError,
+     r"block_budget must be at least 1, got 0\."),
+    ("ingest-storage-options-as-text", lambda s, m, f, o: blockals.ingest(f, o / "s.zarr", storage_options="anon"),
+     blockals.InputError, r"storage_options must be a dict of fsspec options \(string keys\) or None, got str\."),
+    ("ingest-to-a-number", lambda s, m, f, o: blockals.ingest(f, 7), blockals.InputError,
+     r"store path must be a path \(str or os\.PathLike\), got 7\."),
+    ("open-store-a-number", lambda s, m, f, o: blockals.open_store(7), blockals.InputError,
+     r"store path must be a path \(str or os\.PathLike\), got 7\."),
+    # A fraction of 0 leaves the test store empty.
+    ("split-fraction-zero", lambda s, m, f, o: split(s, o / "train.zarr", o / "test.zarr", fraction=0),
+     blockals.InputError, r"fraction must be above 0 and below 1, got 0\."),
+    ("split-of-another-kind", lambda s, m, f, o: split(f, o / "train.zarr", o / "test.zarr"), blockals.InputError,
+     r"store must be a RatingStore or the path of one, got DataFrame\."),
+    ("evaluate-model-of-another-kind", lambda s, m, f, o: evaluate(s, s, client=cluster_client(2)),
+     blockals.InputError, r"model must be a fitted blockals\.ALS or the path of a saved model, got RatingStore\."),
+    ("evaluate-unfitted-model", lambda s, m, f, o: evaluate(blockals.ALS(), s, client=cluster_client(2)),
+     blockals.InputError, r"this ALS model is not fitted yet; call fit\(\) or ALS\.load\(\) first\."),
+    ("evaluate-test-of-another-kind", lambda s, m, f, o: evaluate(m, f, client=cluster_client(2)), blockals.InputError,
+     r"test must be a RatingStore or the path of one, got DataFrame\."),
+    ("evaluate-relevance-nan", lambda s, m, f, o: evaluate(m, s, relevance=float("nan"), client=cluster_client(2)),
+     blockals.InputError, r"relevance must be a finite number, got nan\."),
+]
+
+
+@pytest.mark.parametrize("call,error,match", [pytest.param(*c[1:], id=c[0]) for c in BAD_CALLS])
+def test_bad_api_call(call, error, match, trained, tmp_path):
+    root, frame, store, model = trained
+    before = tree(Path(store.path)), tree(root / "m.zarr")
+    (tmp_path / "out").mkdir()
+    api_fails(error, match, call, store, model, frame, tmp_path / "out")
+    assert not any((tmp_path / "out").iterdir())
+    assert (tree(Path(store.path)), tree(root / "m.zarr")) == before
+
+
+def test_stores_and_models_given_by_path(trained, tmp_path):
+    # evaluate and split take paths as fit does; the metrics are those of the objects themselves.
+    root, frame, store, model = trained
+    by_path = evaluate(str(root / "m.zarr"), store.path, client=cluster_client(2))
+    direct = evaluate(model, store, client=cluster_client(2))
+    assert by_path.keys() == direct.keys()
+    np.testing.assert_array_equal([by_path[k] for k in direct], [direct[k] for k in direct])  # NaN where AUC is
+    pred = model.predict(frame["user"], frame["item"])
+    assert by_path["rmse"] == pytest.approx(float(np.sqrt(np.mean((pred - frame["rating"]) ** 2))), rel=1e-5)
+    train, test = split(store.path, tmp_path / "train.zarr", tmp_path / "test.zarr", fraction=0.25, seed=1)
+    assert train.nnz + test.nnz == store.nnz and test.nnz > 0
+
+
 # -- 6. degenerate data that is allowed --------------------------------------------------------
 
 
@@ -720,6 +838,19 @@ def test_items_and_users_never_rated(sparse_rows, tmp_path, capsys):
     cli_ok(capsys, "train", store.path, tmp_path / "m.zarr", "--rank", "3", "--max-iter", "1", "--scheduler", scheduler())
     loaded = blockals.ALS.load(tmp_path / "m.zarr")
     assert np.isfinite(loaded.item_factors_).all() and not loaded.item_factors_[list(loaded.item_ids_).index(50)].any()
+
+
+def test_more_recommendations_than_items(trained, tmp_path, capsys):
+    # n beyond the number of items asks for every item: ranked all, not a huge padded array.
+    root, frame, _, model = trained
+    recs = model.recommend([0, 1], n=10**11, exclude_seen=False)
+    U, V = model.user_factors_.astype(np.float64), model.item_factors_.astype(np.float64)
+    for user in (0, 1):
+        expected = model.item_ids_[np.argsort(-(V @ U[user]), kind="stable")]
+        assert list(recs.loc[recs["user"] == user, "item"]) == list(expected)
+    out = cli_ok(capsys, "recommend", root / "m.zarr", "--users", "0", "--n", "99999999999", "--include-seen")
+    assert len(out.strip().splitlines()) == 1 + len(model.item_ids_)  # header and every item
+    assert len(model.similar_items([10], n=10**11)) == len(model.item_ids_) - 1
 
 
 def test_rank_larger_than_the_number_of_items(tmp_path, caplog, capsys):
@@ -819,7 +950,7 @@ BAD_PIPELINE_RUNS = [
     # Documented: --resume continues an earlier run; with none recorded in --data it is refused.
     ("resume-with-nothing", ["--resume"],
      r"--resume: .*data holds no earlier run of this pipeline \(no pipeline\.json\); run without --resume to start\."),
-    ("config-value", ["--config", "{config}"], r"c\.yaml: split\.fraction must be below 1, got 1\.5\."),
+    ("config-value", ["--config", "{config}"], r"c\.yaml: split\.fraction must be above 0 and below 1, got 1\.5\."),
 ]
 
 
