@@ -461,7 +461,7 @@ def ingest(
     storage_options: dict | None = None,
     like: RatingStore | None = None,
     timestamp_col: str | None = None,
-    verbose: int = 0,
+    verbose: int | Progress = 0,
 ) -> RatingStore:
     """Partition ratings into user and item blocks and write a ratings store.
 
@@ -499,7 +499,8 @@ def ingest(
         0: nothing; 1: a line per pass (scan, stage, users, items) with its duration on
         standard output; 2: also progress over each pass's partitions or blocks on standard
         error, a bar on a terminal, a line per quarter otherwise
-        (:mod:`blockals.progress`).
+        (:mod:`blockals.progress`). A :class:`~blockals.progress.Progress` names the lines
+        as a caller wants them (``split`` names its two ingests).
 
     Returns
     -------
