@@ -65,10 +65,19 @@ class Progress:
         (None below level 2) and, at level 1 and above, prints its duration once it ends."""
         label = f"{self.name} {label}".strip()
         start = time.perf_counter()
-        report = None
-        if self.verbose >= 2 and total:
-            report = lambda done, total: print_progress(label, done, total, unit)  # noqa: E731
-        yield report
+        shown = 0
+
+        def report(done: int, of: int) -> None:
+            nonlocal shown
+            shown = done
+            print_progress(label, done, of, unit)
+
+        try:
+            yield report if self.verbose >= 2 and total else None
+        except BaseException:
+            if 0 < shown < total and sys.stderr.isatty():
+                print(file=sys.stderr, flush=True)  # end the bar, so the error starts a line of its own
+            raise
         if self.verbose:
             print(f"{label}: {total} {unit} in {time.perf_counter() - start:.2f} s", flush=True)
 

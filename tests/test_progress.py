@@ -40,6 +40,19 @@ def test_a_terminal_gets_a_bar_redrawn_in_place(monkeypatch):
     assert written == "".join(f"\rscan [{bar:<30}] {d}/4 partitions" for d, bar in zip(range(1, 5), bars)) + "\n"
 
 
+def test_a_failed_pass_ends_its_bar_on_a_terminal(monkeypatch):
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    with os.fdopen(slave, "w") as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        with pytest.raises(OSError), Progress(2, "ingest").step("scan", 4, "partitions") as report:
+            report(1, 4)
+            raise OSError("partition 1 is unreadable")
+        monkeypatch.undo()
+    assert os.read(master, 4096).decode() == f"\ringest scan [{'#' * 7:<30}] 1/4 partitions\n"
+    os.close(master)
+
+
 def test_levels_say_nothing_a_line_per_pass_or_also_its_tasks(capsys):
     for verbose in (0, 1, 2):
         with Progress(verbose, "ingest").step("users", 2, "blocks") as report:
