@@ -41,13 +41,22 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", help="TLS: the certificate's private key (PEM), unless --tls-cert holds it")
 
 
+def _add_progress_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--progress", action="store_true", help=f"progress over {what}: a bar on a terminal, lines in a log")
+
+
+def _verbose(args: argparse.Namespace) -> int:
+    """A line per pass (or iteration) with its duration by default; with --progress, also its tasks on stderr."""
+    return 2 if args.progress else 1
+
+
 def _ingest(args: argparse.Namespace) -> int:
     import blockals
 
     store = blockals.ingest(
         args.source, args.store, user_col=args.user_col, item_col=args.item_col, rating_col=args.rating_col,
         n_user_blocks=args.n_user_blocks, n_item_blocks=args.n_item_blocks, duplicates=args.duplicates,
-        overwrite=args.overwrite, timestamp_col=args.timestamp_col,
+        overwrite=args.overwrite, timestamp_col=args.timestamp_col, verbose=_verbose(args),
     )
     print(store.summary())
     return 0
@@ -58,7 +67,8 @@ def _split(args: argparse.Namespace) -> int:
     from blockals.evaluation import split
 
     train, test = split(blockals.open_store(args.store), args.train, args.test, method=args.method,
-                        fraction=args.fraction, k=args.k, seed=args.seed, overwrite=args.overwrite)
+                        fraction=args.fraction, k=args.k, seed=args.seed, overwrite=args.overwrite,
+                        verbose=_verbose(args))
     print(f"{train.nnz:,} ratings in {args.train}, {test.nnz:,} in {args.test}")
     return 0
 
@@ -69,7 +79,7 @@ def _train(args: argparse.Namespace) -> int:
     from blockals.modelio import check_model_path
     from blockals.training import check_worker_memory, preflight
 
-    model = blockals.ALS(**params.from_arguments(args), verbose=2 if args.progress else 1)
+    model = blockals.ALS(**params.from_arguments(args), verbose=_verbose(args))
     params.parse_params(model.get_params())  # a bad parameter is refused before a cluster starts
     if args.plot:
         _pyplot()  # refused before the training, not after it, as everything below
@@ -184,7 +194,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     train = blockals.open_store(args.train) if args.train else None
     test = blockals.open_store(args.test)
     with _client(args, test.nnz + (train.nnz if train else 0)) as client:
-        metrics = evaluate(model, test, train, k=args.k, relevance=args.relevance, client=client)
+        metrics = evaluate(model, test, train, k=args.k, relevance=args.relevance, client=client,
+                           verbose=_verbose(args))
     for name, value in metrics.items():
         print(f"{name:>16} {value:.6g}" if isinstance(value, float) else f"{name:>16} {value}")
     if args.json:
@@ -200,7 +211,7 @@ def _recommend(args: argparse.Namespace) -> int:
     if args.output:
         with _client(args) as client:
             model.recommend_all(args.n, args.output, exclude_seen=not args.include_seen, client=client,
-                                side=args.side, format=args.format)
+                                side=args.side, format=args.format, verbose=_verbose(args))
         what = "items for every user" if args.side == "users" else "users for every item"
         print(f"top {args.n} {what} written to {args.output}")
         return 0
@@ -294,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duplicates", default="error", choices=["error", "sum", "last", "mean"],
                    help="what repeated (user, item) pairs mean (default: error)")
     p.add_argument("--overwrite", action="store_true", help="replace a complete store at STORE")
+    _add_progress_option(p, "the partitions or blocks of each pass")
     p.set_defaults(run=_ingest)
 
     p = sub.add_parser("split", help="split a store into train and test stores")
@@ -305,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=1, help="ratings per user held out (leave_k_out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    _add_progress_option(p, "the partitions or blocks of each pass")
     p.set_defaults(run=_split)
 
     p = sub.add_parser("train", help="fit an ALS model on a ratings store")
@@ -313,8 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue from the last committed checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a complete model at MODEL")
-    p.add_argument("--progress", action="store_true",
-                   help="progress over the blocks of each iteration: a bar on a terminal, lines in a log")
+    _add_progress_option(p, "the blocks of each iteration")
     p.add_argument("--report", help="write Dask's performance report (HTML) of the training here")
     p.add_argument("--plot", help="write the objective and RMSE curves (PNG) here; needs matplotlib")
     p.add_argument("--break-lease", action="store_true",
@@ -349,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10, help="cut-off of the ranking metrics (default: 10)")
     p.add_argument("--relevance", type=float, default=0.0, help="test ratings above this are relevant (default: 0)")
     p.add_argument("--json", help="also write the metrics as JSON here")
+    _add_progress_option(p, "the blocks of the test store")
     _add_cluster_options(p)
     p.set_defaults(run=_evaluate)
 
@@ -362,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --output: items for every user (default), or users for every item")
     p.add_argument("--n", type=int, default=10, help="items per user (default: 10)")
     p.add_argument("--include-seen", action="store_true", help="do not exclude items rated in training")
+    _add_progress_option(p, "the blocks, with --output")
     _add_cluster_options(p)
     p.set_defaults(run=_recommend)
 

@@ -32,6 +32,7 @@ import pandas as pd
 from blockals.cluster import cache_bytes, connect
 from blockals.errors import InputError
 from blockals.factors import Factors
+from blockals.progress import Progress, wait
 from blockals.store import RatingStore, StoreRef, block_triples, load_rows, load_times, open_store
 
 __all__ = ["split", "parse_split_params", "evaluate", "ranking_metrics", "METRICS", "SPLITS"]
@@ -123,13 +124,14 @@ def parse_split_params(method: Any = "random", fraction: Any = 0.2, k: Any = 1, 
 
 def split(
     store: RatingStore, train_path: str, test_path: str, method: str = "random", fraction: float = 0.2,
-    k: int = 1, seed: int = 0, overwrite: bool = False,
+    k: int = 1, seed: int = 0, overwrite: bool = False, verbose: int = 0,
 ) -> tuple[RatingStore, RatingStore]:
     """Split a ratings store into train and test stores that share its ids and blocks.
 
     ``store`` is a :class:`RatingStore` or its path. Each user block is read and divided by
-    :func:`test_mask`, and each part is ingested
-    with ``like=store``, out-of-core, so large splits never sit in memory.
+    :func:`test_mask`, and each part is ingested with ``like=store``, out-of-core, so large
+    splits never sit in memory. ``verbose`` reports the passes of both ingests as
+    :func:`blockals.ingest` does, their lines starting ``split train`` and ``split test``.
     """
     import dask.dataframe as dd
 
@@ -137,12 +139,13 @@ def split(
 
     method, fraction, k, seed = parse_split_params(method, fraction, k, seed).values()
     store = _as_store(store, "store")
+    progress = Progress.of(verbose, "split")
     timed = store.has_timestamps
     if method == "temporal" and not timed:
         raise InputError(f"a temporal split needs timestamps; {store.path} was ingested without a timestamp column.")
     user_ids, item_ids = store.user_ids.to_numpy(), store.item_ids.to_numpy()
     out = []
-    for path, test in ((train_path, False), (test_path, True)):
+    for path, test, name in ((train_path, False, "train"), (test_path, True, "test")):
         meta = pd.DataFrame({"user": user_ids[:0], "item": item_ids[:0], "rating": np.zeros(0, np.float32)})
         if timed:
             meta["timestamp"] = np.zeros(0, np.int64)
@@ -151,7 +154,8 @@ def split(
             n_items=store.n_items, user_ids=user_ids, item_ids=item_ids, method=method, fraction=fraction,
             k=k, seed=seed, test=test, timed=timed, meta=meta, enforce_metadata=False,
         )
-        out.append(ingest(frame, path, like=store, overwrite=overwrite, timestamp_col="timestamp" if timed else None))
+        out.append(ingest(frame, path, like=store, overwrite=overwrite, timestamp_col="timestamp" if timed else None,
+                          verbose=progress.within(name)))
     return out[0], out[1]
 
 
@@ -261,13 +265,15 @@ def _as_model(value: Any) -> Any:
 
 def evaluate(
     model: Any, test: RatingStore, train: RatingStore | None = None, k: int = 10, relevance: float = 0.0,
-    client: Any = None,
+    client: Any = None, verbose: int = 0,
 ) -> dict[str, float]:
     """Rating and ranking metrics of ``model`` on a test store, one Dask task per user block.
 
     ``model`` is a fitted :class:`~blockals.ALS` or a saved model's path; ``test`` and
     ``train`` are stores or their paths, and must share the model's ids and blocks (stores
     made by :func:`split`, or the training store itself); training items are not candidates.
+    ``verbose``: 0 says nothing; 1 prints the pass's duration on standard output; 2 also
+    reports its blocks as they finish on standard error (:mod:`blockals.progress`).
     """
     from blockals.params import parse_float, parse_int
 
@@ -275,6 +281,7 @@ def evaluate(
     relevance = parse_float(relevance, "relevance", -np.inf)
     model, test = _as_model(model), _as_store(test, "test")
     train = None if train is None else _as_store(train, "train")
+    progress = Progress.of(verbose, "evaluate")
     for name, store in (("test", test), ("train", train)):
         if store is not None and (not np.array_equal(store.user_ids.to_numpy(), model.user_ids_)
                                   or not np.array_equal(store.item_ids.to_numpy(), model.item_ids_)):
@@ -294,6 +301,8 @@ def evaluate(
                      key=f"blockals-evaluate-{b}-{tag}")
             for b in range(test.n_user_blocks)
         ]
+        with progress.step("", len(tasks), "blocks") as report:
+            wait(tasks, report)
         parts = c.gather(tasks)
     n = sum(p["n_ratings"] for p in parts)
     users = sum(p["n_users"] for p in parts)

@@ -19,6 +19,7 @@ from blockals.errors import InputError
 from blockals.formats import parse_path
 from blockals.halfstep import gram, solve_block
 from blockals.params import ALSConfig, parse_choice, parse_int
+from blockals.progress import Progress
 from blockals.recommend import Seen, parse_format, recommend_all, recommend_rows, seen_items, similar, to_frame
 from blockals.routing import build_inblock
 from blockals.sources import convert_ids, id_kind, normalize_ratings
@@ -173,8 +174,9 @@ class Factors:
         return to_frame("user", self.user_ids[u], "item", self.item_ids, idx, val)
 
     def recommend_all(self, n: int, output: Any, exclude_seen: bool, client: Any, storage_options: dict | None,
-                      side: Any, fmt: Any) -> str | pd.DataFrame:
+                      side: Any, fmt: Any, verbose: Any = 0) -> str | pd.DataFrame:
         side = parse_choice(side, "side", ("users", "items"))
+        progress = Progress.of(verbose, "recommend")
         fmt = parse_format(output, fmt)
         n = parse_int(n, "n", 1)
         if exclude_seen:
@@ -185,7 +187,7 @@ class Factors:
         return recommend_all(
             store, side, self.factors(side), self.factors(other), self.item_bias if side == "users" else self.user_bias,
             self.ids(side), self.ids(other), n, None if output is None else parse_path(output, "output"), fmt, exclude_seen,
-            None if kept is None else _as_seen(kept), client, storage_options,
+            None if kept is None else _as_seen(kept), client, storage_options, progress,
         )
 
     def recommend_users(self, items: Any, n: int) -> pd.DataFrame:

@@ -28,13 +28,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import dask
-from dask.base import get_scheduler
-from dask.system import cpu_count
 import numpy as np
 import pandas as pd
 
@@ -43,6 +40,7 @@ from blockals.errors import InputError
 from blockals.formats import parse_path, parse_storage_options
 from blockals.params import parse_bool, parse_int
 from blockals.partition import DEFAULT_BLOCK_BUDGET, assign_blocks, default_n_blocks, parse_n_blocks
+from blockals.progress import Progress, compute
 from blockals.routing import build_inblock, counting_order, inblock_order, pair_order
 from blockals.sources import (
     PartitionCheck, Source, check_partition, convert_ids, normalize_ratings, normalize_timestamps, read_source,
@@ -293,25 +291,6 @@ def _build_block(
 # -- stages ----------------------------------------------------------------------
 
 
-def _compute_all(tasks: Sequence[Any]) -> tuple[Any, ...]:
-    """``dask.compute(*tasks)``, returning or raising only once every task has ended.
-
-    A pass that fails is followed by the removal of what its tasks write (the scratch
-    group, the store); a task still running would write into it as it goes, or leave
-    files behind. On a distributed client the futures are waited for; otherwise the
-    threaded scheduler runs on a pool whose closing waits for its threads.
-    """
-    from distributed import Client, wait
-
-    client = getattr(get_scheduler(), "__self__", None)  # the client dask.compute would use
-    if not isinstance(client, Client):
-        with ThreadPoolExecutor(cpu_count()) as pool:  # the CPU affinity and a container's CPU quota
-            return dask.compute(*tasks, scheduler="threads", pool=pool)
-    futures = client.compute(list(tasks))
-    wait(futures)
-    return tuple(client.gather(futures))
-
-
 def cluster_budget() -> int:
     """A third of the memory limit per thread of the current client's smallest worker.
 
@@ -341,9 +320,11 @@ def _combine_counts(parts: Sequence[pd.Series], kind: str) -> tuple[np.ndarray, 
     return combined.index.to_numpy(), combined.to_numpy(dtype=np.int64)
 
 
-def scan_source(src: Source, writer: StoreWriter, kinds: dict[Side, str] | None = None) -> SourceScan:
+def scan_source(src: Source, writer: StoreWriter, kinds: dict[Side, str] | None = None,
+                progress: Progress = Progress()) -> SourceScan:
     """Stage 1: check every partition of an opened source, count its ids and keep it in
-    ``writer``'s scratch group (one Dask task each; the caller removes the scratch).
+    ``writer``'s scratch group (one Dask task each, reported to ``progress``; the caller
+    removes the scratch).
 
     ``kinds`` fixes the type ids are read as (a ``like`` store's); by default a side's ids
     are strings when any partition's are. Raises :class:`InputError` naming the first bad
@@ -351,9 +332,9 @@ def scan_source(src: Source, writer: StoreWriter, kinds: dict[Side, str] | None 
     """
     writer.start_scratch()
     with reading(src.description):  # a malformed row deep in a file fails inside its partition
-        scanned = _compute_all([
-            dask.delayed(_scan_partition)(part, p, writer) for p, part in enumerate(src.frame.to_delayed())
-        ])
+        parts = src.frame.to_delayed()
+        with progress.step("scan", len(parts), "partitions") as report:
+            scanned = compute([dask.delayed(_scan_partition)(part, p, writer) for p, part in enumerate(parts)], report)
     checks = [check for check, _ in scanned]
     offsets = np.concatenate([[0], np.cumsum([c.n_rows for c in checks])])
     for check, offset in zip(checks, offsets):
@@ -407,8 +388,10 @@ def plan_blocks(
     return BlockPlan(ids=ids, n_blocks=n_blocks, assignment=assignment, params=params)
 
 
-def write_store(writer: StoreWriter, scan: SourceScan, plan: BlockPlan, overwrite: bool) -> None:
-    """Stage 3: write the planned store through ``writer``, in three passes of Dask tasks.
+def write_store(writer: StoreWriter, scan: SourceScan, plan: BlockPlan, overwrite: bool,
+                progress: Progress = Progress()) -> None:
+    """Stage 3: write the planned store through ``writer``, in three passes of Dask tasks
+    (reported to ``progress``).
 
     What of ours is at the path is removed first (anything else is refused, as before the
     scan); whatever fails from then on removes what was written. The completion marker is
@@ -418,12 +401,12 @@ def write_store(writer: StoreWriter, scan: SourceScan, plan: BlockPlan, overwrit
     try:
         writer.create(plan.params, {side: plan.ids[side].to_numpy() for side in SIDES}, plan.assignment,
                       plan.n_blocks)
-        part_ptrs = _stage_partitions(writer, scan, plan)
+        part_ptrs = _stage_partitions(writer, scan, plan, progress)
         writer.remove_scratch()
         duplicates = plan.params["duplicates"]
-        user_stats = _build_blocks(writer, "users", part_ptrs, plan, duplicates, scan.timed)
+        user_stats = _build_blocks(writer, "users", part_ptrs, plan, duplicates, scan.timed, progress)
         _raise_on_duplicates(user_stats, plan.ids, duplicates)
-        item_stats = _build_blocks(writer, "items", [s.staged for s in user_stats], plan, None, False)
+        item_stats = _build_blocks(writer, "items", [s.staged for s in user_stats], plan, None, False, progress)
         params = {**plan.params, "duplicates_resolved": sum(s.duplicates for s in user_stats)}
         writer.commit(params, _store_stats(plan, user_stats, item_stats))
     except BaseException:
@@ -431,28 +414,32 @@ def write_store(writer: StoreWriter, scan: SourceScan, plan: BlockPlan, overwrit
         raise
 
 
-def _stage_partitions(writer: StoreWriter, scan: SourceScan, plan: BlockPlan) -> tuple[np.ndarray, ...]:
+def _stage_partitions(writer: StoreWriter, scan: SourceScan, plan: BlockPlan,
+                      progress: Progress) -> tuple[np.ndarray, ...]:
     """Stage every kept partition (a task each); returns each one's user-block offsets."""
     ids = dask.delayed(plan.ids, pure=True)
     user_block = dask.delayed(plan.assignment["users"][0], pure=True)
-    return _compute_all([
-        dask.delayed(_stage_partition)(
-            p, int(scan.offsets[p]), writer, ids, scan.kinds, user_block, plan.n_blocks["users"]
-        )
-        for p in range(len(scan.offsets) - 1)
-    ])
+    n_parts = len(scan.offsets) - 1
+    with progress.step("stage", n_parts, "partitions") as report:
+        return compute([
+            dask.delayed(_stage_partition)(
+                p, int(scan.offsets[p]), writer, ids, scan.kinds, user_block, plan.n_blocks["users"]
+            )
+            for p in range(n_parts)
+        ], report)
 
 
 def _build_blocks(
     writer: StoreWriter, side: Side, stage_ptrs: Sequence[np.ndarray], plan: BlockPlan, duplicates: str | None,
-    timed: bool,
+    timed: bool, progress: Progress,
 ) -> tuple[BlockStats, ...]:
     """Build and write every block of ``side`` (a task each)."""
     assignment = dask.delayed(plan.assignment, pure=True)
-    return _compute_all([
-        dask.delayed(_build_block)(writer, side, b, stage_ptrs, assignment, duplicates, timed)
-        for b in range(plan.n_blocks[side])
-    ])
+    with progress.step(side, plan.n_blocks[side], "blocks") as report:
+        return compute([
+            dask.delayed(_build_block)(writer, side, b, stage_ptrs, assignment, duplicates, timed)
+            for b in range(plan.n_blocks[side])
+        ], report)
 
 
 def _parse_duplicates(value: str) -> str:
@@ -476,6 +463,7 @@ def ingest(
     storage_options: dict | None = None,
     like: RatingStore | None = None,
     timestamp_col: str | None = None,
+    verbose: int | Progress = 0,
 ) -> RatingStore:
     """Partition ratings into user and item blocks and write a ratings store.
 
@@ -509,6 +497,12 @@ def ingest(
     like : RatingStore, optional
         Reuse this store's id maps and block assignment (every id must be in it), so the
         new store lines up block for block with it: how train and test splits are made.
+    verbose : int
+        0: nothing; 1: a line per pass (scan, stage, users, items) with its duration on
+        standard output; 2: also progress over each pass's partitions or blocks on standard
+        error, a bar on a terminal, a line per quarter otherwise
+        (:mod:`blockals.progress`). A :class:`~blockals.progress.Progress` names the lines
+        as a caller wants them (``split`` names its two ingests).
 
     Returns
     -------
@@ -521,6 +515,7 @@ def ingest(
     if block_budget is not None:
         parse_int(block_budget, "block_budget", 1)
     duplicates = _parse_duplicates(duplicates)
+    progress = Progress.of(verbose, "ingest")
     for name, value in (("n_user_blocks", n_user_blocks), ("n_item_blocks", n_item_blocks)):
         if value is not None:
             parse_n_blocks(value, name, np.iinfo(np.int64).max)
@@ -528,12 +523,12 @@ def ingest(
     writer = StoreWriter(path, storage_options)
     writer.check_target(overwrite)  # before the pass over the source; removes nothing
     try:
-        scan = scan_source(src, writer, None if like is None else like.params["id_kinds"])
+        scan = scan_source(src, writer, None if like is None else like.params["id_kinds"], progress)
         plan = plan_blocks(
             scan, n_user_blocks, n_item_blocks, block_budget=block_budget, like=like, duplicates=duplicates,
             columns={"user_col": user_col, "item_col": item_col, "rating_col": rating_col},
         )
-        write_store(writer, scan, plan, overwrite)
+        write_store(writer, scan, plan, overwrite, progress)
     finally:
         writer.remove_scratch()
     return RatingStore(path, storage_options)

@@ -166,7 +166,7 @@ class ALS:
 
     def recommend_all(self, n: int = 10, output: str | None = None, exclude_seen: bool = True, client: Any = None,
                       storage_options: dict | None = None, *, side: str = "users",
-                      format: str | None = None) -> str | pd.DataFrame:
+                      format: str | None = None, verbose: int = 0) -> str | pd.DataFrame:
         """Top-``n`` items for every user (``side="users"``, Spark's ``recommendForAllUsers``),
         or top-``n`` users for every item (``side="items"``, ``recommendForAllItems``).
 
@@ -190,13 +190,17 @@ class ALS:
             ``"parquet"``: a Parquet dataset, one file per block, columns ``user, rank, item,
             score`` (``item, rank, user, score`` for items) in original ids, readable by Dask,
             Spark or pandas. Default: Parquet when ``output`` ends in ``.parquet``, else Zarr.
+        verbose : int
+            0: nothing; 1: the duration of the pass over the store's blocks, on standard
+            output; 2: also its blocks as they finish, on standard error
+            (:mod:`blockals.progress`).
 
         Returns
         -------
         str or DataFrame
             ``output``, or the recommendations when ``output`` is None.
         """
-        return Factors.of(self).recommend_all(n, output, exclude_seen, client, storage_options, side, format)
+        return Factors.of(self).recommend_all(n, output, exclude_seen, client, storage_options, side, format, verbose)
 
     def similar_items(self, items: Any, n: int = 10, *, among: Any = None, filter_items: Any = None) -> pd.DataFrame:
         """The ``n`` items most similar (cosine of factors) to each known item, among ``among``

@@ -47,6 +47,7 @@ __all__ = [
     "parse_float",
     "parse_choice",
     "parse_bool",
+    "parse_verbose",
     "make_init",
     "numpydoc",
     "add_arguments",
@@ -112,7 +113,8 @@ def _parse_init(value: Any, name: str) -> str:
     return "array"
 
 
-def _parse_verbose(value: Any, name: str) -> int:
+def parse_verbose(value: Any, name: str) -> int:
+    """A level of output: a non-negative integer, or a bool (True is 1)."""
     return int(value) if isinstance(value, bool) else parse_int(value, name, 0)
 
 
@@ -309,7 +311,7 @@ PARAMS: tuple[Param, ...] = (
     Param(name="checkpoint_seconds", default=60.0, kind="float", parse=_positive_float, config=False,
           help="With checkpoint_interval=None, the training time a failure may lose: a checkpoint is written "
                "after the first iteration that ends this many seconds after the last one."),
-    Param(name="verbose", default=0, kind="int", parse=_parse_verbose, config=False, cli=None,
+    Param(name="verbose", default=0, kind="int", parse=parse_verbose, config=False, cli=None,
           help="1: one line per iteration; 2: also progress over each iteration's blocks on standard error "
                "(a bar on a terminal, a line per quarter otherwise)."),
 )

@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from blockals import recstore
 from blockals.cluster import cache_bytes, connect
 from blockals.errors import InputError
+from blockals.progress import Progress, wait
 from blockals.store import RatingStore, Side, StoreRef, load_inblock, load_rows, other_side, sender_rows
 
 __all__ = ["recommend_rows", "Seen", "seen_csr", "rated_matrix", "recommend_block", "recommend_all", "similar"]
@@ -289,6 +290,7 @@ def recommend_all(
     store: RatingStore | None, side: Side, F: np.ndarray, G: np.ndarray, bias: np.ndarray | None,
     row_ids: np.ndarray, other_ids: np.ndarray, n: int, output: str | None, fmt: str, exclude_seen: bool = True,
     kept: Seen | None = None, client: Any = None, storage_options: dict | None = None,
+    progress: Progress = Progress(),
 ) -> str | pd.DataFrame:
     """Top-``n`` of the other side for every row of ``side``: to a recommendations store
     (``fmt="zarr"``), a Parquet dataset (``"parquet"``) or a DataFrame (``"frame"``).
@@ -300,11 +302,12 @@ def recommend_all(
     file per block, columns ``<row side>, rank, <other side>, score`` in original ids). Both
     are written beside ``output`` and moved into place when whole
     (:func:`blockals.recstore.stage`), so a failed run leaves an earlier output as it was.
+    The pass over the store's blocks is reported to ``progress``.
     """
     names = ("user", "item") if side == "users" else ("item", "user")
     n = min(n, other_ids.shape[0])
     if fmt == "frame":
-        tops = _score(store, side, F, G, bias, n, exclude_seen, kept, client, None, fmt, None, None)
+        tops = _score(store, side, F, G, bias, n, exclude_seen, kept, client, None, fmt, None, None, progress)
         frames = [to_frame(names[0], row_ids[t.users], names[1], other_ids, t.items, t.scores) for t in tops]
         empty = to_frame(names[0], row_ids[:0], names[1], other_ids, np.zeros((0, n), int), np.zeros((0, n)))
         return pd.concat(frames, ignore_index=True) if frames else empty
@@ -314,7 +317,7 @@ def recommend_all(
             n_blocks = (0 if store is None else store.n_blocks(side)) + (F.shape[0] > _stored(store, side))
             recstore.create(staged, n, n_blocks, row_ids, other_ids, storage_options, side)
         _score(store, side, F, G, bias, n, exclude_seen, kept, client, staged, fmt, (row_ids, other_ids),
-               storage_options)
+               storage_options, progress)
         recstore.publish(staged, output, fmt, storage_options)
     finally:
         recstore.discard(staged, storage_options)
@@ -328,7 +331,7 @@ def _stored(store: RatingStore | None, side: Side) -> int:
 def _score(
     store: RatingStore | None, side: Side, F: np.ndarray, G: np.ndarray, bias: np.ndarray | None, n: int,
     exclude_seen: bool, kept: Seen | None, client: Any, staged: str | None, fmt: str,
-    ids: tuple[np.ndarray, np.ndarray] | None, storage_options: dict | None,
+    ids: tuple[np.ndarray, np.ndarray] | None, storage_options: dict | None, progress: Progress,
 ) -> list:
     """Every row's top ``n``: the store's by blocks in Dask tasks, the rest here; each
     block's :class:`TopItems` (``fmt="frame"``) or, written to ``staged``, its row count."""
@@ -348,6 +351,8 @@ def _score(
                     top = c.submit(_write_block, staged, fmt, storage_options, b, top, sent, side,
                                    key=f"blockals-recommend-write-{side}-{b}-{tag}")
                 tops.append(top)
+            with progress.step(side, len(tops), "blocks") as report:
+                wait(tops, report)
             tops = c.gather(tops)
     if F.shape[0] > stored:
         seen = None

@@ -16,7 +16,6 @@ import functools
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +32,7 @@ from blockals.formats import blockals_meta, parse_path, parse_storage_options
 from blockals.ingest import ingest
 from blockals.lock import Lease
 from blockals.params import ALSConfig, RunParams, check_solve_memory, parse_bool, parse_params
+from blockals.progress import print_progress
 from blockals.recommend import rated_matrix
 from blockals.store import SIDES, RatingStore, Side, open_store
 
@@ -102,14 +102,8 @@ def report_compiled(seconds: float, verbose: int) -> None:
 
 
 def print_block_progress(iteration: int, done: int, total: int) -> None:
-    """A bar redrawn in place on a terminal; in a log (standard error redirected), a plain
-    line at each quarter of the iteration's blocks, so no carriage returns land there."""
-    if sys.stderr.isatty():
-        bar = "#" * (30 * done // total)
-        end = "\n" if done == total else ""
-        print(f"\riteration {iteration:>3} [{bar:<30}] {done}/{total} blocks", end=end, file=sys.stderr, flush=True)
-    elif done == total or 4 * done // total > 4 * (done - 1) // total:
-        print(f"iteration {iteration:>3}: {done}/{total} blocks", file=sys.stderr, flush=True)
+    """The engine's ``on_block``: progress over an iteration's blocks (:func:`blockals.progress.print_progress`)."""
+    print_progress(f"iteration {iteration:>3}", done, total, "blocks")
 
 
 def _assemble(store: RatingStore, side: Side, blocks: list[np.ndarray], dtype: str) -> np.ndarray:
@@ -121,9 +115,9 @@ def _assemble(store: RatingStore, side: Side, blocks: list[np.ndarray], dtype: s
 
 
 @contextlib.contextmanager
-def _ratings_store(ratings: Any, storage_options: dict | None):
+def _ratings_store(ratings: Any, storage_options: dict | None, verbose: int):
     """``(store, temporary)`` for ``ratings``: the store given, the one at a path, or a temporary
-    one ingested from a source and removed on exit."""
+    one ingested from a source (reporting its passes at ``verbose``) and removed on exit."""
     if isinstance(ratings, RatingStore):
         yield ratings, False
         return
@@ -132,7 +126,7 @@ def _ratings_store(ratings: Any, storage_options: dict | None):
         return
     tmpdir = tempfile.mkdtemp(prefix="blockals-")
     try:
-        yield ingest(ratings, os.path.join(tmpdir, "ratings.zarr")), True
+        yield ingest(ratings, os.path.join(tmpdir, "ratings.zarr"), verbose=verbose), True
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -237,13 +231,13 @@ def train(
 ) -> Trained:
     """Train with the estimator's parameters; see :meth:`blockals.ALS.fit` for the arguments
     and :class:`blockals.engine.Engine` for ``key_prefix`` and ``run_tag``."""
-    parse_params(params)  # every parameter, before any data is read or a cluster started
+    verbose = parse_params(params).verbose  # every parameter, before any data is read or a cluster started
     resume = parse_bool(resume, "resume")
     storage_options = parse_storage_options(storage_options)
     if checkpoint_path is not None:
         checkpoint_path = parse_path(checkpoint_path, "checkpoint_path")
     client = parse_client(client)
-    with _ratings_store(ratings, storage_options) as (store, temporary):
+    with _ratings_store(ratings, storage_options, verbose) as (store, temporary):
         run, arrays, checkpoint, lease = preflight(params, store, resume=resume, checkpoint_path=checkpoint_path,
                                                    local=client is None, break_lease=break_lease)
         if run.config.rank > min(store.n_users, store.n_items):

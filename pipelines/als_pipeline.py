@@ -19,7 +19,9 @@ sentence and exit status 2.
 With no arguments it runs the embedded default: a synthetic MovieLens-shaped data set
 (943 users x 1682 items, ~100k half-star ratings, made locally from a seed) under
 ``storage/data/demo/``, on a LocalCluster started for the run, with Spark's explicit
-objective. It prints the dashboard link first and a summary table last.
+objective. It prints the dashboard link first and a summary table last; between them, each
+stage's passes (training's iterations) a line each with its duration, and with
+``--progress`` their partitions or blocks on stderr (a bar on a terminal, lines in a log).
 
     python pipelines/als_pipeline.py
     python pipelines/als_pipeline.py --config pipelines/configs/implicit.yaml --rank 64
@@ -58,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="continue an earlier run in --data: skip ingest and split where unchanged, resume training "
                         "from its checkpoint")
+    p.add_argument("--progress", action="store_true",
+                   help="progress over the partitions or blocks of each stage's passes: a bar on a terminal, "
+                        "lines in a log")
     p.add_argument("--scheduler", default=os.environ.get("DASK_SCHEDULER_ADDRESS") or None,
                    help="attach to this scheduler (default: $DASK_SCHEDULER_ADDRESS, else start a cluster)")
     p.add_argument("--cluster", choices=["local", "kubernetes"], default="local",
@@ -85,10 +90,12 @@ def config_keys() -> dict[str, list[str]]:
         return [name for name in inspect.signature(fn).parameters if name not in skip]
 
     return {
-        "data": ["source"] + keywords(blockals.ingest, "source", "path", "overwrite", "storage_options", "like"),
-        "split": keywords(split, "store", "train_path", "test_path", "overwrite"),
+        # verbose is --progress's: where the run's output goes, not what it computes.
+        "data": ["source"] + keywords(blockals.ingest, "source", "path", "overwrite", "storage_options", "like",
+                                      "verbose"),
+        "split": keywords(split, "store", "train_path", "test_path", "overwrite", "verbose"),
         "model": [p.name for p in params.PARAMS if p.cli],
-        "evaluate": keywords(evaluate, "model", "test", "train", "client"),
+        "evaluate": keywords(evaluate, "model", "test", "train", "client", "verbose"),
         "recommend": ["n"],
         # Opt-in: with enabled: true, the search stage replaces train, saving the best model.
         "search": ["enabled"] + keywords(blockals.search, "store", "client", "verbose", "storage_options"),
@@ -281,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     data = parse_output_path(args.data.rstrip("/"), "--data", "directory")
     paths = {name: f"{data}/{name}" for name in ("ratings.zarr", "train.zarr", "test.zarr", "model.zarr", "recommendations.zarr")}
     local = not args.scheduler and args.cluster == "local"
+    verbose = 2 if args.progress else 1  # a line per pass and iteration; with --progress, their tasks too
 
     # What each stage will do, decided before a cluster starts: with --resume, ingest and
     # split are skipped when their inputs and complete outputs are as recorded.
@@ -337,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             if source is None:
                 source = blockals.datasets.movielens_like(seed=config["split"].get("seed", 0))
                 print(f"synthetic MovieLens-shaped data: {len(source):,} ratings")
-            store = timed("ingest", lambda: blockals.ingest(source, paths["ratings.zarr"], overwrite=True, **d),
+            store = timed("ingest", lambda: blockals.ingest(source, paths["ratings.zarr"], overwrite=True, verbose=verbose, **d),
                           lambda s: f"{s.nnz:,} ratings, {s.n_users:,} users x {s.n_items:,} items, "
                                     f"{s.n_user_blocks}x{s.n_item_blocks} blocks")
             manifest.record("ingest", ingest_inputs, {"ratings.zarr": store.store_id})
@@ -349,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("split: its ratings or parameters changed since the recorded run; splitting again", flush=True)
             ratings = blockals.open_store(paths["ratings.zarr"])
             tt = timed("split", lambda: split(ratings, paths["train.zarr"], paths["test.zarr"], overwrite=True,
-                                              **config["split"]),
+                                              verbose=verbose, **config["split"]),
                        lambda tt: f"{tt[0].nnz:,} train / {tt[1].nnz:,} test ratings")
             manifest.record("split", {"split": config["split"], "ratings": ratings.store_id},
                             {"train.zarr": tt[0].store_id, "test.zarr": tt[1].store_id})
@@ -364,17 +372,19 @@ def main(argv: list[str] | None = None) -> int:
         if "train" in stages:
             if args.resume and not resume_train:
                 print("train: the training store was written again, so training starts from iteration 1", flush=True)
-            model = timed("train", lambda: blockals.ALS(**config["model"], verbose=True).fit(train, client, resume=resume_train),
+            model = timed("train", lambda: blockals.ALS(**config["model"], verbose=verbose).fit(train, client, resume=resume_train),
                           lambda m: f"objective {m.history_[-1]['loss']:.6g}, train RMSE {m.history_[-1]['train_rmse']:.4f}")
             model.save(paths["model.zarr"], overwrite=True)
         model = blockals.ALS.load(paths["model.zarr"]) if {"evaluate", "recommend"} & set(stages) else None
         if "evaluate" in stages:
             test = blockals.open_store(paths["test.zarr"])
-            metrics = timed("evaluate", lambda: evaluate(model, test, train, client=client, **config["evaluate"]),
+            metrics = timed("evaluate", lambda: evaluate(model, test, train, client=client, verbose=verbose,
+                                                            **config["evaluate"]),
                             lambda m: ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
             write_outputs(data, config, metrics, model.history_)
         if "recommend" in stages:
-            timed("recommend", lambda: model.recommend_all(config["recommend"].get("n", 10), paths["recommendations.zarr"], client=client),
+            timed("recommend", lambda: model.recommend_all(config["recommend"].get("n", 10), paths["recommendations.zarr"],
+                                                           client=client, verbose=verbose),
                   lambda path: f"top {config['recommend'].get('n', 10)} for every user in {path}")
     print("\n| stage | seconds | result |\n|---|---|---|")
     for stage, seconds, text in summary:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
 import subprocess
 import sys
+import threading
+import tty
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +46,11 @@ def test_ingest_info_train(csv, tmp_path):
     done = blockals_cli("ingest", str(path), str(tmp_path / "s.zarr"), "--n-user-blocks", "3", "--n-item-blocks", "2")
     assert done.returncode == 0, done.stderr
     assert f"{len(pairs):,} ratings" in done.stdout
+    # By default, as train prints a line per iteration: a line per pass with its duration.
+    for line in ("ingest scan: 1 partitions", "ingest stage: 1 partitions", "ingest users: 3 blocks",
+                 "ingest items: 2 blocks"):
+        assert re.search(rf"^{line} in \d+\.\d\d s$", done.stdout, re.M), done.stdout
+    assert done.stderr == ""
     info = blockals_cli("info", str(tmp_path / "s.zarr"))
     assert info.returncode == 0 and "3 user blocks" in info.stdout and "complete" in info.stdout
     done = blockals_cli("train", str(tmp_path / "s.zarr"), str(tmp_path / "m.zarr"), "--rank", "3", "--max-iter", "2")
@@ -55,8 +64,14 @@ def test_split_train_evaluate_recommend(csv, tmp_path):
     path, pairs = csv
     s, tr, te, m = (str(tmp_path / n) for n in ("s.zarr", "train.zarr", "test.zarr", "m.zarr"))
     assert blockals_cli("ingest", str(path), s).returncode == 0
-    done = blockals_cli("split", s, tr, te, "--method", "ratio", "--fraction", "0.25")
+    done = blockals_cli("split", s, tr, te, "--method", "ratio", "--fraction", "0.25", "--progress")
     assert done.returncode == 0, done.stderr
+    n_user_blocks, n_item_blocks = blockals.open_store(s).n_user_blocks, blockals.open_store(s).n_item_blocks
+    for name in ("train", "test"):
+        assert f"split {name} users: {n_user_blocks}/{n_user_blocks} blocks\n" in done.stderr
+        assert f"split {name} items: {n_item_blocks}/{n_item_blocks} blocks\n" in done.stderr
+        assert re.search(rf"^split {name} items: {n_item_blocks} blocks in \d+\.\d\d s$", done.stdout, re.M)
+    assert "\r" not in done.stderr
     done = blockals_cli("train", tr, m, "--rank", "3", "--max-iter", "3", "--implicit", "--alpha", "2",
                         "--progress", "--report", str(tmp_path / "report.html"), "--plot", str(tmp_path / "loss.png"))
     assert done.returncode == 0, done.stderr
@@ -67,22 +82,63 @@ def test_split_train_evaluate_recommend(csv, tmp_path):
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model = blockals.ALS.load(m)
     assert model.implicit and model.alpha == 2.0 and len(model.history_) == 3
-    done = blockals_cli("evaluate", m, te, "--train", tr, "--k", "5", "--json", str(tmp_path / "metrics.json"))
+    done = blockals_cli("evaluate", m, te, "--train", tr, "--k", "5", "--json", str(tmp_path / "metrics.json"),
+                        "--progress")
     assert done.returncode == 0, done.stderr
     assert "precision@5" in done.stdout
+    assert done.stderr.endswith(f"evaluate: {n_user_blocks}/{n_user_blocks} blocks\n") and "\r" not in done.stderr
+    assert re.search(rf"^evaluate: {n_user_blocks} blocks in \d+\.\d\d s$", done.stdout, re.M)
     assert json.loads((tmp_path / "metrics.json").read_text())["n_test_ratings"] > 0
     user = str(pairs["user"].iloc[0])
     done = blockals_cli("recommend", m, "--users", user, "--n", "4")
     assert done.returncode == 0, done.stderr
     expected = model.recommend([int(user)], n=4)
     assert done.stdout.split()[4:] == expected.to_string(index=False).split()[4:]
-    done = blockals_cli("recommend", m, "--output", str(tmp_path / "recs.zarr"), "--n", "2")
+    done = blockals_cli("recommend", m, "--output", str(tmp_path / "recs.zarr"), "--n", "2", "--progress")
     assert done.returncode == 0 and read_recommendations(tmp_path / "recs.zarr")["rank"].max() == 2
+    assert done.stderr.endswith(f"recommend users: {n_user_blocks}/{n_user_blocks} blocks\n"), done.stderr
     done = blockals_cli("recommend", m, "--output", str(tmp_path / "users.parquet"), "--n", "2", "--side", "items")
     assert done.returncode == 0 and "users for every item" in done.stdout, done.stderr
     expected = model.recommend_all(2, side="items")
     got = pd.read_parquet(tmp_path / "users.parquet").sort_values(["item", "rank"], ignore_index=True)
     pd.testing.assert_frame_equal(got, expected.sort_values(["item", "rank"], ignore_index=True), check_dtype=False)
+
+
+def test_progress_on_a_terminal_is_a_bar_redrawn_in_place(csv, tmp_path):
+    from test_ingest import assert_store_holds
+
+    path, pairs = csv
+    master, terminal = pty.openpty()
+    tty.setraw(terminal)  # the bytes as written, without the terminal turning \n into \r\n
+    proc = subprocess.Popen([sys.executable, "-m", "blockals.cli", "ingest", str(path), str(tmp_path / "s.zarr"),
+                             "--n-user-blocks", "3", "--n-item-blocks", "2", "--progress"],
+                            stdout=subprocess.PIPE, stderr=terminal, text=True)
+    os.close(terminal)
+    written = []
+
+    def drain():  # read as it comes, so a full terminal buffer never blocks the command
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the command has closed the terminal
+                return
+            if not data:
+                return
+            written.append(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    out = proc.communicate(timeout=600)[0]
+    reader.join(timeout=60)
+    os.close(master)
+    err = b"".join(written).decode()
+    assert proc.returncode == 0, err
+    for step, total in (("users", 3), ("items", 2)):
+        bars = "".join(rf"\ringest {step} \[{'#' * (30 * d // total):<30}\] {d}/{total} blocks"
+                       for d in range(1, total + 1))
+        assert re.search(bars + "\n", err), err  # redrawn in place, then a newline
+    assert "ingest users: 3 blocks in " in out  # the pass lines stay on standard output
+    assert_store_holds(blockals.open_store(tmp_path / "s.zarr"), pairs)
 
 
 def test_version_names_blockals_and_its_engine():
@@ -147,6 +203,8 @@ def test_pipeline_default_job(tmp_path):
     assert sum(line.startswith("iteration ") for line in out.splitlines()) == 4
     for stage in ("ingest", "split", "train", "evaluate", "recommend"):
         assert f"| {stage} |" in out
+    for line in ("ingest users", "split train items", "split test users", "evaluate", "recommend users"):
+        assert re.search(rf"^{line}: \d+ blocks in \d+\.\d\d s$", out, re.M), out  # each stage's passes
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     # Better than predicting every rating with one constant, by a clear margin.
     frame = blockals.datasets.movielens_like()

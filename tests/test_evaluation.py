@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -170,3 +171,33 @@ def test_movielens_files_bring_their_timestamps(tmp_path):
     assert store.has_timestamps
     times = np.concatenate([blockals.store.load_times(store.ref, b) for b in range(store.n_user_blocks)])
     assert sorted(times) == [878887116, 881250949, 891717742]
+
+
+def test_split_and_evaluate_report_their_passes_only_when_asked(source, client2, capsys, tmp_path):
+    store = blockals.ingest(source, tmp_path / "all.zarr", n_user_blocks=3, n_item_blocks=2)
+    train, test = split(store, tmp_path / "train.zarr", tmp_path / "test.zarr", method="ratio", fraction=0.3,
+                        verbose=2)
+    assert triples(train) | triples(test) == set(zip(source["user"], source["item"]))
+    assert not triples(train) & triples(test)
+    out, err = capsys.readouterr()
+    assert "\r" not in err  # standard error is not a terminal here: plain lines, as in a log
+    for name in ("train", "test"):  # each ingest's passes: the source's partitions are the user blocks
+        for step, total, unit in (("scan", 3, "partitions"), ("stage", 3, "partitions"), ("users", 3, "blocks"),
+                                  ("items", 2, "blocks")):
+            assert f"split {name} {step}: {total}/{total} {unit}\n" in err
+            assert re.search(rf"^split {name} {step}: {total} {unit} in \d+\.\d\d s$", out, re.M)
+
+    model = blockals.ALS(rank=3, max_iter=2, reg=0.1, dtype="float64").fit(train, client2)
+    capsys.readouterr()
+    got = evaluate(model, test, train, k=5, client=client2, verbose=2)
+    out, err = capsys.readouterr()
+    assert err == "evaluate: 1/3 blocks\nevaluate: 2/3 blocks\nevaluate: 3/3 blocks\n"
+    assert re.fullmatch(r"evaluate: 3 blocks in \d+\.\d\d s\n", out)
+    pairs = pd.DataFrame(list(triples(test)), columns=["user", "item"]).merge(source, on=["user", "item"])
+    u = pd.Index(model.user_ids_).get_indexer(pairs["user"])
+    i = pd.Index(model.item_ids_).get_indexer(pairs["item"])
+    pred = np.einsum("ij,ij->i", model.user_factors_[u], model.item_factors_[i])
+    assert got["rmse"] == pytest.approx(np.sqrt(np.mean((pred - pairs["rating"]) ** 2)))
+    assert got["n_test_ratings"] == len(pairs)
+    assert evaluate(model, test, train, k=5, client=client2) == got  # quiet by default
+    assert capsys.readouterr() == ("", "")

@@ -7,8 +7,10 @@ blockals.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -570,6 +572,30 @@ def test_a_failing_partition_leaves_nothing_once_ingest_returns(scheduler, clien
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("where", ["threads", "distributed"])
+def test_each_pass_reports_its_tasks_and_its_duration(where, client2, small, capsys, tmp_path):
+    frame = dd.from_pandas(small, npartitions=4, sort=False)
+    with client2.as_current() if where == "distributed" else contextlib.nullcontext():
+        store = blockals.ingest(frame, tmp_path / "r.zarr", n_user_blocks=3, n_item_blocks=2, verbose=2)
+    assert_store_holds(store, small)
+    out, err = capsys.readouterr()
+    assert "\r" not in err  # standard error is not a terminal here: plain lines, as in a log
+    passes = (("scan", frame.npartitions, "partitions"), ("stage", frame.npartitions, "partitions"),
+              ("users", 3, "blocks"), ("items", 2, "blocks"))
+    for name, total, unit in passes:
+        counts = [int(line.split(": ")[1].split("/")[0]) for line in err.splitlines()
+                  if line.startswith(f"ingest {name}: ")]
+        assert counts == sorted(counts) and counts[-1] == total and set(counts) >= {total // 2}, (name, err)
+        assert f"ingest {name}: {total}/{total} {unit}\n" in err
+    assert [line.split(" in ")[0] for line in out.splitlines()] == [f"ingest {n}: {t} {u}" for n, t, u in passes]
+    assert all(re.fullmatch(r".* in \d+\.\d\d s", line) for line in out.splitlines())
+
+
+def test_ingest_is_quiet_by_default(small, capsys, tmp_path):
+    assert_store_holds(blockals.ingest(small, tmp_path / "r.zarr", n_user_blocks=3, n_item_blocks=2), small)
+    assert capsys.readouterr() == ("", "")
+
+
 def test_csv_errors_deep_in_the_file_name_the_row(tmp_path):
     rng = np.random.default_rng(8)
     n = 5000
@@ -718,6 +744,8 @@ def test_combine_duplicates_against_pandas(policy, row_order):
         (dict(n_user_blocks=True), r"n_user_blocks must be a positive integer, got True"),
         (dict(n_user_blocks=13), r"n_user_blocks=13 is larger than the number of users \(12\)"),
         (dict(n_item_blocks=10), r"n_item_blocks=10 is larger than the number of items \(9\)"),
+        (dict(verbose=-1), r"verbose must be at least 0, got -1"),
+        (dict(verbose="yes"), r"verbose must be an integer, got 'yes'"),
     ],
 )
 def test_bad_parameters(kwargs, match, tmp_path):

@@ -40,9 +40,17 @@ def test_resume_skips_unchanged_stages_and_reruns_changed_ones(tmp_path):
     source, data = tmp_path / "r.csv", tmp_path / "data"
     frame.to_csv(source, index=False)
 
-    first = pipeline(data, source, "--max-iter", "2")
+    first = pipeline(data, source, "--max-iter", "2", "--progress")
     assert first.returncode == 0, first.stderr[-2000:]
     ids = store_ids(data)
+    # Every stage reports its passes: a line each with its duration, and with --progress
+    # their blocks on standard error, in plain lines since it is not a terminal here.
+    ratings = blockals.open_store(data / "ratings.zarr")
+    nu, ni = ratings.n_user_blocks, ratings.n_item_blocks
+    for name in ("ingest", "split train", "split test"):
+        assert f"{name} users: {nu}/{nu} blocks\n" in first.stderr and f"{name} items: {ni}/{ni} blocks\n" in first.stderr
+        assert re.search(rf"^{name} items: {ni} blocks in \d+\.\d\d s$", first.stdout, re.M)
+    assert f"iteration   2: {nu + ni}/{nu + ni} blocks\n" in first.stderr and "\r" not in first.stderr
 
     # Unchanged source and parameters: ingest and split are skipped, their stores are the
     # same ones, and training continues from its checkpoint at iteration 2.

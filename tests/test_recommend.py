@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -359,3 +361,21 @@ def test_a_failed_recommend_all_leaves_the_earlier_output_as_it_was(trained, cli
         assert sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file()) == before
     assert read_recommendations(tmp_path / "recs")["rank"].max() == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recs", "recs.parquet"]  # nothing staged is left
+
+
+def test_recommend_all_reports_its_blocks_only_when_asked(trained, client2, capsys):
+    R, M, store, models = trained
+    model = models["explicit"]
+    recs = model.recommend_all(3, client=client2, verbose=2)
+    out, err = capsys.readouterr()
+    assert err == "".join(f"recommend users: {d}/3 blocks\n" for d in (1, 2, 3))
+    assert re.fullmatch(r"recommend users: 3 blocks in \d+\.\d\d s\n", out)
+    S = dense_scores(model)
+    S[M] = -np.inf
+    for u in range(R.shape[0]):
+        got = recs[recs["user"] == 1000 + u].sort_values("rank")
+        assert list(got["item"]) == [3 * j for j in brute_top(S[[u]], 3)[0]]
+    users = model.recommend_all(2, client=client2, side="items")  # quiet by default
+    assert capsys.readouterr() == ("", "") and users["item"].nunique() == R.shape[1]
+    with pytest.raises(blockals.InputError, match=r"^verbose must be at least 0, got -1\.$"):
+        model.recommend_all(2, client=client2, verbose=-1)
