@@ -159,6 +159,27 @@ def split(
     return out[0], out[1]
 
 
+def top_k_order(scores: np.ndarray, k: int) -> np.ndarray:
+    """Each row's ``min(k, columns)`` best columns, by decreasing score, then increasing index.
+
+    Exactly the first columns of a stable descending argsort, found by a partition (linear
+    in the columns) rather than a sort of every score: a sort was two thirds of the time
+    of an evaluation. Ties at the k-th score keep their lowest-index columns.
+    """
+    n, m = scores.shape
+    k = min(k, m)
+    if k == 0:
+        return np.zeros((n, 0), dtype=np.int64)
+    scores = np.where(np.isnan(scores), -np.inf, scores)  # compared with nothing, NaN would lose its place
+    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]  # each row's k-th best score
+    above = scores > kth
+    tied = scores == kth
+    # Of the columns tied at the k-th score, the lowest-index ones that fill the k places.
+    chosen = above | (tied & (np.cumsum(tied, axis=1) <= k - above.sum(axis=1, keepdims=True)))
+    best = np.nonzero(chosen)[1].reshape(n, k)  # in increasing index within each row
+    return np.take_along_axis(best, np.argsort(-np.take_along_axis(scores, best, axis=1), axis=1, kind="stable"), axis=1)
+
+
 def ranking_metrics(scores: np.ndarray, relevant: list[np.ndarray], excluded: list[np.ndarray], k: int) -> dict[str, np.ndarray]:
     """Per-row ranking metrics of one chunk of users (rows of ``scores``).
 
@@ -169,16 +190,12 @@ def ranking_metrics(scores: np.ndarray, relevant: list[np.ndarray], excluded: li
     scores = scores.astype(np.float64, copy=True)
     for r in range(n):
         scores[r, excluded[r]] = -np.inf
-    # Rank of every item: by decreasing score, then increasing index.
-    order = np.argsort(-scores, axis=1, kind="stable")
+    order = top_k_order(scores, k)
     is_rel = np.zeros((n, m), dtype=bool)
     for r in range(n):
         is_rel[r, relevant[r]] = True
     n_rel = is_rel.sum(axis=1)
-    ranked_rel = np.take_along_axis(is_rel, order, axis=1)
-    candidate = np.take_along_axis(np.isfinite(scores), order, axis=1)
-    ranked_rel &= candidate
-    top = ranked_rel[:, :k]
+    top = np.take_along_axis(is_rel, order, axis=1) & np.isfinite(np.take_along_axis(scores, order, axis=1))
     hits = top.sum(axis=1)
     positions = np.arange(1, min(k, m) + 1)
     discount = 1.0 / np.log2(positions + 1)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import blockals
-from blockals.evaluation import evaluate, ranking_metrics, split
+from blockals.evaluation import evaluate, ranking_metrics, split, top_k_order
 from test_model import random_ratings, to_frame
 
 
@@ -53,6 +53,19 @@ def test_ranking_metrics_match_brute_force(k):
                 assert math.isnan(got[name][r])
             else:
                 assert got[name][r] == pytest.approx(value), (name, r)
+
+
+@pytest.mark.parametrize("k", [0, 1, 4, 9, 15])
+def test_top_k_order_is_the_head_of_a_sort_by_score_then_index(k):
+    rng = np.random.default_rng(k)
+    scores = rng.integers(0, 4, (40, 9)).astype(float)  # ties at every k-th score
+    scores[rng.random(scores.shape) < 0.2] = -np.inf  # excluded items
+    scores[3] = -np.inf
+    scores[5, 2] = np.nan
+    got = top_k_order(scores, k)
+    for r, row in enumerate(scores):
+        key = [(-(v if not math.isnan(v) else -math.inf), j) for j, v in enumerate(row)]
+        assert list(got[r]) == [j for _, j in sorted(key)][:k], r
 
 
 def test_evaluate_matches_brute_force(client2, tmp_path):
