@@ -86,9 +86,9 @@ def _train(args: argparse.Namespace) -> int:
     store = blockals.open_store(args.store)
     check_model_path(args.model, overwrite=args.overwrite)
     run = preflight(model.get_params(), store, resume=args.resume, local=args.scheduler is None)[0]
-    # Held from start to save: a second training of this model path is refused before it
-    # starts a cluster, not after it has trained.
-    with Lease(args.model, "model", break_lease=args.break_lease):
+    # Held from start to save: a second training of this model path, or an ingest over the
+    # store, is refused before it starts a cluster, not after it has trained.
+    with Lease(args.model, "model", break_lease=args.break_lease), store.reading():
         with _client(args, store.nnz) as client:
             check_worker_memory(client, run, store)
             print(f"dashboard: {client.dashboard_link}", flush=True)
@@ -189,11 +189,14 @@ def _search(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import blockals
     from blockals.evaluation import evaluate
+    from blockals.lock import holding
 
     model = blockals.ALS.load(args.model)
     train = blockals.open_store(args.train) if args.train else None
     test = blockals.open_store(args.test)
-    with _client(args, test.nnz + (train.nnz if train else 0)) as client:
+    # The leases evaluate takes, taken before the cluster starts.
+    with holding(test.reading(), train.reading() if train else None), \
+            _client(args, test.nnz + (train.nnz if train else 0)) as client:
         metrics = evaluate(model, test, train, k=args.k, relevance=args.relevance, client=client,
                            verbose=_verbose(args))
     for name, value in metrics.items():
@@ -209,7 +212,10 @@ def _recommend(args: argparse.Namespace) -> int:
 
     model = blockals.ALS.load(args.model)
     if args.output:
-        with _client(args) as client:
+        from blockals.lock import Lease
+
+        # The output's lease (recommend_all takes it again), refused before the cluster starts.
+        with Lease(args.output, "recommendations", breakable=False), _client(args) as client:
             model.recommend_all(args.n, args.output, exclude_seen=not args.include_seen, client=client,
                                 side=args.side, format=args.format, verbose=_verbose(args))
         what = "items for every user" if args.side == "users" else "users for every item"

@@ -382,6 +382,9 @@ class Engine:
         user_terms = None  # the loss terms of the solves that made X, whose Gramians they hold
         pending = None  # an iteration whose losses are still to be gathered
         for it in range(first, max_iter + 1):
+            # Cached in-blocks are used without reading the store: that it is still the one
+            # at its path is checked here, once per iteration (see blockals.store._BlockCache).
+            self.store.check_unchanged("the training")
             Y, item_terms = self._half_step(it, "items", X, Y if warm else None, user_terms)
             X, user_terms = self._half_step(it, "users", Y, X if warm else None, item_terms)
             # The previous iteration's losses are gathered only now, with this one's tasks

@@ -22,4 +22,4 @@ class StoreError(BlockalsError, OSError):
 
 
 class LeaseError(StoreError):
-    """A model or checkpoint path is being written by another training (see :mod:`blockals.lock`)."""
+    """A path is being written, or a store read, by another run (see :mod:`blockals.lock`)."""

@@ -32,6 +32,7 @@ import pandas as pd
 from blockals.cluster import cache_bytes, connect
 from blockals.errors import InputError
 from blockals.factors import Factors
+from blockals.lock import Lease, holding
 from blockals.progress import Progress, wait
 from blockals.store import RatingStore, StoreRef, block_triples, load_rows, load_times, open_store
 
@@ -130,19 +131,28 @@ def split(
 
     ``store`` is a :class:`RatingStore` or its path. Each user block is read and divided by
     :func:`test_mask`, and each part is ingested with ``like=store``, out-of-core, so large
-    splits never sit in memory. ``verbose`` reports the passes of both ingests as
-    :func:`blockals.ingest` does, their lines starting ``split train`` and ``split test``.
+    splits never sit in memory. The store is leased for reading and both outputs for
+    writing (:mod:`blockals.lock`) throughout. ``verbose`` reports the passes of both
+    ingests as :func:`blockals.ingest` does, their lines starting ``split train`` and
+    ``split test``.
     """
-    import dask.dataframe as dd
-
-    from blockals.ingest import ingest
-
     method, fraction, k, seed = parse_split_params(method, fraction, k, seed).values()
     store = _as_store(store, "store")
     progress = Progress.of(verbose, "split")
     timed = store.has_timestamps
     if method == "temporal" and not timed:
         raise InputError(f"a temporal split needs timestamps; {store.path} was ingested without a timestamp column.")
+    with holding(store.reading(), *(Lease(p, "ratings store", breakable=False) for p in (train_path, test_path))):
+        store.check_unchanged("the split")  # the store opened is the one now leased
+        return _split(store, train_path, test_path, method, fraction, k, seed, overwrite, timed, progress)
+
+
+def _split(store: RatingStore, train_path: str, test_path: str, method: str, fraction: float, k: int, seed: int,
+           overwrite: bool, timed: bool, progress: Progress) -> tuple[RatingStore, RatingStore]:
+    import dask.dataframe as dd
+
+    from blockals.ingest import ingest
+
     user_ids, item_ids = store.user_ids.to_numpy(), store.item_ids.to_numpy()
     out = []
     for path, test, name in ((train_path, False, "train"), (test_path, True, "test")):
@@ -309,7 +319,8 @@ def evaluate(
     item_bias = getattr(model, "item_bias_", None)
     mu = getattr(model, "global_mean_", 0.0)
     tag = uuid.uuid4().hex[:8]
-    with connect(client, ratings=test.nnz + (train.nnz if train is not None else 0)) as c:
+    with holding(test.reading(), None if train is None else train.reading()), \
+            connect(client, ratings=test.nnz + (train.nnz if train is not None else 0)) as c:
         V = c.scatter(model.item_factors_, broadcast=True)
         tasks = [
             c.submit(_evaluate_block, test.ref, None if train is None else train.ref, b, test.n_item_blocks,

@@ -39,6 +39,7 @@ from blockals.cluster import reusing_memory
 from blockals.errors import InputError
 from blockals.formats import parse_path, parse_storage_options
 from blockals.params import parse_bool, parse_int
+from blockals.lock import Lease, holding
 from blockals.partition import DEFAULT_BLOCK_BUDGET, assign_blocks, default_n_blocks, parse_n_blocks
 from blockals.progress import Progress, compute
 from blockals.routing import build_inblock, counting_order, inblock_order, pair_order
@@ -520,18 +521,22 @@ def ingest(
         if value is not None:
             parse_n_blocks(value, name, np.iinfo(np.int64).max)
     src = read_source(source, user_col, item_col, rating_col, timestamp_col)
-    writer = StoreWriter(path, storage_options)
-    writer.check_target(overwrite)  # before the pass over the source; removes nothing
-    try:
-        scan = scan_source(src, writer, None if like is None else like.params["id_kinds"], progress)
-        plan = plan_blocks(
-            scan, n_user_blocks, n_item_blocks, block_budget=block_budget, like=like, duplicates=duplicates,
-            columns={"user_col": user_col, "item_col": item_col, "rating_col": rating_col},
-        )
-        write_store(writer, scan, plan, overwrite, progress)
-    finally:
-        writer.remove_scratch()
-    return RatingStore(path, storage_options)
+    # On the target path, not inside write_store: held over the check of what is there, the
+    # scan and the write, so a second ingest of the path is refused before it reads anything.
+    with holding(None if like is None else like.reading(),
+                 Lease(path, "ratings store", storage_options, breakable=False)):
+        writer = StoreWriter(path, storage_options)
+        writer.check_target(overwrite)  # before the pass over the source; removes nothing
+        try:
+            scan = scan_source(src, writer, None if like is None else like.params["id_kinds"], progress)
+            plan = plan_blocks(
+                scan, n_user_blocks, n_item_blocks, block_budget=block_budget, like=like, duplicates=duplicates,
+                columns={"user_col": user_col, "item_col": item_col, "rating_col": rating_col},
+            )
+            write_store(writer, scan, plan, overwrite, progress)
+        finally:
+            writer.remove_scratch()
+        return RatingStore(path, storage_options)
 
 
 def _raise_unless_known(ids: dict[Side, pd.Index], like: RatingStore) -> None:

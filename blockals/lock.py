@@ -1,27 +1,56 @@
-"""Leases: one writer at a time for a model or a checkpoint path.
+"""Leases: shared for readers, exclusive for writers, on a store, model or checkpoint path.
 
-A lease is a small JSON file beside the path it guards, ``<path>.lock`` (beside, not
-inside: writing a Zarr group with mode ``"w"`` empties its directory), naming its holder:
-host, process id, start time and command. Taking it is atomic, and a second writer is
-refused with one sentence naming the holder rather than left to interleave its blocks
-with the first one's.
+Every entry point that writes a path (ingest, split, a training's model and checkpoint,
+``recommend_all`` to an output, the pipeline's data directory) holds an *exclusive* lease on
+it, and every one that reads a store (a training, ``split``, ``evaluate``, ``recommend_all``,
+``search``) a *shared* one. Shared holders coexist; an exclusive holder excludes everyone.
+A refusal is one sentence naming the holder(s) (process, host, command, since) rather than
+a store rewritten under a reader, or two writers interleaving their blocks.
 
-* Local paths: the file is held with ``flock`` for as long as the lease is. The kernel
-  drops that lock when its holder exits, however it exits (``kill -9`` included), so a
-  lease left by a dead training is free again at once, while a live holder can never be
-  overridden. The file is removed on release; a leftover one means nothing by itself.
-* fsspec URLs (``s3://...``): the file is created by an exclusive write (``If-None-Match``
-  on S3) and deleted on release. Nothing there tells a dead holder from a live one, so a
-  lease left by a killed driver stays until it is broken with ``break_lease=True``
-  (``--break-lease``), after checking that the holder it names is gone.
+* Local paths: one lock file, ``<path>.lock`` beside the path (beside, not inside: writing
+  a Zarr group with mode ``"w"`` empties its directory), held with ``flock`` ``LOCK_SH`` or
+  ``LOCK_EX`` for as long as the lease is. The kernel drops a ``flock`` when its holder
+  exits, however it exits (``kill -9`` included), so a dead holder's lease is free at once,
+  while a live holder can never be overridden.
+
+  The file is a log of JSON lines naming the holders: a writer empties it and writes its
+  own line; each reader appends its line (``O_APPEND``: one write, never interleaved) and,
+  on release, a line ``{"released": <token>}``. The holders named in a refusal are the
+  lines not released, less those of processes on this host that are gone. One file rather
+  than a file per holder, because the lock itself must be one file for ``flock`` to
+  arbitrate readers against writers, and a second file per holder would be a second thing
+  to leave behind and clean up.
+
+  The last holder out removes the file, while it still holds it exclusively: a writer on
+  release, a reader only when a non-blocking switch to ``LOCK_EX`` succeeds (no one else
+  holds it; when the switch fails, Linux has already dropped the reader's lock, which is
+  what releasing wants). Whoever opened the file before it was removed finds, after
+  locking, that the path names another file (or none), and starts over: so nobody ever
+  holds a lock on a file nobody else will look at. A removal is never needed for
+  correctness; a leftover file (of a killed holder) means nothing by itself.
+* fsspec URLs (``s3://...``): a writer creates ``<path>.lock/exclusive`` by an exclusive
+  write (``If-None-Match`` on S3), a reader ``<path>.lock/shared-<token>``; each then
+  looks for the other kind, and withdraws its own object and is refused if it finds one.
+  Both create before they look, so of a reader and a writer that race, at least one sees
+  the other (one or both are refused, never both admitted). Objects are deleted on
+  release. Nothing there tells a dead holder from a live one, so the lease of a killed
+  driver stays until it is broken (``break_lease=True``, ``--break-lease``, after checking
+  that the holder named is gone): a writer breaking clears every holder, a reader the
+  writer.
+
+A reader of a store where nothing may be written beside it (a read-only mount, read-only
+credentials) locks the lease file if there is one, else reads unleased: no blockals writer
+can take the path there either, and a training checks the store's id every iteration.
 
 A thread holding a lease may take it again (``blockals train`` holds the model's lease
-from start to end, and :meth:`blockals.ALS.save` takes it too); other threads and
-processes may not.
+from start to end, and :meth:`blockals.ALS.save` takes it too), exclusively or shared if
+it holds it exclusively; other threads and processes may not share an exclusive lease.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import socket
@@ -29,13 +58,19 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from blockals.errors import LeaseError
+from blockals.errors import LeaseError, StoreError
 
-__all__ = ["Holder", "Lease"]
+__all__ = ["Holder", "Lease", "holding"]
 
 _local = threading.local()
+# Why a lease file cannot be created: nothing beside the path may be written.
+UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+# A lock held by nobody we can name is a holder between locking and writing its line, or
+# a reader between its release line and its unlock: worth a short wait, not a refusal.
+UNNAMED_RETRIES, UNNAMED_WAIT = 20, 0.05
 
 
 @dataclass(frozen=True)
@@ -47,23 +82,65 @@ class Holder:
     since: str
     command: str
     token: str
+    shared: bool = False
 
     @classmethod
-    def current(cls) -> Holder:
+    def current(cls, shared: bool = False) -> Holder:
         command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
         return cls(socket.gethostname(), os.getpid(), time.strftime("%Y-%m-%d %H:%M:%S %Z"), command[:200],
-                   uuid.uuid4().hex)
+                   uuid.uuid4().hex, shared)
 
     @classmethod
     def parse(cls, data: bytes) -> Holder | None:
-        """The holder a lease file names; None while its holder is still writing it."""
+        """The holder one record names; None while its holder is still writing it."""
         try:
             return cls(**json.loads(data))
         except (ValueError, TypeError):
             return None
 
+    def record(self) -> bytes:
+        return json.dumps(asdict(self)).encode() + b"\n"
+
+    def alive(self) -> bool:
+        """False only for a process of this host that is gone (others cannot be checked)."""
+        if self.host != socket.gethostname():
+            return True
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
     def describe(self) -> str:
         return f"process {self.pid} on {self.host}, running {self.command!r} since {self.since}"
+
+
+def holders(log: bytes) -> list[Holder]:
+    """The live holders a local lock file names: lines not followed by their release."""
+    named: dict[str, Holder] = {}
+    for line in log.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:  # a line being written
+            continue
+        if isinstance(entry, dict) and "released" in entry:
+            named.pop(entry["released"], None)
+        elif (holder := Holder.parse(line)) is not None:
+            named[holder.token] = holder
+    return [h for h in named.values() if h.alive()]
+
+
+@contextlib.contextmanager
+def holding(*leases: Lease | None) -> Iterator[None]:
+    """Hold every lease given (None: none there), taken in order; those taken are released
+    if a later one is refused."""
+    with contextlib.ExitStack() as stack:
+        for lease in leases:
+            if lease is not None:
+                stack.enter_context(lease)
+        yield
 
 
 def _held() -> dict[str, list]:
@@ -74,35 +151,46 @@ def _held() -> dict[str, list]:
 
 
 class Lease:
-    """The exclusive right to write one model or checkpoint path; a context manager.
+    """The right to write (exclusive) or read (shared) one path; a context manager.
 
     Parameters
     ----------
     path : str
-        The model or checkpoint path to guard; the lease file is ``<path>.lock``.
+        The store, model or checkpoint path to guard; the lease is ``<path>.lock``.
     what : str
-        What the path holds (``"model"``, ``"checkpoint"``), for the refusal message.
+        What the path holds (``"ratings store"``, ``"model"``, ``"checkpoint"``), for the
+        refusal message.
     storage_options : dict, optional
         fsspec options of a remote path.
     break_lease : bool
-        Remote paths: replace a lease another holder left (only for a holder known to be
-        dead). Local leases of dead holders free themselves, so it changes nothing there.
+        Remote paths: clear the lease holders that would refuse this one (only for holders
+        known to be dead). Local leases of dead holders free themselves, so it changes
+        nothing there.
+    shared : bool
+        Take the lease for reading: other readers may hold it at the same time, no writer.
+    breakable : bool
+        Whether the caller offers ``break_lease`` (``--break-lease``), for the refusal's advice.
 
     Raises
     ------
     LeaseError
-        On entry, when another process or thread holds the lease.
+        On entry, when another process or thread holds the lease in a conflicting mode.
     """
 
-    def __init__(self, path: str, what: str, storage_options: dict | None = None, break_lease: bool = False) -> None:
+    def __init__(self, path: str, what: str, storage_options: dict | None = None, break_lease: bool = False,
+                 shared: bool = False, breakable: bool = True) -> None:
         self.path = str(path).rstrip("/")
         self.what = what
         self.storage_options = storage_options
         self.break_lease = break_lease
+        self.shared = shared
+        self.breakable = breakable
         self.remote = "://" in self.path
         self.lock_path = self.path + ".lock" if self.remote else os.path.abspath(self.path) + ".lock"
         self.holder: Holder | None = None
         self._fd: int | None = None
+        self._writable = True
+        self._object: str | None = None
 
     def __enter__(self) -> Lease:
         self.acquire()
@@ -111,18 +199,34 @@ class Lease:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
-    def _refuse(self, holder: Holder | None) -> LeaseError:
-        who = holder.describe() if holder else "another process"
-        fix = (f"if that process is dead, pass break_lease=True (--break-lease) or delete {self.lock_path}"
-               if self.remote else "wait for it to finish or write to another path")
-        return LeaseError(f"{self.what} {self.path} is being written by another training ({who}); {fix}.")
+    def _refuse(self, others: list[Holder]) -> LeaseError:
+        reading = bool(others) and all(h.shared for h in others)
+        if not others:
+            doing, who = "in use by another process", "which has not named itself yet"
+        elif reading:
+            doing = "being read by another process" if len(others) == 1 else f"being read by {len(others)} other processes"
+            who = "; ".join(h.describe() for h in others)
+        else:
+            doing, who = "being written by another process", "; ".join(h.describe() for h in others)
+        them = "it" if len(others) < 2 else "them"
+        if self.remote:
+            fix = (f"if {'that process is' if len(others) < 2 else 'those processes are'} dead, "
+                   + (f"pass break_lease=True (--break-lease) or delete {self.lock_path}" if self.breakable
+                      else f"delete {self.lock_path}") + f", else wait for {them} to finish")
+        else:
+            fix = f"wait for {them} to finish" + ("" if self.shared else " or write to another path")
+        return LeaseError(f"{self.what} {self.path} is {doing} ({who}); {fix}.")
 
     def acquire(self) -> None:
         held = _held()
         if self.lock_path in held:
-            held[self.lock_path][1] += 1
+            entry = held[self.lock_path]
+            if entry[0].shared and not self.shared:
+                raise LeaseError(f"{self.what} {self.path} is being read by this same call; "
+                                 f"write to another path than the one read.")
+            entry[1] += 1
             return
-        self.holder = Holder.current()
+        self.holder = Holder.current(self.shared)
         if self.remote:
             self._acquire_remote()
         else:
@@ -149,58 +253,161 @@ class Lease:
         import fcntl
 
         os.makedirs(os.path.dirname(self.lock_path), exist_ok=True)
+        mode = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX
+        tries = 0
         while True:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open_local()
+            if fd is None:  # a reader of a store where nothing can be written: unleased
+                return
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = Holder.parse(os.read(fd, 1 << 16))
+                others = holders(_read_all(fd))
                 os.close(fd)
-                raise self._refuse(holder) from None
-            # The previous holder removes the file on release: if it did so between our
-            # open and our flock, we locked a file nobody else will look at; start over.
-            try:
-                current = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                current = False
-            if current:
+                if others or tries >= UNNAMED_RETRIES:
+                    raise self._refuse(others) from None
+                tries += 1
+                time.sleep(UNNAMED_WAIT)
+                continue
+            # The last holder out removes the file: if it did so between our open and our
+            # flock, we locked a file nobody else will look at; start over.
+            if _current(fd, self.lock_path):
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(asdict(self.holder)).encode())
+        if not self.shared:
+            os.ftruncate(fd, 0)  # the lines of readers gone, and of a dead writer
+        if self._writable:
+            os.write(fd, self.holder.record())
         self._fd = fd
 
-    def _release_local(self) -> None:
-        # Unlink while still locked, so nobody can lock this file after us and believe it current.
-        os.unlink(self.lock_path)
-        os.close(self._fd)
-        self._fd = None
+    def _open_local(self) -> int | None:
+        """The lock file, created if need be. A reader where nothing can be written beside
+        the store still locks an existing file (``flock`` needs no write access) but cannot
+        name itself in it, and goes unleased where there is none: no blockals writer can
+        take the path either, and a training still checks the store's id every iteration."""
+        self._writable = True
+        try:
+            return os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:
+            if exc.errno not in UNWRITABLE:
+                raise
+            if not self.shared:
+                raise StoreError(f"{self.what} {self.path} cannot be written: its lease {self.lock_path} cannot be "
+                                 f"created ({exc.strerror}).") from None
+        self._writable = False
+        try:
+            return os.open(self.lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
 
-    # -- remote: exclusive create, deleted on release -------------------------------------
+    def _release_local(self) -> None:
+        import fcntl
+
+        fd, self._fd = self._fd, None
+        if fd is None:  # unleased (see _open_local)
+            return
+        if not self._writable:  # nothing to record, nothing it could remove
+            os.close(fd)
+            return
+        if self.shared:
+            os.write(fd, json.dumps({"released": self.holder.token}).encode() + b"\n")
+            try:  # the last reader out? (on failure Linux has dropped our lock already)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return
+        # Unlink while still locked exclusively, so nobody can lock this file after us and
+        # believe it current; not when the path names another file by now (the directory
+        # holding it was moved away: a checkpoint's, inside a store replaced under a training).
+        if _current(fd, self.lock_path):
+            os.unlink(self.lock_path)
+        os.close(fd)
+
+    # -- remote: per-holder objects, created then checked, deleted on release -------------
     def _fs(self):
         import fsspec
 
-        return fsspec.core.url_to_fs(self.lock_path, **(self.storage_options or {}))
+        fs, root = fsspec.core.url_to_fs(self.lock_path, **(self.storage_options or {}))
+        return fs, root.rstrip("/")
 
     def _acquire_remote(self) -> None:
-        fs, p = self._fs()
-        if self.break_lease and fs.exists(p):
-            fs.rm(p)
-        try:
-            fs.pipe_file(p, json.dumps(asdict(self.holder)).encode(), mode="create")
-        except FileExistsError:
+        fs, root = self._fs()
+        writer = f"{root}/exclusive"
+        if self.break_lease:
+            for name in [writer] if self.shared else _listing(fs, root):
+                _remove(fs, name)
+        if self.shared:
+            mine = f"{root}/shared-{self.holder.token}"
             try:
-                holder = Holder.parse(fs.cat_file(p))
-            except FileNotFoundError:  # released meanwhile: still refuse, as it was held when we tried
-                holder = None
-            raise self._refuse(holder) from None
+                fs.pipe_file(mine, self.holder.record())
+            except PermissionError:  # read-only credentials: unleased, as in _open_local
+                return
+            found, holder = _remote_holder(fs, writer)
+            if found:
+                _remove(fs, mine)
+                raise self._refuse([holder] if holder else [])
+            self._object = mine
+            return
+        try:
+            fs.pipe_file(writer, self.holder.record(), mode="create")
+        except PermissionError as exc:
+            raise StoreError(f"{self.what} {self.path} cannot be written: its lease {self.lock_path} cannot be "
+                             f"created ({exc}).") from None
+        except FileExistsError:
+            holder = _remote_holder(fs, writer)[1]
+            raise self._refuse([holder] if holder else []) from None
+        readers = [name for name in _listing(fs, root) if name.rpartition("/")[2].startswith("shared-")]
+        if readers:
+            _remove(fs, writer)
+            named = [h for h in (_remote_holder(fs, name)[1] for name in readers) if h is not None]
+            raise self._refuse(named)
+        self._object = writer
 
     def _release_remote(self) -> None:
-        fs, p = self._fs()
-        try:
-            holder = Holder.parse(fs.cat_file(p))
-        except FileNotFoundError:
+        if self._object is None:  # unleased (read-only credentials)
             return
-        # Only our own lease: a broken and retaken one belongs to someone else now.
-        if holder is not None and holder.token == self.holder.token:
-            fs.rm(p)
+        fs, _ = self._fs()
+        # Only our own object: a writer's broken and retaken lease belongs to someone else now.
+        found, holder = _remote_holder(fs, self._object)
+        if found and holder is not None and holder.token == self.holder.token:
+            _remove(fs, self._object)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 1 << 16, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _current(fd: int, path: str) -> bool:
+    """Whether ``fd`` is the file ``path`` names now."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _listing(fs, root: str) -> list[str]:
+    """The objects under a remote lock prefix, read afresh (listings are cached)."""
+    fs.invalidate_cache(root)
+    try:
+        return [name.rstrip("/") for name in fs.ls(root, detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+def _remote_holder(fs, name: str) -> tuple[bool, Holder | None]:
+    """Whether the object exists, and the holder it names (None while unreadable)."""
+    try:
+        return True, Holder.parse(fs.cat_file(name))
+    except FileNotFoundError:
+        return False, None
+
+
+def _remove(fs, name: str) -> None:
+    try:
+        fs.rm(name)
+    except FileNotFoundError:
+        pass

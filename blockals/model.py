@@ -269,7 +269,7 @@ class ALS:
         written whole (so a model may be saved over the path it was loaded from, and a
         save that fails leaves the old one in place).
         The model's lease (:mod:`blockals.lock`) is held while it is written, so a save
-        while another training writes the same path is refused with
+        while another run writes the same path is refused with
         :class:`~blockals.errors.LeaseError` instead of mixing the two models' arrays.
         ``break_lease`` takes over a lease left on an object store by a training that died.
         """

@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from blockals import recstore
 from blockals.cluster import cache_bytes, connect
 from blockals.errors import InputError
+from blockals.lock import Lease, holding
 from blockals.progress import Progress, wait
 from blockals.store import RatingStore, Side, StoreRef, load_inblock, load_rows, other_side, sender_rows
 
@@ -302,8 +303,21 @@ def recommend_all(
     file per block, columns ``<row side>, rank, <other side>, score`` in original ids). Both
     are written beside ``output`` and moved into place when whole
     (:func:`blockals.recstore.stage`), so a failed run leaves an earlier output as it was.
+    The store is leased for reading and ``output`` for writing (:mod:`blockals.lock`): a
+    second run writing the same output is refused rather than one of the two results lost.
     The pass over the store's blocks is reported to ``progress``.
     """
+    with holding(None if store is None else store.reading(),
+                 None if output is None else Lease(output, "recommendations", storage_options, breakable=False)):
+        return _recommend_all(store, side, F, G, bias, row_ids, other_ids, n, output, fmt, exclude_seen, kept, client,
+                              storage_options, progress)
+
+
+def _recommend_all(
+    store: RatingStore | None, side: Side, F: np.ndarray, G: np.ndarray, bias: np.ndarray | None,
+    row_ids: np.ndarray, other_ids: np.ndarray, n: int, output: str | None, fmt: str, exclude_seen: bool,
+    kept: Seen | None, client: Any, storage_options: dict | None, progress: Progress,
+) -> str | pd.DataFrame:
     names = ("user", "item") if side == "users" else ("item", "user")
     n = min(n, other_ids.shape[0])
     if fmt == "frame":

@@ -17,7 +17,8 @@ quality. The best candidate is then refitted on every training rating, with the
 iterations it reached.
 
 The split stores and the candidates' checkpoints live under ``<store>/search/``, held by
-a lease (:mod:`blockals.lock`) so a second search of the store is refused, and removed
+a lease (:mod:`blockals.lock`) so a second search of the store is refused (the store is
+leased for reading too), and removed
 when the search ends, however it ends; a search killed outright leaves them for the next
 search of the store to remove.
 """
@@ -365,7 +366,7 @@ def search(
         store = open_store(str(store), storage_options)
 
     work = f"{store.path}/search"
-    with Lease(work, "search", store.storage_options), connect(client, ratings=store.nnz) as c:
+    with store.reading(), Lease(work, "search", store.storage_options), connect(client, ratings=store.nnz) as c:
         remove_path(work, store.storage_options)  # what a search killed outright left behind
         try:
             return _halve(c, store, work, p, verbose)

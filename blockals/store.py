@@ -45,6 +45,7 @@ from blockals.formats import (
     absolute, check_meta, open_group, parse_path, parse_storage_options, read_array, remove_path, sibling,
     writable_meta, write_array,
 )
+from blockals.lock import Lease
 from blockals.routing import InBlock, OutBlocks
 
 __all__ = [
@@ -106,6 +107,14 @@ class _BlockCache:
     never hits. So once full, the cache keeps the blocks of a store it holds and turns new
     ones away (a hit rate of cache size / store size); entries of other stores are the
     first to go, least recently used first.
+
+    A hit is served without reading the store, so without the store-id check
+    :func:`_read_block` makes on every read, and needs none: the block was checked when
+    read, from the store whose id keys it. That the path still holds that store is the
+    driver's to check: a training holds a shared lease on it (:meth:`RatingStore.reading`),
+    so a blockals writer of the path is refused, and checks the id at the path once per
+    iteration and before it assembles the model (:meth:`RatingStore.check_unchanged`), so a
+    store replaced by other means stops it with nothing saved.
     """
 
     def __init__(self) -> None:
@@ -271,6 +280,22 @@ class RatingStore:
     @property
     def store_id(self) -> str:
         return self._meta["store_id"]
+
+    def reading(self) -> Lease:
+        """A shared lease on the store (:mod:`blockals.lock`), to hold while it is read: an
+        ingest or split writing this path meanwhile is refused."""
+        return Lease(self.path, "ratings store", self.storage_options, shared=True, breakable=False)
+
+    def check_unchanged(self, doing: str) -> None:
+        """Refuse a store whose path now holds another store (or none) than the one opened:
+        one read of the root's attributes; ``doing`` says what stops (``"the training"``)."""
+        try:
+            meta = open_group(self.path, storage_options=self.storage_options).attrs.get("blockals")
+        except StoreError:
+            meta = None
+        if not isinstance(meta, dict) or meta.get("store_id") != self.store_id:
+            raise StoreError(f"ratings store {self.path} was replaced or removed while {doing} read it; {doing} "
+                             f"stopped and saved nothing, so run it again on the store now there.")
 
     @property
     def n_users(self) -> int:

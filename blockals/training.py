@@ -2,11 +2,14 @@
 
 :func:`train` validates every parameter before any data is read, resolves the ratings
 into a store (ingesting a DataFrame or file into a temporary one), checks user-given
-arrays against it, takes the checkpoint's lease, connects to a cluster
-(:mod:`blockals.cluster`), runs the iterations (:class:`blockals.engine.Engine`) and
-assembles the factor blocks into :class:`Trained`, whose fields become the estimator's
-learned attributes. Progress is printed here too: one line per iteration, and with
-``verbose=2`` a bar over each iteration's blocks.
+arrays against it, takes a shared lease on the store and the checkpoint's lease
+(:mod:`blockals.lock`), connects to a cluster (:mod:`blockals.cluster`), runs the
+iterations (:class:`blockals.engine.Engine`) and assembles the factor blocks into
+:class:`Trained`, whose fields become the estimator's learned attributes. The store is
+checked to be still the one at its path once per iteration and on both sides of reading
+its ids, so a store replaced under a training stops it with nothing saved. Progress is
+printed here too: one line per iteration, and with ``verbose=2`` a bar over each
+iteration's blocks.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from blockals.errors import InputError, StoreError
 from blockals.factors import Factors
 from blockals.formats import blockals_meta, parse_path, parse_storage_options
 from blockals.ingest import ingest
-from blockals.lock import Lease
+from blockals.lock import Lease, holding
 from blockals.params import ALSConfig, RunParams, check_solve_memory, parse_bool, parse_params
 from blockals.progress import print_progress
 from blockals.recommend import rated_matrix
@@ -182,6 +185,8 @@ def check_worker_memory(client: Any, run: RunParams, store: RatingStore) -> None
 
 def _trained(store: RatingStore, config: ALSConfig, blocks: dict[Side, list[np.ndarray]], history: list[dict],
              temporary: bool) -> Trained:
+    # Checked on both sides of reading the ids, so the factors and the ids are of one store.
+    store.check_unchanged("the training")
     users = _assemble(store, "users", blocks["users"], config.dtype)
     items = _assemble(store, "items", blocks["items"], config.dtype)
     k, carried = config.rank, config.carried
@@ -196,6 +201,7 @@ def _trained(store: RatingStore, config: ALSConfig, blocks: dict[Side, list[np.n
         user_ids=store.user_ids.to_numpy(), item_ids=store.item_ids.to_numpy(),
         config=config.to_dict(), store_path=None if temporary else store.path, user_items=kept, **extra,
     )
+    store.check_unchanged("the training")
     return Trained(factors=factors, history=history)
 
 
@@ -242,12 +248,16 @@ def train(
                                                    local=client is None, break_lease=break_lease)
         if run.config.rank > min(store.n_users, store.n_items):
             log.warning("rank %d exceeds min(n_users, n_items); extra factors are unidentified", run.config.rank)
-        with lease, connect(client, ratings=store.nnz) as c:
-            check_worker_memory(c, run, store)
-            engine = Engine(
-                c, store, run.config, checkpoint, run.checkpoint_interval, run.checkpoint_seconds,
-                print_iteration if run.verbose else None, arrays,
-                print_block_progress if run.verbose >= 2 else None, key_prefix=key_prefix, run_tag=run_tag,
-            )
-            result = engine.run(run.max_iter, resume=resume, on_compiled=functools.partial(report_compiled, verbose=run.verbose))
-        return _trained(store, run.config, result.blocks, result.history, temporary)
+        # The store is leased for reading from before the cluster starts to the model's ids.
+        with holding(None if temporary else store.reading(), lease):
+            store.check_unchanged("the training")  # the store opened is the one now leased
+            with connect(client, ratings=store.nnz) as c:
+                check_worker_memory(c, run, store)
+                engine = Engine(
+                    c, store, run.config, checkpoint, run.checkpoint_interval, run.checkpoint_seconds,
+                    print_iteration if run.verbose else None, arrays,
+                    print_block_progress if run.verbose >= 2 else None, key_prefix=key_prefix, run_tag=run_tag,
+                )
+                result = engine.run(run.max_iter, resume=resume,
+                                    on_compiled=functools.partial(report_compiled, verbose=run.verbose))
+            return _trained(store, run.config, result.blocks, result.history, temporary)

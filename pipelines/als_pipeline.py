@@ -13,6 +13,8 @@ same parameters. Parameters come from a YAML file (``pipelines/configs/``: expli
 biased, implicit) and flags override them. A config whose ``search`` section has
 ``enabled: true`` runs the ``search`` stage instead of ``train``: :func:`blockals.search`
 on ``train.zarr``, the best model saved as ``model.zarr``, every candidate in ``search.csv``.
+A run holds an exclusive lease on ``--data`` (:mod:`blockals.lock`): a second pipeline on
+the same directory is refused with one sentence before it reads or writes anything there.
 Every value is checked before a cluster starts or a stage runs; bad input ends with one
 sentence and exit status 2.
 
@@ -261,17 +263,9 @@ class Manifest:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import fsspec
-
     import blockals
-    from blockals.evaluation import evaluate, split
-    import numpy as np
-    from distributed.system import MEMORY_LIMIT
-
-    from blockals.params import (
-        ALSConfig, check_solve_memory, parse_address, parse_dashboard_address, parse_int, parse_output_path,
-    )
-    from blockals.training import preflight
+    from blockals.lock import Lease
+    from blockals.params import parse_address, parse_dashboard_address, parse_int, parse_output_path
 
     args = parse_args(argv)
     config = load_config(args)
@@ -286,6 +280,23 @@ def main(argv: list[str] | None = None) -> int:
     parse_dashboard_address(args.dashboard_address, "--dashboard-address")
     parse_int(args.n_workers, "--n-workers", 1)
     data = parse_output_path(args.data.rstrip("/"), "--data", "directory")
+    # Every store under --data is this run's: a second pipeline on the directory is
+    # refused before it reads the manifest or starts a cluster.
+    with Lease(data, "pipeline data directory", breakable=False):
+        return run(args, config, stages, data)
+
+
+def run(args: argparse.Namespace, config: dict, stages: list[str], data: str) -> int:
+    """The stages, in --data, whose lease the caller holds."""
+    import fsspec
+    import numpy as np
+    from distributed.system import MEMORY_LIMIT
+
+    import blockals
+    from blockals.evaluation import evaluate, split
+    from blockals.params import ALSConfig, check_solve_memory
+    from blockals.training import preflight
+
     paths = {name: f"{data}/{name}" for name in ("ratings.zarr", "train.zarr", "test.zarr", "model.zarr", "recommendations.zarr")}
     local = not args.scheduler and args.cluster == "local"
     verbose = 2 if args.progress else 1  # a line per pass and iteration; with --progress, their tasks too

@@ -230,8 +230,8 @@ def test_a_second_training_of_one_path_is_refused_while_the_first_runs(tmp_path,
         os.kill(a.pid, signal.SIGCONT)
     a.communicate(timeout=600)
     assert a.returncode == 0, a_err.read_text()[-2000:]
-    assert f"process {a.pid} " in _one_sentence(b, f"model {model} is being written by another training")
-    assert f"process {a.pid} " in _one_sentence(c, "is being written by another training")
+    assert f"process {a.pid} " in _one_sentence(b, f"model {model} is being written by another process")
+    assert f"process {a.pid} " in _one_sentence(c, "is being written by another process")
     assert "checkpoint" in c.stderr and not (tmp_path / "c.zarr").exists()
     assert not list(tmp_path.glob("*.lock")) and not list((tmp_path / "r.zarr" / "checkpoints").glob("*.lock"))
 

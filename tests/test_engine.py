@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
 import time
 
 import numpy as np
@@ -11,6 +15,8 @@ import blockals
 from blockals.checkpoint import Checkpoint, write_block
 from blockals.params import ALSConfig
 from blockals.engine import Engine
+from blockals.errors import LeaseError
+from reference import explicit_objective
 from test_model import random_ratings, to_frame
 
 
@@ -181,3 +187,65 @@ def test_a_checkpoint_never_overwrites_the_commit_it_follows(store, client2, tmp
     assert after.iteration == 4 and after.slot != before.slot
     whole = fit(store, client2, 4, checkpoint_path=str(tmp_path / "f"))
     np.testing.assert_allclose(resumed.user_factors_, whole.user_factors_, atol=1e-12)
+
+
+def _wait_for(condition, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _lease_names(path, text: str) -> bool:
+    try:
+        return text in path.read_text()
+    except FileNotFoundError:
+        return False
+
+
+def test_an_ingest_over_a_store_a_training_reads_is_refused_and_the_training_unharmed(tmp_path, client2):
+    R, M = random_ratings(60, 40, 0.2, seed=11)
+    store = blockals.ingest(to_frame(R, M), tmp_path / "r.zarr", n_user_blocks=3, n_item_blocks=2)
+    other = to_frame(*random_ratings(50, 30, 0.2, seed=12), user_offset=5000)
+    trained: dict[str, object] = {}
+    training = threading.Thread(target=lambda: trained.update(model=fit(store, client2, 40)))
+    training.start()
+    try:
+        _wait_for(lambda: _lease_names(tmp_path / "r.zarr.lock", '"shared": true'), "the training's lease")
+        with pytest.raises(LeaseError, match=f"^ratings store {store.path} is being read by another process "
+                                             f"\\(process {os.getpid()} on .*; wait for it to finish or write to another path\\.$"):
+            blockals.ingest(other, store.path, overwrite=True)
+    finally:
+        training.join()
+    model = trained["model"]
+    # The model's ids and factors are both of the store it was trained on: its objective,
+    # computed here from the ratings made above, is the one it reported.
+    np.testing.assert_array_equal(model.user_ids_, np.arange(60) + 1000)
+    np.testing.assert_array_equal(model.item_ids_, np.arange(40) * 3)
+    objective = explicit_objective(R, M, model.user_factors_, model.item_factors_, 0.05)
+    assert objective == pytest.approx(model.history_[-1]["loss"], rel=1e-9)
+    assert blockals.open_store(store.path).store_id == store.store_id
+
+
+def test_a_store_replaced_under_a_training_stops_it_with_nothing_saved(tmp_path, client2):
+    R, M = random_ratings(60, 40, 0.2, seed=13)
+    path = tmp_path / "r.zarr"
+    blockals.ingest(to_frame(R, M), path, n_user_blocks=3, n_item_blocks=2)
+    # Same shape and ids, other ratings: nothing but the store id tells the two apart.
+    blockals.ingest(to_frame(R[::-1], M[::-1]), tmp_path / "b.zarr", n_user_blocks=3, n_item_blocks=2)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    train = subprocess.Popen(
+        [sys.executable, "-m", "blockals.cli", "train", str(path), str(tmp_path / "m.zarr"), "--rank", "4",
+         "--max-iter", "100000", "--scheduler", client2.scheduler.address],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in train.stdout:
+        if line.startswith("iteration   2"):
+            break
+    os.rename(path, tmp_path / "old.zarr")  # by hand, not by blockals: no lease is asked
+    os.rename(tmp_path / "b.zarr", path)
+    _, err = train.communicate(timeout=600)
+    lines = err.strip().splitlines()
+    assert train.returncode == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert lines[0] == (f"blockals: error: ratings store {path} was replaced or removed while the training read it; "
+                        f"the training stopped and saved nothing, so run it again on the store now there.")
+    assert not (tmp_path / "m.zarr").exists() and not list(tmp_path.glob(".m.zarr*"))

@@ -81,3 +81,24 @@ def test_resume_skips_unchanged_stages_and_reruns_changed_ones(tmp_path):
     new_ids = store_ids(data)
     assert all(new_ids[name] != ids[name] for name in ids)
     assert blockals.open_store(data / "ratings.zarr").nnz == len(frame)
+
+
+def test_a_second_pipeline_on_one_data_directory_is_refused(tmp_path):
+    """While a run holds --data (here this process, as a first pipeline would), another is
+    refused in one line, exit 2, before it writes anything there."""
+    import os
+
+    from blockals.lock import Lease
+
+    rng = np.random.default_rng(4)
+    frame = pd.DataFrame({"user": rng.integers(0, 30, 300), "item": rng.integers(0, 20, 300)}).drop_duplicates()
+    frame["rating"] = 3.0
+    source, data = tmp_path / "r.csv", tmp_path / "data"
+    frame.to_csv(source, index=False)
+    with Lease(str(data), "pipeline data directory"):
+        second = pipeline(data, source)
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and second.stdout == "" and len(lines) == 1, second.stderr[-2000:]
+    assert lines[0].startswith(f"als_pipeline: error: pipeline data directory {data} is being written by another "
+                               f"process (process {os.getpid()} on "), lines[0]
+    assert not data.exists()

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -379,3 +384,38 @@ def test_recommend_all_reports_its_blocks_only_when_asked(trained, client2, caps
     assert capsys.readouterr() == ("", "") and users["item"].nunique() == R.shape[1]
     with pytest.raises(blockals.InputError, match=r"^verbose must be at least 0, got -1\.$"):
         model.recommend_all(2, client=client2, verbose=-1)
+
+
+def test_a_second_recommend_to_an_output_being_written_is_refused(trained, client2, tmp_path):
+    """Two `blockals recommend --output` runs to one path: the one that comes second while the
+    first writes is refused in one sentence (both read the store, which they may share), and
+    the first one's output is whole."""
+    R, M, store, models = trained
+    model = models["explicit"]
+    model.save(tmp_path / "m.zarr")
+    out = tmp_path / "recs"
+    command = [sys.executable, "-m", "blockals.cli", "recommend", str(tmp_path / "m.zarr"), "--output", str(out),
+               "--n", "5", "--scheduler", client2.scheduler.address]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lease = tmp_path / "recs.lock"
+    deadline = time.monotonic() + 300
+    while f'"pid": {first.pid}' not in (lease.read_text() if lease.exists() else ""):
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() else "slow"
+        time.sleep(0.005)
+    os.kill(first.pid, signal.SIGSTOP)  # frozen while it holds the output's lease
+    try:
+        second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and len(lines) == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    assert lines[0].startswith(f"blockals: error: recommendations {out} is being written by another process "
+                               f"(process {first.pid} on "), lines[0]
+    recs = read_recommendations(out)
+    S = dense_scores(model)
+    S[M] = -np.inf
+    for u in range(R.shape[0]):
+        assert list(recs[recs["user"] == 1000 + u]["item"]) == [3 * j for j in brute_top(S[[u]], 5)[0]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.zarr", "recs"]  # no lease, nothing staged, is left

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 import pandas as pd
 import pytest
 
 import blockals
+from blockals.errors import LeaseError
+from blockals.lock import Lease
 
 s3fs = pytest.importorskip("s3fs", reason="S3 support is in the 's3' extra: pip install -e '.[s3]'")
 
@@ -65,3 +70,102 @@ def test_pipeline_writes_every_stage_to_s3(s3, tmp_path):
     model = blockals.ALS.load("s3://blockals-test/run/model.zarr", storage_options=options)
     assert model.history_[-1]["iteration"] == 2
     assert list(tmp_path.iterdir()) == []
+
+
+
+class _Holder(threading.Thread):
+    """A thread (standing for another process) that takes the lease and holds it until released."""
+
+    def __init__(self, path: str, options: dict, shared: bool, start: threading.Barrier | None = None,
+                 break_lease: bool = False) -> None:
+        super().__init__(daemon=True)  # a failing test does not wait for it
+        self.lease = Lease(path, "ratings store", options, shared=shared, break_lease=break_lease)
+        self.barrier, self.taken, self.done = start, threading.Event(), threading.Event()
+        self.refusal: str | None = None
+
+    def run(self) -> None:
+        if self.barrier is not None:
+            self.barrier.wait()
+        try:
+            self.lease.acquire()
+        except LeaseError as exc:
+            self.refusal = str(exc)
+            return
+        finally:
+            self.taken.set()
+        self.done.wait()
+        self.lease.release()
+
+    def release(self) -> None:
+        self.done.set()
+        self.join()
+
+
+def _hold(path: str, options: dict, shared: bool, break_lease: bool = False) -> _Holder:
+    holder = _Holder(path, options, shared, break_lease=break_lease)
+    holder.start()
+    holder.taken.wait()
+    return holder
+
+
+def _refusal(path: str, options: dict, shared: bool) -> str | None:
+    holder = _hold(path, options, shared)
+    holder.release()
+    return holder.refusal
+
+
+def test_leases_on_s3_readers_share_writers_exclude_and_break(s3):
+    fs, options = s3
+    path = "s3://blockals-test/leased.zarr"
+    readers = [_hold(path, options, shared=True) for _ in range(2)]
+    assert [r.refusal for r in readers] == [None, None]  # readers coexist
+    refused = _refusal(path, options, shared=False)
+    assert refused.startswith(f"ratings store {path} is being read by 2 other processes (process {os.getpid()} ")
+    assert refused.endswith(f"if those processes are dead, pass break_lease=True (--break-lease) or delete {path}.lock, "
+                            f"else wait for them to finish.")
+    for r in readers:
+        r.release()
+    fs.invalidate_cache()
+    assert fs.find("blockals-test/leased.zarr.lock") == []  # each reader removed its own object
+
+    writer = _hold(path, options, shared=False)
+    assert writer.refusal is None
+    for shared in (True, False):
+        refused = _refusal(path, options, shared)
+        assert refused.startswith(f"ratings store {path} is being written by another process (process {os.getpid()} ")
+    # The writer stands for one that died holding it: a reader breaks it; then a writer
+    # breaks in too, clearing the readers.
+    breaker = _hold(path, options, shared=True, break_lease=True)
+    assert breaker.refusal is None
+    assert _refusal(path, options, shared=True) is None
+    taker = Lease(path, "ratings store", options, break_lease=True)
+    taker.acquire()
+    writer.release()  # the broken holder, back: it must not delete its successor's lease
+    fs.invalidate_cache()
+    assert fs.find("blockals-test/leased.zarr.lock") == ["blockals-test/leased.zarr.lock/exclusive"]
+    assert taker.holder.token in fs.cat_file("blockals-test/leased.zarr.lock/exclusive").decode()
+    taker.release()
+    breaker.release()  # its object was cleared by the taker: nothing to remove, no error
+    fs.invalidate_cache()
+    assert fs.find("blockals-test/leased.zarr.lock") == []
+
+
+def test_a_racing_reader_and_writer_on_s3_are_never_both_admitted(s3):
+    fs, options = s3
+    path = "s3://blockals-test/raced.zarr"
+    outcomes = []
+    for _ in range(200):
+        start = threading.Barrier(2)
+        pair = [_Holder(path, options, shared, start) for shared in (True, False)]
+        for h in pair:
+            h.start()
+        for h in pair:
+            h.taken.wait()
+        outcomes.append(sum(h.refusal is None for h in pair))
+        for h in pair:
+            h.release()
+    # Never both; one of them in some races, both refused in others (each saw the other's
+    # object before it was withdrawn), which the lease allows.
+    assert max(outcomes) == 1 and 1 in outcomes
+    fs.invalidate_cache()
+    assert fs.find("blockals-test/raced.zarr.lock") == []
