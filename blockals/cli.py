@@ -171,7 +171,8 @@ def _search(args: argparse.Namespace) -> int:
     plan(space, **kwargs)  # refused before the store is read or a cluster starts
     store = blockals.open_store(args.store)
     check_model_path(args.model)
-    with Lease(args.model, "model", break_lease=args.break_lease):
+    # The store's lease, which search takes, taken before the cluster starts.
+    with Lease(args.model, "model", break_lease=args.break_lease), store.reading():
         with _client(args, store.nnz) as client:
             print(f"dashboard: {client.dashboard_link}", flush=True)
             result = blockals.search(store, space, client=client, **kwargs)

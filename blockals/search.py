@@ -43,7 +43,7 @@ from blockals.evaluation import evaluate, split
 from blockals.formats import remove_path
 from blockals.lock import Lease
 from blockals.model import ALS
-from blockals.params import BY_NAME, check_keys, parse_bool, parse_float, parse_int, parse_params
+from blockals.params import BY_NAME, check_keys, parse_bool, parse_float, parse_int, parse_params, parse_verbose
 from blockals.store import RatingStore, open_store
 
 __all__ = ["search", "plan", "Plan", "SearchResult", "Candidate", "Schedule", "DEFAULT_SPACES", "parse_space", "parse_metric"]
@@ -361,7 +361,7 @@ def search(
     """
     p = plan(space, implicit=implicit, metric=metric, validation=validation, min_iter=min_iter, max_iter=max_iter,
              factor=factor, budget=budget, seed=seed)
-    verbose = parse_int(int(verbose) if isinstance(verbose, bool) else verbose, "verbose", 0)
+    verbose = parse_verbose(verbose, "verbose")
     if not isinstance(store, RatingStore):
         store = open_store(str(store), storage_options)
 

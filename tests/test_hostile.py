@@ -15,6 +15,7 @@ show that no traceback reaches the user.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -979,3 +980,86 @@ def test_pipeline_refusals_come_before_any_stage(tmp_path):
         assert line.startswith("als_pipeline: error: ") and re.search(match, line), (case, line)
         one_sentence(line)
     assert not (tmp_path / "data").exists() and (tmp_path / "notes.txt").read_text() == "precious"
+
+
+# -- 8. runs that meet: a path another process reads or writes ------------------------------
+
+
+@contextlib.contextmanager
+def leased_by_another_process(path: Path, shared: bool) -> Iterator[int]:
+    """A separate process holding the lease of ``path`` (shared, as a run reading it holds it;
+    exclusive, as a run writing it), until the block ends; yields its pid."""
+    code = ("import sys\nfrom blockals.lock import Lease\n"
+            f"with Lease({str(path)!r}, 'another run', shared={shared}):\n"
+            "    print('held', flush=True)\n    sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc.pid
+    finally:
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+
+
+READ, WRITTEN = r"is being read by another process", r"is being written by another process"
+CONCURRENT = [
+    # (case, the path held: "store", "model", "out/<name>", held shared (read) or not (written),
+    #  the CLI run meeting it, the sentence's essential part). {store}, {model}: copies of the
+    # fixture's, which must come out unchanged; {out}: a directory where nothing may be left.
+    ("ingest-over-a-store-being-read", "store", True, ["ingest", "{csv}", "{store}", "--overwrite"],
+     rf"ratings store .*s\.zarr {READ} \(process {{pid}} on .*\); wait for it to finish or write to another path\."),
+    ("ingest-over-a-store-being-written", "store", False, ["ingest", "{csv}", "{store}", "--overwrite"],
+     rf"ratings store .*s\.zarr {WRITTEN} \(process {{pid}} on "),
+    ("train-on-a-store-being-written", "store", False, ["train", "{store}", "{out}/m.zarr", "--scheduler", "{sched}"],
+     rf"ratings store .*s\.zarr {WRITTEN} \(process {{pid}} on .*\); wait for it to finish\."),
+    ("train-to-a-model-being-written", "model", False,
+     ["train", "{store}", "{model}", "--overwrite", "--scheduler", "{sched}"], rf"model .*m\.zarr {WRITTEN}"),
+    ("split-from-a-store-being-written", "store", False, ["split", "{store}", "{out}/train.zarr", "{out}/test.zarr"],
+     rf"ratings store .*s\.zarr {WRITTEN}"),
+    ("split-into-a-store-being-read", "out/test.zarr", True, ["split", "{store}", "{out}/train.zarr", "{out}/test.zarr"],
+     rf"ratings store .*test\.zarr {READ}"),
+    ("evaluate-on-a-store-being-written", "store", False, ["evaluate", "{model}", "{store}", "--scheduler", "{sched}"],
+     rf"ratings store .*s\.zarr {WRITTEN}"),
+    ("recommend-from-a-store-being-written", "store", False,
+     ["recommend", "{model}", "--output", "{out}/r.zarr", "--scheduler", "{sched}"], rf"ratings store .*s\.zarr {WRITTEN}"),
+    ("recommend-to-an-output-being-written", "out/r.zarr", False,
+     ["recommend", "{model}", "--output", "{out}/r.zarr", "--scheduler", "{sched}"], rf"recommendations .*r\.zarr {WRITTEN}"),
+    ("search-on-a-store-being-written", "store", False,
+     ["search", "{store}", "{out}/best.zarr", "--space", '{{"rank": [2]}}', "--max-iter", "1", "--min-iter", "1",
+      "--scheduler", "{sched}"], rf"ratings store .*s\.zarr {WRITTEN}"),
+]
+
+
+@pytest.mark.parametrize("held,shared,args,match", [pytest.param(*c[1:], id=c[0]) for c in CONCURRENT])
+def test_a_path_another_run_holds(held, shared, args, match, trained, tmp_path, capsys):
+    root, _, store, _ = trained
+    shutil.copytree(store.path, tmp_path / "s.zarr")
+    shutil.copytree(root / "m.zarr", tmp_path / "m.zarr")
+    model = blockals.ALS.load(tmp_path / "m.zarr")
+    model.store_path_ = str(tmp_path / "s.zarr")  # the copy is the model's training store
+    model.save(tmp_path / "m.zarr", overwrite=True)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "r.csv").write_text(HEADER + GOOD_ROWS)
+    before = tree(tmp_path / "s.zarr"), tree(tmp_path / "m.zarr")
+    paths = {"store": tmp_path / "s.zarr", "model": tmp_path / "m.zarr", "out": tmp_path / "out",
+             "csv": tmp_path / "r.csv", "sched": scheduler()}
+    target = paths[held] if held in paths else tmp_path / held
+    with leased_by_another_process(target, shared) as pid:
+        line = cli_fails(capsys, *(arg.format(**paths) for arg in args))
+    assert re.search(match.format(pid=pid), line), line
+    assert (tree(tmp_path / "s.zarr"), tree(tmp_path / "m.zarr")) == before
+    assert not any((tmp_path / "out").iterdir())
+
+
+def test_two_runs_may_read_one_store_at_once(trained, tmp_path, capsys):
+    # Readers share: a training and an evaluation of a store another process reads both run,
+    # and the training's model is the one a training of an unshared store gives.
+    root, frame, store, _ = trained
+    shutil.copytree(store.path, tmp_path / "s.zarr")
+    with leased_by_another_process(tmp_path / "s.zarr", shared=True):
+        cli_ok(capsys, "train", tmp_path / "s.zarr", tmp_path / "m.zarr", "--rank", "2", "--max-iter", "2",
+               "--dtype", "float64", "--scheduler", scheduler())
+        cli_ok(capsys, "evaluate", tmp_path / "m.zarr", tmp_path / "s.zarr", "--scheduler", scheduler())
+    shared = blockals.ALS.load(tmp_path / "m.zarr")
+    alone = blockals.ALS(rank=2, max_iter=2, dtype="float64").fit(store, cluster_client(2))
+    np.testing.assert_allclose(shared.user_factors_, alone.user_factors_, rtol=1e-10)
