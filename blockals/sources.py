@@ -29,7 +29,7 @@ import scipy.sparse as sp
 from blockals.errors import InputError
 
 __all__ = [
-    "Source", "read_source", "reading", "check_partition", "convert_ids", "normalize_ratings", "normalize_timestamps",
+    "Source", "read_source", "source_paths", "reading", "check_partition", "convert_ids", "normalize_ratings", "normalize_timestamps",
     "PartitionCheck",
 ]
 
@@ -147,7 +147,7 @@ def _read_csvs(files: Sequence[str]) -> dd.DataFrame:
 
 def _read_path(path: str) -> tuple[dd.DataFrame, dict[str, str] | None]:
     """Open a file, directory or glob; returns the frame and, for MovieLens, a column map."""
-    files = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+    files = source_paths(path)
     if not files or not all(os.path.exists(f) for f in files):
         raise InputError(f"source {path!r} does not exist.")
     for f in files:
@@ -181,6 +181,14 @@ def _read_path(path: str) -> tuple[dd.DataFrame, dict[str, str] | None]:
         return _read_csvs(files), {"userId": "user", "movieId": "item"}
     # Text first: a bad value deep in a file then names its row instead of failing dtype inference.
     return _read_csvs(files), None
+
+
+def source_paths(source: Any) -> list[str]:
+    """The files (or directory) a path or glob source reads; none for data in memory."""
+    if not isinstance(source, (str, os.PathLike)):
+        return []
+    path = os.fspath(source)
+    return sorted(glob.glob(path)) if glob.has_magic(path) else [path]
 
 
 def read_source(
