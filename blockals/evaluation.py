@@ -30,7 +30,8 @@ import pandas as pd
 
 from blockals.cluster import cache_bytes, connect
 from blockals.errors import InputError
-from blockals.store import RatingStore, StoreRef, block_triples, load_rows, load_times
+from blockals.formats import refuse_overlap, remove_path, replace_path, sibling
+from blockals.store import RatingStore, StoreRef, StoreWriter, block_triples, load_rows, load_times
 
 __all__ = ["split", "parse_split_params", "evaluate", "ranking_metrics", "METRICS", "SPLITS"]
 
@@ -126,29 +127,47 @@ def split(
     """Split a ratings store into train and test stores that share its ids and blocks.
 
     Each user block is read and divided by :func:`test_mask`, and each part is ingested
-    with ``like=store``, out-of-core, so large splits never sit in memory.
+    with ``like=store``, out-of-core, so large splits never sit in memory. Both stores are
+    written beside their paths and swapped in only once both are complete, so a split that
+    fails leaves earlier train and test stores as they were. Paths that are, contain or lie
+    inside ``store`` or each other are refused before anything is written.
     """
     import dask.dataframe as dd
 
     from blockals.ingest import ingest
 
     method, fraction, k, seed = parse_split_params(method, fraction, k, seed).values()
+    targets = [StoreWriter(path, store.storage_options) for path in (train_path, test_path)]
+    refuse_overlap({"the train store": targets[0].path, "the test store": targets[1].path},
+                   {"the input store": store.path})
     timed = store.has_timestamps
     if method == "temporal" and not timed:
         raise InputError(f"a temporal split needs timestamps; {store.path} was ingested without a timestamp column.")
+    for target in targets:
+        target.check_target(overwrite)
+        target.clear_leftovers()
     user_ids, item_ids = store.user_ids.to_numpy(), store.item_ids.to_numpy()
-    out = []
-    for path, test in ((train_path, False), (test_path, True)):
-        meta = pd.DataFrame({"user": user_ids[:0], "item": item_ids[:0], "rating": np.zeros(0, np.float32)})
-        if timed:
-            meta["timestamp"] = np.zeros(0, np.int64)
-        frame = dd.from_map(
-            _split_part, range(store.n_user_blocks), ref=store.ref, n_item_blocks=store.n_item_blocks,
-            n_items=store.n_items, user_ids=user_ids, item_ids=item_ids, method=method, fraction=fraction,
-            k=k, seed=seed, test=test, timed=timed, meta=meta, enforce_metadata=False,
-        )
-        out.append(ingest(frame, path, like=store, overwrite=overwrite, timestamp_col="timestamp" if timed else None))
-    return out[0], out[1]
+    staged = [sibling(target.path, f"split-{target.token}") for target in targets]
+    try:
+        for path, test in zip(staged, (False, True)):
+            meta = pd.DataFrame({"user": user_ids[:0], "item": item_ids[:0], "rating": np.zeros(0, np.float32)})
+            if timed:
+                meta["timestamp"] = np.zeros(0, np.int64)
+            frame = dd.from_map(
+                _split_part, range(store.n_user_blocks), ref=store.ref, n_item_blocks=store.n_item_blocks,
+                n_items=store.n_items, user_ids=user_ids, item_ids=item_ids, method=method, fraction=fraction,
+                k=k, seed=seed, test=test, timed=timed, meta=meta, enforce_metadata=False,
+            )
+            ingest(frame, path, like=store, timestamp_col="timestamp" if timed else None,
+                   storage_options=store.storage_options)
+        for target in targets:  # again, time has passed; then, both complete, replace what was there
+            target.check_target(overwrite)
+        for target, path in zip(targets, staged):
+            replace_path(path, target.path, store.storage_options)
+    finally:
+        for path in staged:
+            remove_path(path, store.storage_options)
+    return tuple(RatingStore(target.path, store.storage_options) for target in targets)
 
 
 def ranking_metrics(scores: np.ndarray, relevant: list[np.ndarray], excluded: list[np.ndarray], k: int) -> dict[str, np.ndarray]:
