@@ -144,8 +144,8 @@ def split(
     if method == "temporal" and not timed:
         raise InputError(f"a temporal split needs timestamps; {store.path} was ingested without a timestamp column.")
     for target in targets:
-        target.check_target(overwrite)
         target.clear_leftovers()
+        target.check_target(overwrite)
     user_ids, item_ids = store.user_ids.to_numpy(), store.item_ids.to_numpy()
     staged = [sibling(target.path, f"split-{target.token}") for target in targets]
     try:

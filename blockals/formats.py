@@ -212,10 +212,17 @@ def sibling_token() -> str:
 
 
 def filesystem(path: str, storage_options: dict | None):
-    """``(fsspec filesystem, path within it)`` of a local path or URL."""
+    """``(fsspec filesystem, path within it)`` of a local path or URL.
+
+    An object store's listings are read afresh: Zarr writes through its own filesystem
+    object, so a listing cached here (of a store's parent, say) would hide what it wrote.
+    """
     import fsspec
 
-    return fsspec.core.url_to_fs(path, **(storage_options or {}))
+    fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    if "://" in path:
+        fs.invalidate_cache()
+    return fs, p
 
 
 def path_exists(path: str, storage_options: dict | None = None) -> bool:

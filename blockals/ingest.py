@@ -524,8 +524,8 @@ def ingest(
     refuse_overlap({"the store path": path}, {"the source": source_paths(source)})
     src = read_source(source, user_col, item_col, rating_col, timestamp_col)
     writer = StoreWriter(path, storage_options)
-    writer.check_target(overwrite)  # before the pass over the source
     writer.clear_leftovers()
+    writer.check_target(overwrite)  # before the pass over the source
     try:
         scan = scan_source(src, writer, None if like is None else like.params["id_kinds"])
         plan = plan_blocks(

@@ -78,8 +78,8 @@ def write_model(path: str, model: SavedModel, storage_options: dict | None = Non
     refuse_overlap({"the model path": path}, {"its ratings store": model.store_path})
     staged = sibling(path, f"save-{sibling_token()}")
     with Lease(path, "model", storage_options, break_lease):
-        check_model_path(path, storage_options, overwrite=overwrite)
         clear_leftovers(path, storage_options)
+        check_model_path(path, storage_options, overwrite=overwrite)
         try:
             _write_group(staged, model, storage_options)
             check_model_path(path, storage_options, overwrite=overwrite)  # again: time has passed

@@ -111,8 +111,8 @@ def stage(output: str, fmt: str, storage_options: dict | None = None) -> str:
     into, refusing an ``output`` that holds anything but earlier recommendations of that
     format. Written there and :func:`publish`-ed when whole, an interrupted run leaves the
     earlier output as it was, and never a partial one at ``output``."""
-    _check_replaceable(output, fmt, storage_options)
     clear_leftovers(output, storage_options)
+    _check_replaceable(output, fmt, storage_options)
     staged = sibling(output, f"partial-{sibling_token()}")
     if fmt == "parquet":
         fs, path = filesystem(staged, storage_options)

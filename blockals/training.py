@@ -29,7 +29,7 @@ from blockals.cluster import connect
 from blockals.engine import Engine
 from blockals.errors import InputError, StoreError
 from blockals.factors import Factors
-from blockals.formats import blockals_meta
+from blockals.formats import blockals_meta, refuse_overlap, resolve
 from blockals.ingest import ingest
 from blockals.lock import Lease
 from blockals.params import ALSConfig, RunParams, check_solve_memory, parse_params
@@ -144,7 +144,9 @@ def _checkpoint(run: RunParams, store: RatingStore, path: str | None, resume: bo
             raise InputError("resume=True needs checkpoints; checkpoint_interval is 0.")
         return None, contextlib.nullcontext()
     default = path is None
-    path = path or f"{store.path}/checkpoints/{run.config.fingerprint()}"
+    path = f"{store.path}/checkpoints/{run.config.fingerprint()}" if default else resolve(path)
+    if not path.startswith(f"{store.path}/checkpoints/"):  # the default place is inside the store
+        refuse_overlap({"the checkpoint path": path}, {"the ratings store": store.path})
     width = run.config.objective(float(store.stats["rating_mean"])).width
     checkpoint = Checkpoint(path, store.store_id, run.config.to_dict(), store.storage_options,
                             block_rows={side: store.block_rows(side).tolist() for side in SIDES}, width=width)

@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from distributed.system import MEMORY_LIMIT
 
+    from blockals.formats import refuse_overlap, resolve, source_paths
     from blockals.params import ALSConfig, check_solve_memory, parse_address, parse_int, parse_output_path
     from blockals.training import preflight
 
@@ -275,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.scheduler:
         parse_address(args.scheduler, "--scheduler")
     parse_int(args.n_workers, "--n-workers", 1)
-    data = parse_output_path(args.data.rstrip("/"), "--data", "directory")
+    # Resolved here, so workers started elsewhere write where the caller meant.
+    data = resolve(parse_output_path(args.data.rstrip("/"), "--data", "directory"))
     paths = {name: f"{data}/{name}" for name in ("ratings.zarr", "train.zarr", "test.zarr", "model.zarr", "recommendations.zarr")}
     local = not args.scheduler and args.cluster == "local"
 
@@ -286,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     if "ingest" in stages and source is not None:
         from blockals.sources import read_source
 
+        refuse_overlap({f"--data's {name}": path for name, path in paths.items()}, {"the source": source_paths(source)})
         read_source(source, d.get("user_col", "user"), d.get("item_col", "item"), d.get("rating_col", "rating"),
                     d.get("timestamp_col"))  # a missing or unreadable source, refused before the stages
     manifest = Manifest(data).read()

@@ -3,10 +3,17 @@ that was cut short or edited is refused with the block named."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from distributed import Client
 
 import blockals
 from blockals import recstore
@@ -70,3 +77,67 @@ def test_never_written_over_something_else(tmp_path):
     with pytest.raises(blockals.InputError, match=r"not a blockals recommendations store; refusing to write over it"):
         recstore.create(str(tmp_path / "r.zarr"), 2, 1, USER_IDS, ITEM_IDS)
     assert (tmp_path / "r.zarr" / "keep.txt").exists()
+
+
+def test_recommend_all_refuses_an_output_inside_its_ratings_store(tmp_path):
+    from blockals.recommend import recommend_all
+
+    frame = pd.DataFrame({"user": [5, 5, 6, 7], "item": [1, 2, 2, 3], "rating": [1.0, 2.0, 3.0, 4.0]})
+    store = blockals.ingest(frame, tmp_path / "r.zarr")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    F, G = np.ones((3, 2)), np.ones((3, 2))
+    for output, relation in ((tmp_path / "r.zarr" / "recs.zarr", "lies inside"), (tmp_path / "r.zarr", "is"),
+                             (tmp_path, "contains")):
+        with pytest.raises(blockals.InputError, match=rf"the output .* {relation} the ratings store .*r\.zarr;"):
+            recommend_all(store, "users", F, G, None, store.user_ids.to_numpy(), store.item_ids.to_numpy(), 2,
+                          str(output), "zarr")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.fixture
+def worker_elsewhere(tmp_path):
+    """A real scheduler and one worker process started in a directory of its own."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    scheduler_file = tmp_path / "scheduler.json"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", "0", "--dashboard-address", "127.0.0.1:0", "--scheduler-file",
+                               str(scheduler_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
+    deadline = time.monotonic() + 60
+    while not scheduler_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
+                                   str(scheduler_file), "--nworkers", "1", "--nthreads", "1", "--host", "127.0.0.1"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=elsewhere))
+    client = Client(scheduler_file=str(scheduler_file), set_as_default=False)
+    client.wait_for_workers(1, timeout=60)
+    yield client, elsewhere
+    client.close()
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def test_a_relative_output_lands_beside_the_caller_not_the_workers(worker_elsewhere, tmp_path):
+    client, elsewhere = worker_elsewhere
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    rng = np.random.default_rng(0)
+    pairs = rng.choice(12 * 8, 40, replace=False)
+    frame = pd.DataFrame({"user": pairs // 8, "item": pairs % 8, "rating": rng.integers(1, 6, 40).astype(float)})
+    store = blockals.ingest(frame, caller / "r.zarr", n_user_blocks=2, n_item_blocks=2)
+    model = blockals.ALS(rank=2, max_iter=2, seed=0).fit(store, client=client)
+    model.save(caller / "m.zarr")
+    command = [sys.executable, "-m", "blockals.cli", "recommend", "m.zarr", "--output", "recs.zarr", "--n", "3",
+               "--scheduler", client.scheduler.address]
+    done = subprocess.run(command, cwd=caller, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = recstore.read_recommendations(caller / "recs.zarr")
+    assert sorted(set(got["user"])) == sorted(set(frame["user"])) and len(got) <= 3 * frame["user"].nunique()
+    assert list(elsewhere.iterdir()) == [] or all("dask-scratch" in p.name for p in elsewhere.iterdir())
+    assert sorted(p.name for p in caller.iterdir()) == ["m.zarr", "r.zarr", "recs.zarr"]

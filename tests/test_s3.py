@@ -65,3 +65,27 @@ def test_pipeline_writes_every_stage_to_s3(s3, tmp_path):
     model = blockals.ALS.load("s3://blockals-test/run/model.zarr", storage_options=options)
     assert model.history_[-1]["iteration"] == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_ingest_over_an_s3_store_leaves_it_loadable(s3, tmp_path, monkeypatch):
+    fs, options = s3
+    monkeypatch.chdir(tmp_path)
+    path = "s3://blockals-test/swap.zarr"
+
+    def pairs(store):
+        rows = [store.triples("users", b) for b in range(store.n_user_blocks)]
+        return {(store.user_ids[u], store.item_ids[i], r) for u, i, r in zip(*map(np.concatenate, zip(*rows)))}
+
+    first = pd.DataFrame({"user": [1, 1, 2, 3, 4], "item": [1, 2, 2, 3, 1], "rating": [1.0, 2.0, 3.0, 4.0, 5.0]})
+    blockals.ingest(first, path, n_user_blocks=2, n_item_blocks=2, storage_options=options)
+    repeated = pd.DataFrame({"user": [7, 8, 7], "item": [1, 2, 1], "rating": [1.0, 2.0, 3.0]})
+    with pytest.raises(blockals.InputError, match=r"duplicate \(user, item\) pair"):
+        blockals.ingest(repeated, path, overwrite=True, storage_options=options)
+    expected = set(zip(first["user"], first["item"], first["rating"]))
+    assert pairs(blockals.open_store(path, storage_options=options)) == expected
+    second = pd.DataFrame({"user": [5, 6], "item": [9, 9], "rating": [0.5, 1.5]})
+    store = blockals.ingest(second, path, overwrite=True, storage_options=options)
+    assert pairs(store) == set(zip(second["user"], second["item"], second["rating"]))
+    fs.invalidate_cache()
+    assert not [p for p in fs.ls("blockals-test") if p.rsplit("/", 1)[-1].startswith(".swap.zarr.")]
+    assert list(tmp_path.iterdir()) == []
