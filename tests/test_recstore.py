@@ -3,20 +3,17 @@ that was cut short or edited is refused with the block named."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import zarr
-from distributed import Client
 
 import blockals
 from blockals import recstore
+from conftest import dask_processes
 
 USER_IDS = np.array([5, 6, 7, 8])
 ITEM_IDS = np.array(["a", "b", "c"], dtype=object)
@@ -99,28 +96,8 @@ def worker_elsewhere(tmp_path):
     """A real scheduler and one worker process started in a directory of its own."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    scheduler_file = tmp_path / "scheduler.json"
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
-    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                               "--port", "0", "--dashboard-address", "127.0.0.1:0", "--scheduler-file",
-                               str(scheduler_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
-    deadline = time.monotonic() + 60
-    while not scheduler_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
-                                   str(scheduler_file), "--nworkers", "1", "--nthreads", "1", "--host", "127.0.0.1"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=elsewhere))
-    client = Client(scheduler_file=str(scheduler_file), set_as_default=False)
-    client.wait_for_workers(1, timeout=60)
-    yield client, elsewhere
-    client.close()
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    with dask_processes(tmp_path, 1, cwd=elsewhere) as client:
+        yield client, elsewhere
 
 
 def test_a_relative_output_lands_beside_the_caller_not_the_workers(worker_elsewhere, tmp_path):
