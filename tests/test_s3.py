@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -89,3 +91,38 @@ def test_a_failed_ingest_over_an_s3_store_leaves_it_loadable(s3, tmp_path, monke
     fs.invalidate_cache()
     assert not [p for p in fs.ls("blockals-test") if p.rsplit("/", 1)[-1].startswith(".swap.zarr.")]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_move_on_s3_cut_short_leaves_the_target_incomplete_and_the_source_whole(s3, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fs, options = s3
+    source, target = "s3://blockals-test/moving.zarr", "s3://blockals-test/moved.zarr"
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame({"user": rng.integers(0, 300, 3000), "item": rng.integers(0, 200, 3000)}).drop_duplicates()
+    frame["rating"] = 1.0
+    blockals.ingest(frame, source, n_user_blocks=12, n_item_blocks=12, storage_options=options)
+    n_objects = len(fs.find("blockals-test/moving.zarr"))
+    mover = subprocess.Popen(
+        [sys.executable, "-c", "import json, sys; from blockals.formats import move_path; "
+                               "move_path(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))",
+         source, target, json.dumps(options)], env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while True:  # until part of the tree is copied
+        fs.invalidate_cache()
+        copied = fs.find("blockals-test/moved.zarr")
+        if len(copied) > n_objects // 4:
+            break
+        assert mover.poll() is None and time.monotonic() < deadline, "the move ended before it could be cut short"
+        time.sleep(0.05)
+    mover.send_signal(signal.SIGKILL)
+    mover.wait()
+    fs.invalidate_cache()
+    assert "blockals-test/moved.zarr/zarr.json" in fs.find("blockals-test/moved.zarr")  # marked, as incomplete
+    with pytest.raises(blockals.StoreError, match=r"moved\.zarr is incomplete"):
+        blockals.open_store(target, storage_options=options)
+    assert blockals.open_store(source, storage_options=options).nnz == len(frame)
