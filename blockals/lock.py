@@ -32,6 +32,7 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from blockals.errors import LeaseError
+from blockals.formats import resolve
 
 __all__ = ["Holder", "Lease"]
 
@@ -79,7 +80,9 @@ class Lease:
     Parameters
     ----------
     path : str
-        The model or checkpoint path to guard; the lease file is ``<path>.lock``.
+        The model or checkpoint path to guard; the lease file is ``<path>.lock``, beside
+        the path resolved (:func:`blockals.formats.resolve`), so a symlink to a model and
+        its target share one lease.
     what : str
         What the path holds (``"model"``, ``"checkpoint"``), for the refusal message.
     storage_options : dict, optional
@@ -95,12 +98,12 @@ class Lease:
     """
 
     def __init__(self, path: str, what: str, storage_options: dict | None = None, break_lease: bool = False) -> None:
-        self.path = str(path).rstrip("/")
+        self.path = resolve(path)  # one lease per store, however it is named (a symlink, a relative path)
         self.what = what
         self.storage_options = storage_options
         self.break_lease = break_lease
         self.remote = "://" in self.path
-        self.lock_path = self.path + ".lock" if self.remote else os.path.abspath(self.path) + ".lock"
+        self.lock_path = self.path + ".lock"
         self.holder: Holder | None = None
         self._fd: int | None = None
 

@@ -159,6 +159,34 @@ def test_a_symlinked_model_path_is_replaced_at_its_target(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m-v1.zarr", "m.zarr"]
 
 
+def test_a_symlink_and_its_target_share_one_lease(tmp_path):
+    import threading
+
+    from blockals.errors import LeaseError
+    from blockals.lock import Lease
+
+    real, link = tmp_path / "m-v1.zarr", tmp_path / "m.zarr"
+    made_model("explicit").save(real)
+    link.symlink_to(real)
+    holding, finished = threading.Event(), threading.Event()
+
+    def hold():
+        with Lease(str(link), "model"):
+            holding.set()
+            finished.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(60)
+        with pytest.raises(LeaseError, match=r"m-v1\.zarr is being written by another training"):
+            made_model("biased").save(real, overwrite=True)
+    finally:
+        finished.set()
+        holder.join()
+    assert not blockals.ALS.load(link).biases
+
+
 def test_a_model_path_overlapping_its_ratings_store_is_refused(tmp_path):
     model = made_model("explicit")
     model.store_path_ = str(tmp_path / "r.zarr")
