@@ -407,7 +407,8 @@ def check_arguments(args: argparse.Namespace) -> None:
             params.parse_output_path(getattr(args, dest), name, kind)
             outputs[name if name.startswith("--") else f"the {name}"] = getattr(args, dest)
     if outputs:
-        from blockals.formats import refuse_overlap, source_paths
+        from blockals.formats import refuse_overlap
+        from blockals.sources import source_paths
 
         refuse_overlap(outputs, {name: source_paths(getattr(args, dest)) for dest, name in INPUTS.get(args.command, ())})
     # Checked again by the calls they feed, but only once a store is read or a cluster started.

@@ -138,8 +138,9 @@ def split(
 
     method, fraction, k, seed = parse_split_params(method, fraction, k, seed).values()
     targets = [StoreWriter(path, store.storage_options) for path in (train_path, test_path)]
+    # A search splits into its work area inside the store (store.holds_derived).
     refuse_overlap({"the train store": targets[0].path, "the test store": targets[1].path},
-                   {"the input store": store.path})
+                   {"the input store": None if all(store.holds_derived(t.path) for t in targets) else store.path})
     timed = store.has_timestamps
     if method == "temporal" and not timed:
         raise InputError(f"a temporal split needs timestamps; {store.path} was ingested without a timestamp column.")

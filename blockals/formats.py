@@ -23,7 +23,6 @@ This module and the other storage modules (:mod:`blockals.store`,
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import posixpath
@@ -45,7 +44,6 @@ __all__ = [
     "read_array",
     "resolve",
     "refuse_overlap",
-    "source_paths",
     "path_exists",
     "writable_meta",
     "remove_path",
@@ -162,14 +160,6 @@ def resolve(path: str | os.PathLike) -> str:
     scheme, _, rest = path.partition("://")
     rest = posixpath.normpath(rest).lstrip("/") if rest.strip("/") else ""
     return f"{scheme.lower()}://{rest}"
-
-
-def source_paths(source: Any) -> list[str]:
-    """The files (or directory) a path or glob source of ratings reads; none for data in memory."""
-    if not isinstance(source, (str, os.PathLike)):
-        return []
-    path = os.fspath(source)
-    return sorted(glob.glob(path)) if glob.has_magic(path) else [path]
 
 
 def _relation(output: str, input: str) -> str | None:

@@ -43,12 +43,12 @@ import pandas as pd
 
 from blockals.cluster import reusing_memory
 from blockals.errors import InputError
-from blockals.formats import refuse_overlap, resolve, source_paths
+from blockals.formats import refuse_overlap, resolve
 from blockals.partition import DEFAULT_BLOCK_BUDGET, assign_blocks, default_n_blocks, parse_n_blocks
 from blockals.routing import build_inblock, counting_order, inblock_order, pair_order
 from blockals.sources import (
     PartitionCheck, Source, check_partition, convert_ids, normalize_ratings, normalize_timestamps, read_source,
-    reading,
+    reading, source_paths,
 )
 from blockals.store import SIDES, RatingStore, Side, StoreWriter, other_side
 

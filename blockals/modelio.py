@@ -75,6 +75,7 @@ def write_model(path: str, model: SavedModel, storage_options: dict | None = Non
     the swap be cut short).
     """
     path = resolve(path)
+    check_model_path(path, storage_options, overwrite=overwrite)  # what is there first: the store itself, say
     refuse_overlap({"the model path": path}, {"its ratings store": model.store_path})
     staged = sibling(path, f"save-{sibling_token()}")
     with Lease(path, "model", storage_options, break_lease):

@@ -9,6 +9,7 @@ not counted).
 from __future__ import annotations
 
 import contextlib
+import glob
 import itertools
 import math
 import os
@@ -26,11 +27,10 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from blockals.errors import InputError
-from blockals.formats import source_paths
 
 __all__ = [
-    "Source", "read_source", "reading", "check_partition", "convert_ids", "normalize_ratings", "normalize_timestamps",
-    "PartitionCheck",
+    "Source", "read_source", "source_paths", "reading", "check_partition", "convert_ids", "normalize_ratings",
+    "normalize_timestamps", "PartitionCheck",
 ]
 
 COLUMNS = ("user", "item", "rating")
@@ -181,6 +181,14 @@ def _read_path(path: str) -> tuple[dd.DataFrame, dict[str, str] | None]:
         return _read_csvs(files), {"userId": "user", "movieId": "item"}
     # Text first: a bad value deep in a file then names its row instead of failing dtype inference.
     return _read_csvs(files), None
+
+
+def source_paths(source: Any) -> list[str]:
+    """The files (or directory) a path or glob source reads; none for data in memory."""
+    if not isinstance(source, (str, os.PathLike)):
+        return []
+    path = os.fspath(source)
+    return sorted(glob.glob(path)) if glob.has_magic(path) else [path]
 
 
 def read_source(

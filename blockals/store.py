@@ -74,6 +74,9 @@ STAGED = {"users": f"{STAGING}/parts", "items": f"{STAGING}/users"}
 # Each destination block reads a slice of every staged group, and a read decodes whole
 # chunks: small chunks keep each staged rating decoded about once, not once per block.
 STAGED_CHUNK = 1 << 18
+# Areas inside a store for what is derived from it, written there by design: training
+# checkpoints and a search's work (its split stores and checkpoints).
+DERIVED = ("checkpoints", "search")
 
 
 def other_side(side: Side) -> Side:
@@ -267,6 +270,11 @@ class RatingStore:
         self._assignment: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     # -- sizes ---------------------------------------------------------------
+    def holds_derived(self, path: str) -> bool:
+        """Whether ``path`` lies in one of the store's areas for what is derived from it
+        (:data:`DERIVED`), the one place inside a store that runs reading it may write."""
+        return any(resolve(path).startswith(f"{self.path}/{area}/") for area in DERIVED)
+
     @property
     def ref(self) -> StoreRef:
         opts = tuple(sorted((self.storage_options or {}).items()))

@@ -145,7 +145,7 @@ def _checkpoint(run: RunParams, store: RatingStore, path: str | None, resume: bo
         return None, contextlib.nullcontext()
     default = path is None
     path = f"{store.path}/checkpoints/{run.config.fingerprint()}" if default else resolve(path)
-    if not path.startswith(f"{store.path}/checkpoints/"):  # the default place is inside the store
+    if not store.holds_derived(path):  # the default place, and a search's, are inside the store
         refuse_overlap({"the checkpoint path": path}, {"the ratings store": store.path})
     width = run.config.objective(float(store.stats["rating_mean"])).width
     checkpoint = Checkpoint(path, store.store_id, run.config.to_dict(), store.storage_options,

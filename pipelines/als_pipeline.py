@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from distributed.system import MEMORY_LIMIT
 
-    from blockals.formats import refuse_overlap, resolve, source_paths
+    from blockals.formats import refuse_overlap, resolve
     from blockals.params import ALSConfig, check_solve_memory, parse_address, parse_int, parse_output_path
     from blockals.training import preflight
 
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     d = dict(config["data"])
     source = d.pop("source", None)
     if "ingest" in stages and source is not None:
-        from blockals.sources import read_source
+        from blockals.sources import read_source, source_paths
 
         refuse_overlap({f"--data's {name}": path for name, path in paths.items()}, {"the source": source_paths(source)})
         read_source(source, d.get("user_col", "user"), d.get("item_col", "item"), d.get("rating_col", "rating"),
