@@ -162,13 +162,13 @@ def resolve(path: str | os.PathLike) -> str:
     return f"{scheme.lower()}://{rest}"
 
 
-def _relation(output: str, input: str) -> str | None:
-    """How the resolved ``output`` overlaps the resolved ``input``, in words, or None."""
-    if output == input:
+def _relation(output: str, source: str) -> str | None:
+    """How the resolved ``output`` overlaps the resolved ``source``, in words, or None."""
+    if output == source:
         return "is"
-    if input.startswith(output.rstrip("/") + "/"):
+    if source.startswith(output.rstrip("/") + "/"):
         return "contains"
-    if output.startswith(input.rstrip("/") + "/"):
+    if output.startswith(source.rstrip("/") + "/"):
         return "lies inside"
     return None
 
