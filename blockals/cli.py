@@ -213,8 +213,10 @@ def _recommend(args: argparse.Namespace) -> int:
 
     model = blockals.ALS.load(args.model)
     if args.output:
+        from blockals.formats import refuse_overlap
         from blockals.lock import Lease
 
+        refuse_overlap({"--output": args.output}, {"the model's ratings store": model.store_path_})  # before a cluster
         # The output's lease (recommend_all takes it again), refused before the cluster starts.
         with Lease(args.output, "recommendations", breakable=False), _client(args) as client:
             model.recommend_all(args.n, args.output, exclude_seen=not args.include_seen, client=client,
@@ -400,6 +402,16 @@ OUTPUTS = {
     "train": (("model", "model path", "directory"), ("report", "--report", "file"), ("plot", "--plot", "file")),
     "evaluate": (("json", "--json", "file"),),
     "recommend": (("output", "--output", "directory"),),
+    "search": (("model", "model path", "directory"),),
+}
+# What each command reads that its outputs must stay apart from, as (argument, how
+# refusals name it); the recommendations' ratings store is checked once the model names it.
+INPUTS = {
+    "ingest": (("source", "the source"),),
+    "split": (("store", "the input store"),),
+    "train": (("store", "the ratings store"),),
+    "recommend": (("model", "the model"),),
+    "search": (("store", "the ratings store"),),
 }
 
 
@@ -412,9 +424,16 @@ def check_arguments(args: argparse.Namespace) -> None:
         params.parse_address(args.scheduler, "--scheduler")
     if getattr(args, "dashboard_address", None) is not None:
         params.parse_dashboard_address(args.dashboard_address, "--dashboard-address")
+    outputs = {}
     for dest, name, kind in OUTPUTS.get(args.command, ()):
         if getattr(args, dest):
             params.parse_output_path(getattr(args, dest), name, kind)
+            outputs[name if name.startswith("--") else f"the {name}"] = getattr(args, dest)
+    if outputs:
+        from blockals.formats import refuse_overlap
+        from blockals.sources import source_paths
+
+        refuse_overlap(outputs, {name: source_paths(getattr(args, dest)) for dest, name in INPUTS.get(args.command, ())})
     # Checked again by the calls they feed, but only once a store is read or a cluster started.
     if args.command == "split":
         from blockals.evaluation import parse_split_params

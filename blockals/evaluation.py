@@ -32,9 +32,10 @@ import pandas as pd
 from blockals.cluster import cache_bytes, connect
 from blockals.errors import InputError
 from blockals.factors import Factors
+from blockals.formats import refuse_overlap, remove_path, replace_path, sibling
 from blockals.lock import Lease, holding
 from blockals.progress import Progress, wait
-from blockals.store import RatingStore, StoreRef, block_triples, load_rows, load_times, open_store
+from blockals.store import RatingStore, StoreRef, StoreWriter, block_triples, load_rows, load_times, open_store
 
 __all__ = ["split", "parse_split_params", "evaluate", "ranking_metrics", "METRICS", "SPLITS"]
 
@@ -131,42 +132,60 @@ def split(
 
     ``store`` is a :class:`RatingStore` or its path. Each user block is read and divided by
     :func:`test_mask`, and each part is ingested with ``like=store``, out-of-core, so large
-    splits never sit in memory. The store is leased for reading and both outputs for
-    writing (:mod:`blockals.lock`) throughout. ``verbose`` reports the passes of both
+    splits never sit in memory. Both stores are written beside their paths and swapped in
+    only once both are complete, so a split that fails leaves earlier train and test
+    stores as they were. Paths that are, contain or lie inside ``store`` or each other are
+    refused before anything is written. The store is leased for reading and both outputs
+    for writing (:mod:`blockals.lock`) throughout. ``verbose`` reports the passes of both
     ingests as :func:`blockals.ingest` does, their lines starting ``split train`` and
     ``split test``.
     """
     method, fraction, k, seed = parse_split_params(method, fraction, k, seed).values()
     store = _as_store(store, "store")
     progress = Progress.of(verbose, "split")
+    targets = [StoreWriter(path, store.storage_options) for path in (train_path, test_path)]
+    # A search splits into its work area inside the store (store.holds_derived).
+    refuse_overlap({"the train store": targets[0].path, "the test store": targets[1].path},
+                   {"the input store": None if all(store.holds_derived(t.path) for t in targets) else store.path})
     timed = store.has_timestamps
     if method == "temporal" and not timed:
         raise InputError(f"a temporal split needs timestamps; {store.path} was ingested without a timestamp column.")
-    with holding(store.reading(), *(Lease(p, "ratings store", breakable=False) for p in (train_path, test_path))):
+    with holding(store.reading(), *(Lease(t.path, "ratings store", breakable=False) for t in targets)):
         store.check_unchanged("the split")  # the store opened is the one now leased
-        return _split(store, train_path, test_path, method, fraction, k, seed, overwrite, timed, progress)
+        return _split(store, targets, method, fraction, k, seed, overwrite, timed, progress)
 
 
-def _split(store: RatingStore, train_path: str, test_path: str, method: str, fraction: float, k: int, seed: int,
+def _split(store: RatingStore, targets: list[StoreWriter], method: str, fraction: float, k: int, seed: int,
            overwrite: bool, timed: bool, progress: Progress) -> tuple[RatingStore, RatingStore]:
     import dask.dataframe as dd
 
     from blockals.ingest import ingest
 
+    for target in targets:
+        target.clear_leftovers()
+        target.check_target(overwrite)
     user_ids, item_ids = store.user_ids.to_numpy(), store.item_ids.to_numpy()
-    out = []
-    for path, test, name in ((train_path, False, "train"), (test_path, True, "test")):
-        meta = pd.DataFrame({"user": user_ids[:0], "item": item_ids[:0], "rating": np.zeros(0, np.float32)})
-        if timed:
-            meta["timestamp"] = np.zeros(0, np.int64)
-        frame = dd.from_map(
-            _split_part, range(store.n_user_blocks), ref=store.ref, n_item_blocks=store.n_item_blocks,
-            n_items=store.n_items, user_ids=user_ids, item_ids=item_ids, method=method, fraction=fraction,
-            k=k, seed=seed, test=test, timed=timed, meta=meta, enforce_metadata=False,
-        )
-        out.append(ingest(frame, path, like=store, overwrite=overwrite, timestamp_col="timestamp" if timed else None,
-                          verbose=progress.within(name)))
-    return out[0], out[1]
+    staged = [sibling(target.path, f"split-{target.token}") for target in targets]
+    try:
+        for path, test, name in zip(staged, (False, True), ("train", "test")):
+            meta = pd.DataFrame({"user": user_ids[:0], "item": item_ids[:0], "rating": np.zeros(0, np.float32)})
+            if timed:
+                meta["timestamp"] = np.zeros(0, np.int64)
+            frame = dd.from_map(
+                _split_part, range(store.n_user_blocks), ref=store.ref, n_item_blocks=store.n_item_blocks,
+                n_items=store.n_items, user_ids=user_ids, item_ids=item_ids, method=method, fraction=fraction,
+                k=k, seed=seed, test=test, timed=timed, meta=meta, enforce_metadata=False,
+            )
+            ingest(frame, path, like=store, timestamp_col="timestamp" if timed else None,
+                   storage_options=store.storage_options, verbose=progress.within(name))
+        for target in targets:  # again, time has passed; then, both complete, replace what was there
+            target.check_target(overwrite)
+        for target, path in zip(targets, staged):
+            replace_path(path, target.path, store.storage_options)
+    finally:
+        for path in staged:
+            remove_path(path, store.storage_options)
+    return tuple(RatingStore(target.path, store.storage_options) for target in targets)
 
 
 def top_k_order(scores: np.ndarray, k: int) -> np.ndarray:

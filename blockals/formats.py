@@ -8,7 +8,13 @@ read through these helpers, so they share one set of rules:
 * a group's ``blockals`` attributes name its format and version, and a ``complete``
   marker is written last; :func:`check_meta` refuses anything else;
 * a writer never empties a path that holds something other than its own format
-  (:func:`writable_meta`), and removal is safe to interrupt (:func:`remove_path`).
+  (:func:`writable_meta`), and removal is safe to interrupt (:func:`remove_path`);
+* a group is written whole in a hidden sibling of its path (:func:`sibling`) and swapped
+  in by :func:`replace_path`, so a run that fails or is killed leaves the previous good
+  group at the path; the next run at that path clears what it left (:func:`clear_leftovers`);
+* paths are resolved on the driver (:func:`resolve`: absolute, symlinks followed) before
+  anything is written, and an output that is, contains or lies inside one of the run's
+  inputs is refused (:func:`refuse_overlap`).
 
 This module and the other storage modules (:mod:`blockals.store`,
 :mod:`blockals.checkpoint`, :mod:`blockals.modelio`, :mod:`blockals.recstore`,
@@ -17,7 +23,12 @@ This module and the other storage modules (:mod:`blockals.store`,
 
 from __future__ import annotations
 
+import json
 import os
+import posixpath
+import re
+import uuid
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -31,15 +42,19 @@ __all__ = [
     "check_meta",
     "write_array",
     "read_array",
-    "absolute",
     "parse_path",
     "parse_storage_options",
+    "resolve",
+    "refuse_overlap",
     "path_exists",
     "writable_meta",
     "remove_path",
     "blockals_meta",
     "sibling",
     "move_path",
+    "replace_path",
+    "clear_leftovers",
+    "sibling_token",
     "children",
 ]
 
@@ -153,22 +168,69 @@ def parse_storage_options(value: Any, name: str = "storage_options") -> dict | N
     return value
 
 
-def absolute(path: str) -> str:
-    """Local paths made absolute, so Dask workers started elsewhere find them; URLs as given."""
-    return path if "://" in path else os.path.abspath(path)
+def resolve(path: str | os.PathLike) -> str:
+    """The one form of a path the driver uses and hands to workers: a local path absolute
+    with its symlinks followed (writing through a link to a store replaces the store at its
+    real place, leaving the link valid); a URL normalised, without a trailing slash."""
+    path = os.fspath(path)
+    if "://" not in path:
+        return os.path.realpath(path)
+    scheme, _, rest = path.partition("://")
+    rest = posixpath.normpath(rest).lstrip("/") if rest.strip("/") else ""
+    return f"{scheme.lower()}://{rest}"
+
+
+def _relation(output: str, source: str) -> str | None:
+    """How the resolved ``output`` overlaps the resolved ``source``, in words, or None."""
+    if output == source:
+        return "is"
+    if source.startswith(output.rstrip("/") + "/"):
+        return "contains"
+    if output.startswith(source.rstrip("/") + "/"):
+        return "lies inside"
+    return None
+
+
+def refuse_overlap(outputs: Mapping[str, str], inputs: Mapping[str, str | Iterable[str] | None]) -> None:
+    """Refuse, before anything is written, an output that is, contains or lies inside an
+    input, or another output (writing it would delete or mix what is read).
+
+    ``outputs`` and ``inputs`` map how the message names each one (``"the train store"``)
+    to its resolved path (an input may be several, e.g. a glob's files, or None).
+    """
+    named = [(name, resolve(path)) for name, path in outputs.items()]
+    against = [(name, resolve(p)) for name, paths in inputs.items() if paths is not None
+               for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    for i, (out_name, out) in enumerate(named):
+        for in_name, inp in against + named[i + 1:]:
+            relation = _relation(out, inp)
+            if relation is not None:
+                raise InputError(f"{out_name} {out} {relation} {in_name} {inp}; write it to a path apart from it.")
 
 
 def sibling(path: str, tag: str) -> str:
     """A hidden path beside ``path``, named after it and ``tag`` (e.g. ``.m.zarr.save-3f2a``)."""
-    parent, _, name = absolute(path).rstrip("/").rpartition("/")
+    parent, _, name = resolve(path).rpartition("/")
     return f"{parent}/.{name}.{tag}"
 
 
+def sibling_token() -> str:
+    """The random part of a sibling's tag, which :func:`clear_leftovers` recognises."""
+    return uuid.uuid4().hex[:12]
+
+
 def filesystem(path: str, storage_options: dict | None):
-    """``(fsspec filesystem, path within it)`` of a local path or URL."""
+    """``(fsspec filesystem, path within it)`` of a local path or URL.
+
+    An object store's listings are read afresh: Zarr writes through its own filesystem
+    object, so a listing cached here (of a store's parent, say) would hide what it wrote.
+    """
     import fsspec
 
-    return fsspec.core.url_to_fs(path, **(storage_options or {}))
+    fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    if "://" in path:
+        fs.invalidate_cache()
+    return fs, p
 
 
 def path_exists(path: str, storage_options: dict | None = None) -> bool:
@@ -209,7 +271,12 @@ def writable_meta(path: str, fmt: str, kind: str, storage_options: dict | None =
 
 def move_path(source: str, target: str, storage_options: dict | None = None) -> None:
     """Rename the tree at ``source`` to ``target``, which must not exist (one rename on a
-    local disk; a copy and a delete on object stores)."""
+    local disk; a copy and a delete on object stores).
+
+    On object stores the target's root ``zarr.json`` is written first marked incomplete
+    and copied last as it is, and the source is removed by :func:`remove_path`: a move cut
+    short leaves no group that reads as complete with arrays missing.
+    """
     fs, src = filesystem(source, storage_options)
     dst = filesystem(target, storage_options)[1]
     if "://" not in source:
@@ -217,10 +284,74 @@ def move_path(source: str, target: str, storage_options: dict | None = None) -> 
         return
     # Object stores have no directories: fsspec's recursive mv also asks to copy the prefix
     # itself, an object that does not exist (NoSuchKey). Every object, then the originals.
-    files = fs.find(src)
+    src = src.rstrip("/")
+    marker = f"{src}/zarr.json"
+    files = [f for f in fs.find(src) if f != marker]
+    if fs.exists(marker):
+        fs.pipe(f"{dst}/zarr.json", _incomplete(fs.cat(marker)))
+        files.append(marker)
     for path in files:
-        fs.copy(path, dst + path[len(src.rstrip("/")):])
-    fs.rm(files)
+        fs.copy(path, dst + path[len(src):])
+    remove_path(source, storage_options)
+
+
+def _incomplete(marker: bytes) -> bytes:
+    """A group's ``zarr.json`` with a ``complete`` marker in its ``blockals`` attributes unset."""
+    try:
+        meta = json.loads(marker)
+        blockals = meta["attributes"]["blockals"]
+    except (ValueError, KeyError, TypeError):
+        return marker
+    if isinstance(blockals, dict) and blockals.get("complete"):
+        blockals["complete"] = False
+    return json.dumps(meta).encode()
+
+
+def replace_path(staged: str, path: str, storage_options: dict | None = None) -> None:
+    """Swap the complete tree at ``staged`` in at ``path``, replacing what is there.
+
+    What was at ``path`` is first moved to a hidden sibling (``.<name>.old-<token>``) and
+    removed only once the new tree is in place; should the move in fail, it is moved back.
+    A run killed between the two moves leaves the old tree at that sibling, where the next
+    run at ``path`` finds it and puts it back (:func:`clear_leftovers`).
+    """
+    old = sibling(path, f"old-{sibling_token()}")
+    if path_exists(path, storage_options):
+        move_path(path, old, storage_options)
+    try:
+        move_path(staged, path, storage_options)
+    except BaseException:
+        if path_exists(old, storage_options):
+            remove_path(path, storage_options)
+            move_path(old, path, storage_options)
+        raise
+    remove_path(old, storage_options)
+
+
+def _leftovers(path: str, storage_options: dict | None) -> list[str]:
+    """The hidden siblings of ``path`` that runs writing it name (``.<name>.<tag>-<token>``,
+    or a sibling of one)."""
+    parent, _, name = resolve(path).rpartition("/")
+    pattern = re.compile(rf"\.+{re.escape(name)}(\.[a-z]+-[0-9a-f]{{12}})+")
+    return [p for p in children(parent or "/", storage_options) if pattern.fullmatch(p.rpartition("/")[2])]
+
+
+def clear_leftovers(path: str, storage_options: dict | None = None) -> None:
+    """Remove what runs killed while writing ``path`` left beside it: staged and scratch
+    groups, never read as stores. A complete group a swap cut short left at its old-copy
+    sibling is put back first, when ``path`` holds no complete group."""
+    leftovers = _leftovers(path, storage_options)
+    copy = re.compile(rf"\.{re.escape(resolve(path).rpartition('/')[2])}\.old-[0-9a-f]{{12}}")
+    old = [p for p in leftovers
+           if copy.fullmatch(p.rpartition("/")[2]) and (blockals_meta(p, storage_options) or {}).get("complete")]
+    here = blockals_meta(path, storage_options)
+    # Nothing at the path, or ours cut short: the old copy is the last good one.
+    if old and (not here.get("complete") if here is not None else not path_exists(path, storage_options)):
+        remove_path(path, storage_options)
+        move_path(old[0], path, storage_options)
+        leftovers.remove(old[0])
+    for leftover in leftovers:
+        remove_path(leftover, storage_options)
 
 
 def remove_path(path: str, storage_options: dict | None = None) -> None:

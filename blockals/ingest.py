@@ -18,10 +18,13 @@ none holding more than one partition or one block in memory:
      (:mod:`blockals.routing`), writes them, and stages its ratings again by item block;
    * *items*: each item block gathers its ratings and builds its in-block.
 
-Everything about the source is checked before anything at the target path is removed, so
-a bad source does not cost the store it was meant to replace. The completion marker is
-written last; an ingest that fails or is interrupted leaves a store that readers refuse,
-and a failed ingest removes what it wrote.
+The store is written whole in a hidden sibling of the target path, the completion marker
+last, and swapped in only then (:class:`blockals.store.StoreWriter`): a store already at
+the path stays complete and readable whatever happens to the ingest replacing it, a bad
+source or ``kill -9`` included. A failed ingest removes what it wrote; what a killed one
+left is removed by the next ingest to that path. The path is resolved on the driver
+(:func:`blockals.formats.resolve`), and one that is, contains or lies inside the source
+is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -37,15 +40,15 @@ import pandas as pd
 
 from blockals.cluster import reusing_memory
 from blockals.errors import InputError
-from blockals.formats import parse_path, parse_storage_options
-from blockals.params import parse_bool, parse_int
+from blockals.formats import parse_path, parse_storage_options, refuse_overlap, resolve
 from blockals.lock import Lease, holding
+from blockals.params import parse_bool, parse_int
 from blockals.partition import DEFAULT_BLOCK_BUDGET, assign_blocks, default_n_blocks, parse_n_blocks
 from blockals.progress import Progress, compute
 from blockals.routing import build_inblock, counting_order, inblock_order, pair_order
 from blockals.sources import (
     PartitionCheck, Source, check_partition, convert_ids, normalize_ratings, normalize_timestamps, read_source,
-    reading,
+    reading, source_paths,
 )
 from blockals.store import SIDES, RatingStore, Side, StoreWriter, other_side
 
@@ -394,11 +397,11 @@ def write_store(writer: StoreWriter, scan: SourceScan, plan: BlockPlan, overwrit
     """Stage 3: write the planned store through ``writer``, in three passes of Dask tasks
     (reported to ``progress``).
 
-    What of ours is at the path is removed first (anything else is refused, as before the
-    scan); whatever fails from then on removes what was written. The completion marker is
-    written last.
+    The store is written in ``writer``'s staged sibling of the path, the completion marker
+    last, and swapped in at the path only then (anything but a store of ours there is
+    refused, as before the scan); whatever fails removes what was staged, leaving the path
+    as it was.
     """
-    writer.clear_target(overwrite)
     try:
         writer.create(plan.params, {side: plan.ids[side].to_numpy() for side in SIDES}, plan.assignment,
                       plan.n_blocks)
@@ -409,10 +412,9 @@ def write_store(writer: StoreWriter, scan: SourceScan, plan: BlockPlan, overwrit
         _raise_on_duplicates(user_stats, plan.ids, duplicates)
         item_stats = _build_blocks(writer, "items", [s.staged for s in user_stats], plan, None, False, progress)
         params = {**plan.params, "duplicates_resolved": sum(s.duplicates for s in user_stats)}
-        writer.commit(params, _store_stats(plan, user_stats, item_stats))
-    except BaseException:
+        writer.commit(params, _store_stats(plan, user_stats, item_stats), overwrite)
+    finally:
         writer.remove()
-        raise
 
 
 def _stage_partitions(writer: StoreWriter, scan: SourceScan, plan: BlockPlan,
@@ -510,7 +512,7 @@ def ingest(
     RatingStore
         The complete store, opened.
     """
-    path = parse_path(path, "store path")
+    path = resolve(parse_path(path, "store path"))
     storage_options = parse_storage_options(storage_options)
     overwrite = parse_bool(overwrite, "overwrite")
     if block_budget is not None:
@@ -520,13 +522,16 @@ def ingest(
     for name, value in (("n_user_blocks", n_user_blocks), ("n_item_blocks", n_item_blocks)):
         if value is not None:
             parse_n_blocks(value, name, np.iinfo(np.int64).max)
+    refuse_overlap({"the store path": path}, {"the source": source_paths(source)})
     src = read_source(source, user_col, item_col, rating_col, timestamp_col)
     # On the target path, not inside write_store: held over the check of what is there, the
-    # scan and the write, so a second ingest of the path is refused before it reads anything.
+    # scan and the write, so a second ingest of the path is refused before it reads anything,
+    # and the leftovers of a killed ingest are cleared by the one run that may.
     with holding(None if like is None else like.reading(),
                  Lease(path, "ratings store", storage_options, breakable=False)):
         writer = StoreWriter(path, storage_options)
-        writer.check_target(overwrite)  # before the pass over the source; removes nothing
+        writer.clear_leftovers()
+        writer.check_target(overwrite)  # before the pass over the source
         try:
             scan = scan_source(src, writer, None if like is None else like.params["id_kinds"], progress)
             plan = plan_blocks(

@@ -62,6 +62,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from blockals.errors import LeaseError, StoreError
+from blockals.formats import resolve
 
 __all__ = ["Holder", "Lease", "holding"]
 
@@ -156,7 +157,9 @@ class Lease:
     Parameters
     ----------
     path : str
-        The store, model or checkpoint path to guard; the lease is ``<path>.lock``.
+        The store, model or checkpoint path to guard; the lease file is ``<path>.lock``,
+        beside the path resolved (:func:`blockals.formats.resolve`), so a symlink to a store
+        or model and its target share one lease.
     what : str
         What the path holds (``"ratings store"``, ``"model"``, ``"checkpoint"``), for the
         refusal message.
@@ -179,14 +182,14 @@ class Lease:
 
     def __init__(self, path: str, what: str, storage_options: dict | None = None, break_lease: bool = False,
                  shared: bool = False, breakable: bool = True) -> None:
-        self.path = str(path).rstrip("/")
+        self.path = resolve(path)  # one lease per store, however it is named (a symlink, a relative path)
         self.what = what
         self.storage_options = storage_options
         self.break_lease = break_lease
         self.shared = shared
         self.breakable = breakable
         self.remote = "://" in self.path
-        self.lock_path = self.path + ".lock" if self.remote else os.path.abspath(self.path) + ".lock"
+        self.lock_path = self.path + ".lock"
         self.holder: Holder | None = None
         self._fd: int | None = None
         self._writable = True

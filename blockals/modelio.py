@@ -20,7 +20,6 @@ short is refused with the array named.
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,8 @@ import numpy as np
 
 from blockals.errors import InputError, StoreError
 from blockals.formats import (
-    check_meta, move_path, open_group, path_exists, read_array, remove_path, sibling, writable_meta, write_array,
+    check_meta, clear_leftovers, open_group, read_array, refuse_overlap, remove_path, replace_path, resolve, sibling,
+    sibling_token, writable_meta, write_array,
 )
 from blockals.lock import Lease
 
@@ -66,26 +66,25 @@ def write_model(path: str, model: SavedModel, storage_options: dict | None = Non
                 break_lease: bool = False) -> None:
     """Write ``model`` at ``path``, replacing a model there (never anything else) only with ``overwrite``.
 
-    The model is written whole beside the path and then swapped in, so the old one stays
-    loadable until the new one is complete (between the two renames of the swap, the
-    path is briefly empty; the old model is then at ``.<name>.old-<token>``).
+    ``path`` is resolved (:func:`blockals.formats.resolve`: through a symlink, the model is
+    replaced at its real place) and refused if it is, contains or lies inside the model's
+    ratings store. The model is written whole beside the path and then swapped in
+    (:func:`blockals.formats.replace_path`), so the old one stays loadable until the new
+    one is complete (between the two renames of the swap, the path is briefly empty; the
+    old model is then at ``.<name>.old-<token>``, where the next save puts it back should
+    the swap be cut short).
     """
-    token = uuid.uuid4().hex[:12]
-    staged, old = sibling(path, f"save-{token}"), sibling(path, f"old-{token}")
+    path = resolve(path)
+    check_model_path(path, storage_options, overwrite=overwrite)  # what is there first: the store itself, say
+    refuse_overlap({"the model path": path}, {"its ratings store": model.store_path})
+    staged = sibling(path, f"save-{sibling_token()}")
     with Lease(path, "model", storage_options, break_lease):
+        clear_leftovers(path, storage_options)
         check_model_path(path, storage_options, overwrite=overwrite)
         try:
             _write_group(staged, model, storage_options)
             check_model_path(path, storage_options, overwrite=overwrite)  # again: time has passed
-            if path_exists(path, storage_options):  # a model, or an empty directory
-                move_path(path, old, storage_options)
-            try:
-                move_path(staged, path, storage_options)
-            except BaseException:
-                if path_exists(old, storage_options) and not path_exists(path, storage_options):
-                    move_path(old, path, storage_options)
-                raise
-            remove_path(old, storage_options)
+            replace_path(staged, path, storage_options)
         finally:
             remove_path(staged, storage_options)
 

@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from blockals import recstore
 from blockals.cluster import cache_bytes, connect
 from blockals.errors import InputError
+from blockals.formats import refuse_overlap, resolve
 from blockals.lock import Lease, holding
 from blockals.progress import Progress, wait
 from blockals.store import RatingStore, Side, StoreRef, load_inblock, load_rows, other_side, sender_rows
@@ -303,6 +304,8 @@ def recommend_all(
     file per block, columns ``<row side>, rank, <other side>, score`` in original ids). Both
     are written beside ``output`` and moved into place when whole
     (:func:`blockals.recstore.stage`), so a failed run leaves an earlier output as it was.
+    ``output`` is resolved here, on the driver (workers started elsewhere write where the
+    caller meant), and refused if it is, contains or lies inside ``store``.
     The store is leased for reading and ``output`` for writing (:mod:`blockals.lock`): a
     second run writing the same output is refused rather than one of the two results lost.
     The pass over the store's blocks is reported to ``progress``.
@@ -325,6 +328,8 @@ def _recommend_all(
         frames = [to_frame(names[0], row_ids[t.users], names[1], other_ids, t.items, t.scores) for t in tops]
         empty = to_frame(names[0], row_ids[:0], names[1], other_ids, np.zeros((0, n), int), np.zeros((0, n)))
         return pd.concat(frames, ignore_index=True) if frames else empty
+    output = resolve(output)
+    refuse_overlap({"the output": output}, {"the ratings store": None if store is None else store.path})
     staged = recstore.stage(output, fmt, storage_options)
     try:
         if fmt == "zarr":

@@ -18,14 +18,12 @@ against what was recorded. The same recommendations can be written as Parquet in
 
 from __future__ import annotations
 
-import uuid
-
 import numpy as np
 import pandas as pd
 
 from blockals.errors import InputError, StoreError
-from blockals.formats import (check_meta, filesystem, move_path, open_group, path_exists, read_array, remove_path,
-                              sibling, writable_meta, write_array)
+from blockals.formats import (check_meta, clear_leftovers, filesystem, open_group, read_array, remove_path,
+                              replace_path, sibling, sibling_token, writable_meta, write_array)
 
 __all__ = ["RECS_FORMAT", "RECS_FORMAT_VERSION", "create", "write_block", "commit", "read_recommendations",
            "stage", "write_parquet_part", "publish", "discard"]
@@ -113,8 +111,9 @@ def stage(output: str, fmt: str, storage_options: dict | None = None) -> str:
     into, refusing an ``output`` that holds anything but earlier recommendations of that
     format. Written there and :func:`publish`-ed when whole, an interrupted run leaves the
     earlier output as it was, and never a partial one at ``output``."""
+    clear_leftovers(output, storage_options)
     _check_replaceable(output, fmt, storage_options)
-    staged = sibling(output, f"partial-{uuid.uuid4().hex[:12]}")
+    staged = sibling(output, f"partial-{sibling_token()}")
     if fmt == "parquet":
         fs, path = filesystem(staged, storage_options)
         fs.makedirs(path, exist_ok=True)
@@ -144,9 +143,7 @@ def publish(staged: str, output: str, fmt: str, storage_options: dict | None = N
         with fs.open(f"{path}/{PARQUET_MARKER}", "w") as f:
             f.write('{"format": "blockals-recommendations-parquet", "complete": true}\n')
     _check_replaceable(output, fmt, storage_options)  # again: time has passed
-    if path_exists(output, storage_options):
-        remove_path(output, storage_options)
-    move_path(staged, output, storage_options)
+    replace_path(staged, output, storage_options)
 
 
 def discard(staged: str, storage_options: dict | None = None) -> None:

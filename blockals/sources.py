@@ -29,8 +29,8 @@ import scipy.sparse as sp
 from blockals.errors import InputError
 
 __all__ = [
-    "Source", "read_source", "reading", "check_partition", "convert_ids", "normalize_ratings", "normalize_timestamps",
-    "PartitionCheck",
+    "Source", "read_source", "source_paths", "reading", "check_partition", "convert_ids", "normalize_ratings",
+    "normalize_timestamps", "PartitionCheck",
 ]
 
 COLUMNS = ("user", "item", "rating")
@@ -147,7 +147,7 @@ def _read_csvs(files: Sequence[str]) -> dd.DataFrame:
 
 def _read_path(path: str) -> tuple[dd.DataFrame, dict[str, str] | None]:
     """Open a file, directory or glob; returns the frame and, for MovieLens, a column map."""
-    files = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+    files = source_paths(path)
     if not files or not all(os.path.exists(f) for f in files):
         raise InputError(f"source {path!r} does not exist.")
     for f in files:
@@ -197,6 +197,14 @@ def _parse_columns(user_col: Any, item_col: Any, rating_col: Any, timestamp_col:
             raise InputError(f"{seen[value]} and {name} both name the column {value!r}; each must name its own column.")
         seen[value] = name
     return {"user": user_col, "item": item_col, "rating": rating_col}
+
+
+def source_paths(source: Any) -> list[str]:
+    """The files (or directory) a path or glob source reads; none for data in memory."""
+    if not isinstance(source, (str, os.PathLike)):
+        return []
+    path = os.fspath(source)
+    return sorted(glob.glob(path)) if glob.has_magic(path) else [path]
 
 
 def read_source(

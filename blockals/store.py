@@ -17,6 +17,10 @@ The full specification, with a worked example, is ``storage/FORMAT.md``. In shor
       items/...                   the same, by item
       _staging/                   only while an ingest writes the store
 
+An ingest writes the store in a hidden sibling of its path (``.<name>.ingest-<token>``)
+and renames it into place once complete, so a store at the path stays complete and
+readable until the new one replaces it whole.
+
 Every chunk carries a CRC32C checksum, so a corrupted chunk fails to read with a message
 naming the array. ``complete`` is set last, after every array is written; readers refuse
 a store without it, and check the length of every array they read against the sizes the
@@ -42,7 +46,8 @@ import pandas as pd
 
 from blockals.errors import InputError, StoreError
 from blockals.formats import (
-    absolute, check_meta, open_group, parse_path, parse_storage_options, read_array, remove_path, sibling,
+    check_meta, clear_leftovers, open_group, parse_path, parse_storage_options, read_array, remove_path, replace_path,
+    resolve, sibling, sibling_token,
     writable_meta, write_array,
 )
 from blockals.lock import Lease
@@ -71,6 +76,9 @@ STAGED = {"users": f"{STAGING}/parts", "items": f"{STAGING}/users"}
 # Each destination block reads a slice of every staged group, and a read decodes whole
 # chunks: small chunks keep each staged rating decoded about once, not once per block.
 STAGED_CHUNK = 1 << 18
+# Areas inside a store for what is derived from it, written there by design: training
+# checkpoints and a search's work (its split stores and checkpoints).
+DERIVED = ("checkpoints", "search")
 
 
 def other_side(side: Side) -> Side:
@@ -262,7 +270,7 @@ class RatingStore:
     """
 
     def __init__(self, path: str, storage_options: dict | None = None) -> None:
-        self.path = absolute(parse_path(path, "store path"))
+        self.path = resolve(parse_path(path, "store path"))
         self.storage_options = storage_options = parse_storage_options(storage_options)
         self._group = open_group(self.path, storage_options=storage_options)
         self._meta = meta = check_meta(self._group.attrs.get("blockals"), self.path, FORMAT, FORMAT_VERSION, "ratings store")
@@ -272,6 +280,11 @@ class RatingStore:
         self._assignment: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     # -- sizes ---------------------------------------------------------------
+    def holds_derived(self, path: str) -> bool:
+        """Whether ``path`` lies in one of the store's areas for what is derived from it
+        (:data:`DERIVED`), the one place inside a store that runs reading it may write."""
+        return any(resolve(path).startswith(f"{self.path}/{area}/") for area in DERIVED)
+
     @property
     def ref(self) -> StoreRef:
         opts = tuple(sorted((self.storage_options or {}).items()))
@@ -421,30 +434,43 @@ def open_store(path: str, storage_options: dict | None = None) -> RatingStore:
 
 @dataclass(frozen=True)
 class StoreWriter:
-    """The writing half of the format: a ratings store at ``path``, written in its order.
+    """The writing half of the format: a ratings store for ``path``, written in its order.
+
+    The store is written whole in a hidden sibling of ``path``, :attr:`staged`
+    (``.<name>.ingest-<token>``), and swapped in by :meth:`commit` only once complete: a
+    store already at ``path`` stays complete and readable whatever happens to the ingest
+    replacing it, ``kill -9`` included (see :func:`blockals.formats.replace_path`).
 
     :meth:`check_target` refuses a path that is not ours to replace (removing nothing),
-    :meth:`clear_target` removes ours, :meth:`create` starts the store marked incomplete;
-    the ingest's tasks :meth:`stage` ratings, read them back (:meth:`read_staged`) and
-    :meth:`write_block` each block; :meth:`commit` drops the staging area and writes the
-    completion marker last. A failed ingest calls :meth:`remove`. Small and picklable, so
-    Dask tasks write through it.
+    :meth:`clear_leftovers` removes what killed ingests left beside it, :meth:`create`
+    starts the staged store marked incomplete; the ingest's tasks :meth:`stage` ratings,
+    read them back (:meth:`read_staged`) and :meth:`write_block` each block;
+    :meth:`commit` drops the staging area, writes the completion marker last and swaps the
+    store in. A failed ingest calls :meth:`remove`. Small and picklable, so Dask tasks
+    write through it; ``path`` is resolved (:func:`blockals.formats.resolve`).
 
-    The first pass over the source runs before the target may be touched (a bad source
-    must not cost the store it would replace), so what it keeps of each partition goes to
-    a scratch group beside the target, :attr:`scratch` (:meth:`start_scratch`,
-    :meth:`keep_partition`, :meth:`read_partition`, :meth:`remove_scratch`): the source
-    is read once.
+    The first pass over the source runs before the target is checked again, so what it
+    keeps of each partition goes to a scratch group beside the target, :attr:`scratch`
+    (:meth:`start_scratch`, :meth:`keep_partition`, :meth:`read_partition`,
+    :meth:`remove_scratch`): the source is read once.
     """
 
     path: str
     storage_options: dict | None = None
-    token: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    token: str = field(default_factory=sibling_token)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", resolve(self.path))
 
     @property
     def scratch(self) -> str:
         """A hidden sibling of the target, named after it and this writer."""
         return sibling(self.path, f"scan-{self.token}")
+
+    @property
+    def staged(self) -> str:
+        """Where the store is written until :meth:`commit` swaps it in at :attr:`path`."""
+        return sibling(self.path, f"ingest-{self.token}")
 
     def start_scratch(self) -> None:
         open_group(self.scratch, "w", self.storage_options, attributes={"blockals": {"format": "blockals-scratch"}})
@@ -472,22 +498,21 @@ class StoreWriter:
             raise InputError(f"{self.path} already holds a complete ratings store; pass overwrite=True to replace it.")
         return meta
 
-    def clear_target(self, overwrite: bool) -> None:
-        """Check the path again (time has passed since :meth:`check_target`) and remove the
-        store of ours there: a complete one (``overwrite``) or one left half-written."""
-        if self.check_target(overwrite) is not None:
-            remove_path(self.path, self.storage_options)
+    def clear_leftovers(self) -> None:
+        """Remove the staged and scratch groups of ingests killed while writing ``path``
+        (putting back a store a swap cut short had moved aside)."""
+        clear_leftovers(self.path, self.storage_options)
 
     def create(
         self, params: dict[str, Any], ids: Mapping[Side, np.ndarray],
         assignment: Mapping[Side, tuple[np.ndarray, np.ndarray]], n_blocks: Mapping[Side, int],
     ) -> None:
-        """Start the store, marked incomplete, with its id maps, its block assignment and
-        empty block groups."""
+        """Start the staged store, marked incomplete, with its id maps, its block assignment
+        and empty block groups."""
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "store_id": new_store_id(), "params": params,
                 "complete": False}
         # Created with its attributes in one write: never a group that does not say it is ours.
-        root = open_group(self.path, "w", self.storage_options, attributes={"blockals": meta})
+        root = open_group(self.staged, "w", self.storage_options, attributes={"blockals": meta})
         for side in SIDES:
             group = root.require_group(side)
             write_array(group, "ids", ids[side])
@@ -502,7 +527,7 @@ class StoreWriter:
 
     def stage(self, side: Side, index: int, columns: Mapping[str, np.ndarray]) -> None:
         """Stage one group of ratings (a source partition, or a user block) for the ``side`` pass."""
-        group = open_group(self.path, "r+", self.storage_options).require_group(f"{STAGED[side]}/{index}")
+        group = open_group(self.staged, "r+", self.storage_options).require_group(f"{STAGED[side]}/{index}")
         for name, values in columns.items():
             write_array(group, name, values, STAGED_CHUNK)
 
@@ -511,7 +536,7 @@ class StoreWriter:
     ) -> dict[str, np.ndarray]:
         """The ratings staged for ``(side, block)``: slice ``ptrs[p][block]:ptrs[p][block + 1]``
         of each staged group ``p``, concatenated."""
-        root = open_group(self.path, "r", self.storage_options)
+        root = open_group(self.staged, "r", self.storage_options)
         pieces: dict[str, list[np.ndarray]] = {name: [] for name in names}
         for index, ptr in enumerate(ptrs):
             lo, hi = int(ptr[block]), int(ptr[block + 1])
@@ -527,20 +552,23 @@ class StoreWriter:
 
     def write_block(self, side: Side, block: int, rows: np.ndarray, inblock: InBlock, time: np.ndarray | None) -> None:
         """Write the rows and in-block of ``(side, block)``, and its ratings' timestamps if any."""
-        group = open_group(f"{self.path}/{side}/blocks/{block}", "r+", self.storage_options)
+        group = open_group(f"{self.staged}/{side}/blocks/{block}", "r+", self.storage_options)
         write_array(group, "rows", rows)
         for name in INBLOCK_ARRAYS:
             write_array(group, name, getattr(inblock, name))
         if time is not None:
             write_array(group, "time", time)
 
-    def commit(self, params: dict[str, Any], stats: dict[str, Any]) -> None:
-        """Drop the staging area, then record the final parameters and stats with the
-        completion marker, in the last write."""
-        root = open_group(self.path, "r+", self.storage_options)
+    def commit(self, params: dict[str, Any], stats: dict[str, Any], overwrite: bool = False) -> None:
+        """Drop the staging area, record the final parameters and stats with the completion
+        marker (the last write), check the target again (time has passed since
+        :meth:`check_target`) and swap the store in."""
+        root = open_group(self.staged, "r+", self.storage_options)
         del root[STAGING]
         root.attrs["blockals"] = {**root.attrs["blockals"], "params": params, "complete": True, "stats": stats}
+        self.check_target(overwrite)
+        replace_path(self.staged, self.path, self.storage_options)
 
     def remove(self) -> None:
-        """Remove what was written (after a failure); safe to interrupt."""
-        remove_path(self.path, self.storage_options)
+        """Remove the staged store (after a failure, or once swapped in: then nothing); safe to interrupt."""
+        remove_path(self.staged, self.storage_options)

@@ -31,7 +31,7 @@ from blockals.cluster import connect, parse_client
 from blockals.engine import Engine
 from blockals.errors import InputError, StoreError
 from blockals.factors import Factors
-from blockals.formats import blockals_meta, parse_path, parse_storage_options
+from blockals.formats import blockals_meta, parse_path, parse_storage_options, refuse_overlap, resolve
 from blockals.ingest import ingest
 from blockals.lock import Lease, holding
 from blockals.params import ALSConfig, RunParams, check_solve_memory, parse_bool, parse_params
@@ -141,7 +141,9 @@ def _checkpoint(run: RunParams, store: RatingStore, path: str | None, resume: bo
             raise InputError("resume=True needs checkpoints; checkpoint_interval is 0.")
         return None, contextlib.nullcontext()
     default = path is None
-    path = path or f"{store.path}/checkpoints/{run.config.fingerprint()}"
+    path = f"{store.path}/checkpoints/{run.config.fingerprint()}" if default else resolve(path)
+    if not store.holds_derived(path):  # the default place, and a search's, are inside the store
+        refuse_overlap({"the checkpoint path": path}, {"the ratings store": store.path})
     width = run.config.objective(float(store.stats["rating_mean"])).width
     checkpoint = Checkpoint(path, store.store_id, run.config.to_dict(), store.storage_options,
                             block_rows={side: store.block_rows(side).tolist() for side in SIDES}, width=width)

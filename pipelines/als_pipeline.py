@@ -264,6 +264,7 @@ class Manifest:
 
 def main(argv: list[str] | None = None) -> int:
     import blockals
+    from blockals.formats import resolve
     from blockals.lock import Lease
     from blockals.params import parse_address, parse_dashboard_address, parse_int, parse_output_path
 
@@ -279,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         parse_address(args.scheduler, "--scheduler")
     parse_dashboard_address(args.dashboard_address, "--dashboard-address")
     parse_int(args.n_workers, "--n-workers", 1)
-    data = parse_output_path(args.data.rstrip("/"), "--data", "directory")
+    # Resolved here, so workers started elsewhere write where the caller meant.
+    data = resolve(parse_output_path(args.data.rstrip("/"), "--data", "directory"))
     # Every store under --data is this run's: a second pipeline on the directory is
     # refused before it reads the manifest or starts a cluster.
     with Lease(data, "pipeline data directory", breakable=False):
@@ -294,6 +296,7 @@ def run(args: argparse.Namespace, config: dict, stages: list[str], data: str) ->
 
     import blockals
     from blockals.evaluation import evaluate, split
+    from blockals.formats import refuse_overlap
     from blockals.params import ALSConfig, check_solve_memory
     from blockals.training import preflight
 
@@ -306,8 +309,9 @@ def run(args: argparse.Namespace, config: dict, stages: list[str], data: str) ->
     d = dict(config["data"])
     source = d.pop("source", None)
     if "ingest" in stages and source is not None:
-        from blockals.sources import read_source
+        from blockals.sources import read_source, source_paths
 
+        refuse_overlap({f"--data's {name}": path for name, path in paths.items()}, {"the source": source_paths(source)})
         read_source(source, d.get("user_col", "user"), d.get("item_col", "item"), d.get("rating_col", "rating"),
                     d.get("timestamp_col"))  # a missing or unreadable source, refused before the stages
     manifest = Manifest(data).read()

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from distributed import Client, LocalCluster
@@ -23,6 +31,40 @@ def cluster_client(n_workers: int) -> Client:
         )
         _clusters[n_workers] = (cluster, Client(cluster, set_as_default=False))
     return _clusters[n_workers][1]
+
+
+@contextlib.contextmanager
+def dask_processes(folder: Path, n_workers: int, worker_options: tuple[str, ...] = (),
+                   cwd: Path | None = None) -> Iterator[Client]:
+    """A real ``dask scheduler`` and ``n_workers`` single-threaded ``dask worker`` processes
+    on 127.0.0.1 (started in ``cwd``), as on Kubernetes; a client of them. Every process is
+    stopped on exit, killed if it will not stop."""
+    scheduler_file = folder / "scheduler.json"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", "0", "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(scheduler_file)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
+    deadline = time.monotonic() + 60
+    while not scheduler_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for _ in range(n_workers):
+        procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
+                                       str(scheduler_file), "--nworkers", "1", "--nthreads", "1", *worker_options,
+                                       "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      env=env, cwd=cwd))
+    client = Client(scheduler_file=str(scheduler_file), set_as_default=False)
+    try:
+        client.wait_for_workers(n_workers, timeout=60)
+        yield client
+    finally:
+        client.close()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 @pytest.fixture(scope="session", autouse=True)

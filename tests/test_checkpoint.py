@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import blockals
@@ -52,3 +53,14 @@ def test_a_checkpoint_without_shapes_reads_unchecked(tmp_path):
 def test_rows_and_width_are_given_together():
     with pytest.raises(ValueError, match=r"block_rows and width together"):
         Checkpoint("c", "store-id", {}, block_rows=BLOCK_ROWS)
+
+
+def test_a_checkpoint_path_overlapping_the_ratings_store_is_refused_before_training(tmp_path):
+    frame = pd.DataFrame({"user": [1, 1, 2, 3], "item": [1, 2, 2, 3], "rating": [1.0, 2.0, 3.0, 4.0]})
+    store = blockals.ingest(frame, tmp_path / "r.zarr")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for path, relation in ((tmp_path / "r.zarr", "is"), (tmp_path / "r.zarr" / "users" / "ck", "lies inside"),
+                           (tmp_path, "contains")):
+        with pytest.raises(blockals.InputError, match=rf"the checkpoint path .* {relation} the ratings store .*r\.zarr;"):
+            blockals.ALS(rank=2, max_iter=1, checkpoint_interval=1).fit(store, checkpoint_path=str(path))
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

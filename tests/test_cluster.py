@@ -23,6 +23,7 @@ from distributed import Client, LocalCluster
 import blockals
 from blockals.cluster import IN_PROCESS_RATINGS, blas_limits, connect, retain_freed_memory, reusing_memory
 from blockals.store import BLOCK_CACHE
+from conftest import dask_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,29 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def process_cluster(tmp_path):
     """A scheduler and two single-threaded workers, each its own process, as on Kubernetes."""
-    scheduler_file = tmp_path / "scheduler.json"
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
-    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                               "--port", "0", "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(scheduler_file)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
-    deadline = time.monotonic() + 60
-    while not scheduler_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for _ in range(2):
-        procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
-                                       str(scheduler_file), "--nworkers", "1", "--nthreads", "1", "--memory-limit", "1GiB",
-                                       "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
-    client = Client(scheduler_file=str(scheduler_file), set_as_default=False)
-    client.wait_for_workers(2, timeout=60)
-    yield client
-    client.close()
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    with dask_processes(tmp_path, 2, ("--memory-limit", "1GiB")) as client:
+        yield client
 
 
 @pytest.mark.slow  # the kill tests below run on the same process cluster in CI
@@ -156,8 +136,9 @@ def _one_sentence(done: subprocess.CompletedProcess, message: str) -> str:
 
 
 def test_ingest_killed_midway_is_refused_then_rerun_from_scratch(tmp_path):
-    """SIGKILL `blockals ingest` while it builds its blocks: the half-written store never
-    opens, and the same command run again writes exactly the source's ratings and ids."""
+    """SIGKILL `blockals ingest` while it builds its blocks: the half-written store, staged
+    beside the path, never opens, nothing appears at the path, and the same command run
+    again writes exactly the source's ratings and ids and removes what the first one left."""
     frame = blockals.datasets.synthetic_frame(8000, 3000, 500_000, seed=11)[["user", "item", "rating"]]
     (tmp_path / "src").mkdir()
     for k, part in enumerate(np.array_split(np.arange(len(frame)), 5)):
@@ -167,23 +148,31 @@ def test_ingest_killed_midway_is_refused_then_rerun_from_scratch(tmp_path):
                "--n-user-blocks", "6", "--n-item-blocks", "4"]
 
     victim = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    staged_users = store / "_staging" / "users"
-    while victim.poll() is None and not (staged_users.is_dir() and any(staged_users.iterdir())):
+
+    def staged_users() -> list[Path]:
+        return [p for p in tmp_path.glob(".r.zarr.ingest-*/_staging/users") if any(p.iterdir())]
+
+    while victim.poll() is None and not staged_users():
         time.sleep(0.01)
     victim.send_signal(signal.SIGKILL)  # some user blocks written, the item blocks not yet
     victim.wait(timeout=60)
     assert victim.returncode == -signal.SIGKILL
-    assert (store / "users" / "blocks" / "0").is_dir()  # really half-written
+    staged = staged_users()[0].parent.parent
+    assert (staged / "users" / "blocks" / "0").is_dir()  # really half-written
+    assert not store.exists()
 
     with pytest.raises(blockals.StoreError, match="is incomplete"):
+        blockals.open_store(staged)
+    with pytest.raises(blockals.StoreError, match="is not a blockals store"):
         blockals.open_store(store)
-    _one_sentence(_cli("train", str(store), str(tmp_path / "m.zarr")), "is incomplete")
+    _one_sentence(_cli("train", str(store), str(tmp_path / "m.zarr")), "is not a blockals store")
     assert not (tmp_path / "m.zarr").exists()
 
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     done = blockals.open_store(store)
     assert not (store / "_staging").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.zarr", "src"]
     # The source read again, independently, by pandas.
     source = pd.concat([pd.read_csv(f) for f in sorted((tmp_path / "src").glob("*.csv"))], ignore_index=True)
     np.testing.assert_array_equal(done.user_ids.to_numpy(), np.unique(source["user"]))

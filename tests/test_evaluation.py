@@ -214,3 +214,51 @@ def test_split_and_evaluate_report_their_passes_only_when_asked(source, client2,
     assert got["n_test_ratings"] == len(pairs)
     assert evaluate(model, test, train, k=5, client=client2) == got  # quiet by default
     assert capsys.readouterr() == ("", "")
+
+
+def tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_split_refuses_outputs_overlapping_its_input_or_each_other(source, tmp_path):
+    store = blockals.ingest(source, tmp_path / "all.zarr", n_user_blocks=2, n_item_blocks=2)
+    before = tree(tmp_path / "all.zarr")
+    cases = [
+        (tmp_path / "all.zarr", tmp_path / "te.zarr", r"the train store .*all\.zarr is the input store .*all\.zarr;"),
+        (tmp_path / "tr.zarr", tmp_path / "all.zarr", r"the test store .*all\.zarr is the input store .*all\.zarr;"),
+        (tmp_path / "tr.zarr", tmp_path / "tr.zarr", r"the train store .*tr\.zarr is the test store .*tr\.zarr;"),
+        (tmp_path / "all.zarr" / "tr", tmp_path / "te.zarr", r"the train store .*all\.zarr/tr lies inside the input store"),
+        (tmp_path, tmp_path / "te.zarr", r"the train store .* contains the input store .*all\.zarr;"),
+    ]
+    for train, test, match in cases:
+        with pytest.raises(blockals.InputError, match=match):
+            split(store, train, test, overwrite=True)
+        assert tree(tmp_path / "all.zarr") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all.zarr"]
+    assert triples(blockals.open_store(tmp_path / "all.zarr")) == set(zip(source["user"], source["item"]))
+
+
+def test_split_failing_on_its_test_side_keeps_both_previous_outputs(source, tmp_path, monkeypatch):
+    import blockals.evaluation as evaluation
+
+    store = blockals.ingest(source, tmp_path / "all.zarr", n_user_blocks=2, n_item_blocks=2)
+    old_train, old_test = source.iloc[:40], source.iloc[40:90]
+    blockals.ingest(old_train, tmp_path / "tr.zarr")
+    blockals.ingest(old_test, tmp_path / "te.zarr")
+    real = evaluation._split_part
+
+    def failing_on_test(block, **kwargs):
+        if kwargs["test"]:
+            raise OSError("the test side is unreadable")
+        return real(block, **kwargs)
+
+    monkeypatch.setattr(evaluation, "_split_part", failing_on_test)  # a failure injected after train is written
+    with pytest.raises(OSError, match="the test side is unreadable"):
+        split(store, tmp_path / "tr.zarr", tmp_path / "te.zarr", overwrite=True)
+    assert triples(blockals.open_store(tmp_path / "tr.zarr")) == set(zip(old_train["user"], old_train["item"]))
+    assert triples(blockals.open_store(tmp_path / "te.zarr")) == set(zip(old_test["user"], old_test["item"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all.zarr", "te.zarr", "tr.zarr"]  # nothing staged is left
+
+    monkeypatch.setattr(evaluation, "_split_part", real)
+    train, test = split(store, tmp_path / "tr.zarr", tmp_path / "te.zarr", overwrite=True)
+    assert triples(train) | triples(test) == set(zip(source["user"], source["item"]))

@@ -11,6 +11,9 @@ import contextlib
 import json
 import math
 import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -897,6 +900,76 @@ def test_interrupted_ingest_is_replaced_cleanly(ratings, tmp_path):
     assert (store.n_user_blocks, store.n_item_blocks) == (2, 3)
 
 
+def hidden(path: Path) -> list[str]:
+    """The hidden siblings of ``path`` (what a run writing it stages beside it)."""
+    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}."))
+
+
+def test_an_overwrite_failing_in_its_last_pass_keeps_the_previous_store(ratings, small, tmp_path):
+    path = tmp_path / "r.zarr"
+    blockals.ingest(ratings, path, n_user_blocks=2, n_item_blocks=2)
+    # The last partition repeats a pair of the first: found only once the user blocks are
+    # built, after the source was staged and the store begun.
+    source = dd.from_pandas(pd.concat([small, small.iloc[[3]]], ignore_index=True), npartitions=3, sort=False)
+    with pytest.raises(blockals.InputError, match=r"1 duplicate \(user, item\) pair"):
+        blockals.ingest(source, path, overwrite=True, n_user_blocks=3, n_item_blocks=2)
+    assert_store_holds(blockals.open_store(path), ratings)
+    assert hidden(path) == []
+
+
+def test_kill_9_mid_ingest_keeps_the_old_store_and_a_rerun_cleans_up(tmp_path):
+    path = tmp_path / "r.zarr"
+    old = make_ratings(25, 15, 100, seed=12)
+    blockals.ingest(old, path)
+    big = make_ratings(4000, 1000, 600_000, seed=3)
+    big.to_csv(tmp_path / "big.csv", index=False)
+    command = [sys.executable, "-m", "blockals.cli", "ingest", str(tmp_path / "big.csv"), str(path), "--overwrite"]
+    victim = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not any(".ingest-" in name for name in hidden(path)):
+        assert victim.poll() is None and time.monotonic() < deadline, "the ingest ended before it staged the store"
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert hidden(path)  # it was killed mid-write, leaving its staged store
+    assert_store_holds(blockals.open_store(path), old)
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert hidden(path) == []
+    store = blockals.open_store(path)
+    assert (store.nnz, store.n_users, store.n_items) == (len(big), big["user"].nunique(), big["item"].nunique())
+
+
+def test_a_store_path_overlapping_its_source_is_refused_before_anything_is_written(ratings, tmp_path):
+    source = tmp_path / "parts"
+    source.mkdir()
+    ratings.iloc[:100].to_parquet(source / "a.parquet")
+    ratings.iloc[100:].to_parquet(source / "b.parquet")
+    before = tree(source)
+    cases = [
+        (source, str(source), r"the store path .*parts is the source .*parts;"),
+        (source, str(source / "r.zarr"), r"the store path .*parts/r\.zarr lies inside the source .*parts;"),
+        (str(source / "*.parquet"), str(source / "a.parquet"), r"the store path .*a\.parquet is the source .*a\.parquet;"),
+        (str(source / "*.parquet"), str(tmp_path), r"the store path .* contains the source .*a\.parquet;"),
+    ]
+    for src, target, match in cases:
+        with pytest.raises(blockals.InputError, match=match):
+            blockals.ingest(src, target, overwrite=True)
+        assert tree(source) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parts"]
+
+
+def test_a_symlinked_store_path_is_replaced_at_its_target(ratings, tmp_path):
+    real, link = tmp_path / "v1.zarr", tmp_path / "current.zarr"
+    blockals.ingest(ratings.iloc[:50], real)
+    link.symlink_to(real)
+    store = blockals.ingest(ratings, link, overwrite=True)
+    assert store.path == str(real) and link.is_symlink() and link.resolve() == real
+    assert_store_holds(blockals.open_store(link), ratings)
+    assert hidden(real) == [] and hidden(link) == []
+
+
 # -- 7. checksums ------------------------------------------------------------------------
 
 
@@ -923,7 +996,7 @@ def test_a_deleted_chunk_file_is_an_error_not_zeros(tmp_path):
     from blockals.store import BLOCK_CACHE
 
     frame = pd.DataFrame({"user": [0, 0, 1], "item": [0, 1, 1], "rating": [0.0, 0.0, 0.0]})
-    store = blockals.ingest(frame, tmp_path / "z.zarr", n_user_blocks=1, n_item_blocks=1)
+    blockals.ingest(frame, tmp_path / "z.zarr", n_user_blocks=1, n_item_blocks=1)
     chunks = list((tmp_path / "z.zarr" / "users" / "blocks" / "0" / "rating" / "c").rglob("*"))
     files = [c for c in chunks if c.is_file()]
     assert files  # all-zero ratings still have their chunk written

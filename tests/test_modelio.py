@@ -146,6 +146,84 @@ def test_a_failing_save_leaves_the_old_model_loadable(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.zarr"]
 
 
+def test_a_symlinked_model_path_is_replaced_at_its_target(tmp_path):
+    real, link = tmp_path / "m-v1.zarr", tmp_path / "m.zarr"
+    made_model("explicit").save(real)
+    link.symlink_to(real)
+    made_model("biased", rank=2).save(link, overwrite=True)
+    assert link.is_symlink() and link.resolve() == real
+    for path in (link, real):
+        loaded = blockals.ALS.load(path)
+        assert loaded.rank == 2 and loaded.biases
+        np.testing.assert_array_equal(loaded.user_factors_, made_model("biased", rank=2).user_factors_)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-v1.zarr", "m.zarr"]
+
+
+def test_a_symlink_and_its_target_share_one_lease(tmp_path):
+    import threading
+
+    from blockals.errors import LeaseError
+    from blockals.lock import Lease
+
+    real, link = tmp_path / "m-v1.zarr", tmp_path / "m.zarr"
+    made_model("explicit").save(real)
+    link.symlink_to(real)
+    holding, finished = threading.Event(), threading.Event()
+
+    def hold():
+        with Lease(str(link), "model"):
+            holding.set()
+            finished.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(60)
+        with pytest.raises(LeaseError, match=r"m-v1\.zarr is being written by another training"):
+            made_model("biased").save(real, overwrite=True)
+    finally:
+        finished.set()
+        holder.join()
+    assert not blockals.ALS.load(link).biases
+
+
+def test_a_model_path_overlapping_its_ratings_store_is_refused(tmp_path):
+    model = made_model("explicit")
+    model.store_path_ = str(tmp_path / "r.zarr")
+    for path, relation in ((tmp_path / "r.zarr", "is"), (tmp_path / "r.zarr" / "m.zarr", "lies inside"),
+                           (tmp_path, "contains")):
+        with pytest.raises(blockals.InputError, match=rf"the model path .* {relation} its ratings store .*r\.zarr;"):
+            model.save(path, overwrite=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_what_a_killed_save_left_is_cleared_or_put_back(tmp_path):
+    path = tmp_path / "m.zarr"
+    made_model("explicit").save(path)
+    # Killed while staging: the staged copy is removed by the next save.
+    (tmp_path / ".m.zarr.save-0123456789ab").mkdir()
+    (tmp_path / ".m.zarr.save-0123456789ab" / "zarr.json").write_text("{}")
+    made_model("biased").save(path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.zarr"]
+    # Killed between the swap's renames: the old model is put back, and is still refused
+    # without overwrite.
+    path.rename(tmp_path / ".m.zarr.old-0123456789ab")
+    with pytest.raises(blockals.InputError, match=r"already holds a complete model"):
+        made_model("explicit").save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.zarr"]
+    assert blockals.ALS.load(path).biases
+
+
+def test_the_cli_refuses_a_model_inside_its_ratings_store_before_training(tmp_path, capsys):
+    frame = pd.DataFrame({"user": [1, 1, 2, 3], "item": [1, 2, 2, 3], "rating": [1.0, 2.0, 3.0, 4.0]})
+    blockals.ingest(frame, tmp_path / "r.zarr")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(["train", str(tmp_path / "r.zarr"), str(tmp_path / "r.zarr" / "m.zarr"), "--rank", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "the model path" in err and "lies inside the ratings store" in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 # Unicode, numeric-looking and look-alike ids: "007", "7" and "7.0" are three users, kept as written.
 STRING_USERS = ["007", "7", "7.0", "ä", "naïve user", "𝔘𝔫𝔦", "-1", "1e3"]
 STRING_ITEMS = ["x", "007", "ü", "Ω", "0", "item 5"]

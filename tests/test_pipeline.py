@@ -102,3 +102,22 @@ def test_a_second_pipeline_on_one_data_directory_is_refused(tmp_path):
     assert lines[0].startswith(f"als_pipeline: error: pipeline data directory {data} is being written by another "
                                f"process (process {os.getpid()} on "), lines[0]
     assert not data.exists()
+
+
+def test_stores_overlapping_the_source_are_refused_before_any_stage(tmp_path):
+    frame = pd.DataFrame({"user": [1, 1, 2, 3], "item": [1, 2, 2, 3], "rating": [1.0, 2.0, 3.0, 4.0]})
+    (tmp_path / "src").mkdir()
+    frame.to_parquet(tmp_path / "src" / "part.parquet")
+    (tmp_path / "data" / "ratings.zarr").mkdir(parents=True)
+    frame.to_parquet(tmp_path / "data" / "ratings.zarr" / "part.parquet")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    cases = [
+        (tmp_path / "src" / "out", tmp_path / "src", r"--data's ratings\.zarr .*src/out/ratings\.zarr lies inside the source .*src;"),
+        (tmp_path / "data", tmp_path / "data" / "ratings.zarr", r"--data's ratings\.zarr .*data/ratings\.zarr is the source"),
+    ]
+    for data, source, message in cases:
+        done = subprocess.run([sys.executable, str(SCRIPT), "--data", str(data), "--source", str(source),
+                               "--stages", "ingest,split,train"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert re.search(message, done.stderr) and done.stderr.strip().count("\n") == 0, done.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

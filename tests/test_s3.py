@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 
@@ -35,7 +36,7 @@ def test_ingest_train_save_load_recommend_on_s3(s3, client2, tmp_path, monkeypat
                             storage_options=options)
     assert fs.exists("blockals-test/ratings.zarr/zarr.json")
     model = blockals.ALS(rank=3, max_iter=3, reg=0.1, dtype="float64").fit(store, client2)
-    assert fs.exists(f"blockals-test/ratings.zarr/checkpoints")
+    assert fs.exists("blockals-test/ratings.zarr/checkpoints")
     model.save("s3://blockals-test/model.zarr", storage_options=options)
     loaded = blockals.ALS.load("s3://blockals-test/model.zarr", storage_options=options)
     np.testing.assert_array_equal(loaded.user_factors_, model.user_factors_)
@@ -169,3 +170,62 @@ def test_a_racing_reader_and_writer_on_s3_are_never_both_admitted(s3):
     assert max(outcomes) == 1 and 1 in outcomes
     fs.invalidate_cache()
     assert fs.find("blockals-test/raced.zarr.lock") == []
+
+
+def test_a_failed_ingest_over_an_s3_store_leaves_it_loadable(s3, tmp_path, monkeypatch):
+    fs, options = s3
+    monkeypatch.chdir(tmp_path)
+    path = "s3://blockals-test/swap.zarr"
+
+    def pairs(store):
+        rows = [store.triples("users", b) for b in range(store.n_user_blocks)]
+        return {(store.user_ids[u], store.item_ids[i], r) for u, i, r in zip(*map(np.concatenate, zip(*rows)))}
+
+    first = pd.DataFrame({"user": [1, 1, 2, 3, 4], "item": [1, 2, 2, 3, 1], "rating": [1.0, 2.0, 3.0, 4.0, 5.0]})
+    blockals.ingest(first, path, n_user_blocks=2, n_item_blocks=2, storage_options=options)
+    repeated = pd.DataFrame({"user": [7, 8, 7], "item": [1, 2, 1], "rating": [1.0, 2.0, 3.0]})
+    with pytest.raises(blockals.InputError, match=r"duplicate \(user, item\) pair"):
+        blockals.ingest(repeated, path, overwrite=True, storage_options=options)
+    expected = set(zip(first["user"], first["item"], first["rating"]))
+    assert pairs(blockals.open_store(path, storage_options=options)) == expected
+    second = pd.DataFrame({"user": [5, 6], "item": [9, 9], "rating": [0.5, 1.5]})
+    store = blockals.ingest(second, path, overwrite=True, storage_options=options)
+    assert pairs(store) == set(zip(second["user"], second["item"], second["rating"]))
+    fs.invalidate_cache()
+    assert not [p for p in fs.ls("blockals-test") if p.rsplit("/", 1)[-1].startswith(".swap.zarr.")]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_move_on_s3_cut_short_leaves_the_target_incomplete_and_the_source_whole(s3, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fs, options = s3
+    source, target = "s3://blockals-test/moving.zarr", "s3://blockals-test/moved.zarr"
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame({"user": rng.integers(0, 300, 3000), "item": rng.integers(0, 200, 3000)}).drop_duplicates()
+    frame["rating"] = 1.0
+    blockals.ingest(frame, source, n_user_blocks=12, n_item_blocks=12, storage_options=options)
+    n_objects = len(fs.find("blockals-test/moving.zarr"))
+    mover = subprocess.Popen(
+        [sys.executable, "-c", "import json, sys; from blockals.formats import move_path; "
+                               "move_path(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))",
+         source, target, json.dumps(options)], env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while True:  # until part of the tree is copied
+        fs.invalidate_cache()
+        copied = fs.find("blockals-test/moved.zarr")
+        if len(copied) > n_objects // 4:
+            break
+        assert mover.poll() is None and time.monotonic() < deadline, "the move ended before it could be cut short"
+        time.sleep(0.05)
+    mover.send_signal(signal.SIGKILL)
+    mover.wait()
+    fs.invalidate_cache()
+    assert "blockals-test/moved.zarr/zarr.json" in fs.find("blockals-test/moved.zarr")  # marked, as incomplete
+    with pytest.raises(blockals.StoreError, match=r"moved\.zarr is incomplete"):
+        blockals.open_store(target, storage_options=options)
+    assert blockals.open_store(source, storage_options=options).nnz == len(frame)

@@ -94,10 +94,10 @@ def block_arrays(dense: Dense, side: str, b: int):
     return rows, inblock, time
 
 
-def write_store(path: Path, dense: Dense, edit=None, commit: bool = True) -> StoreWriter:
+def write_store(path: Path, dense: Dense, edit=None, commit: bool = True, overwrite: bool = False) -> StoreWriter:
     """Write ``dense`` through the writer; ``edit(side, b, rows, inblock, time)`` may change a block."""
     writer = StoreWriter(str(path))
-    writer.check_target(overwrite=False)
+    writer.check_target(overwrite=overwrite)
     ids = {"users": np.arange(dense.values.shape[0]) * 7 + 3,
            "items": np.array([f"item{k}" for k in range(dense.values.shape[1])], dtype=object)}
     assignment = {side: (dense.block[side].astype(np.int32), dense.local(side)) for side in SIDES}
@@ -108,8 +108,20 @@ def write_store(path: Path, dense: Dense, edit=None, commit: bool = True) -> Sto
             arrays = block_arrays(dense, side, b)
             writer.write_block(side, b, *(arrays if edit is None else edit(side, b, *arrays)))
     if commit:
-        writer.commit(params, recorded_stats(dense))
+        writer.commit(params, recorded_stats(dense), overwrite)
     return writer
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` and its bytes."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def edit_marker_complete(path: Path, value: bool) -> None:
+    meta_path = path / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["blockals"]["complete"] = value
+    meta_path.write_text(json.dumps(meta))
 
 
 def edit_stats(path: Path, change) -> None:
@@ -169,29 +181,71 @@ def test_staged_slices_read_back_concatenated(tmp_path):
 # -- what is refused -----------------------------------------------------------------
 
 
-def test_a_store_left_incomplete_is_refused_and_replaceable(tmp_path):
+def hidden(path: Path) -> list[str]:
+    """The hidden siblings of ``path``."""
+    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}."))
+
+
+def test_a_store_is_written_beside_its_path_and_swapped_in_complete(tmp_path):
     path = tmp_path / "s.zarr"
     writer = write_store(path, make_dense(), commit=False)
-    with pytest.raises(blockals.StoreError, match=r"s\.zarr is incomplete"):
-        blockals.open_store(path)
-    assert writer.check_target(overwrite=False)["complete"] is False  # ours, replaceable without overwrite
-    writer.clear_target(overwrite=False)
-    assert not path.exists()
+    assert not path.exists()  # nothing at the path until the store is whole
+    assert hidden(path) == [f".s.zarr.ingest-{writer.token}"]
+    with pytest.raises(blockals.StoreError, match=r"ingest-[0-9a-f]+ is incomplete"):
+        blockals.open_store(tmp_path / hidden(path)[0])
+    writer.commit({"source": "test"}, recorded_stats(make_dense()))
+    assert hidden(path) == []
+    assert blockals.open_store(path).nnz == int(make_dense().mask.sum())
 
+
+def test_what_a_killed_writer_left_is_cleared_and_the_store_kept(tmp_path):
+    path = tmp_path / "s.zarr"
     write_store(path, make_dense())
+    before = tree(path)
+    write_store(path, make_dense(), commit=False, overwrite=True)  # as a writer killed mid-way leaves it
+    writer = StoreWriter(str(path))
+    assert writer.check_target(overwrite=True)["complete"] is True
+    writer.clear_leftovers()
+    assert hidden(path) == [] and tree(path) == before
+
+
+def test_a_swap_cut_short_between_its_renames_is_undone_by_the_next_writer(tmp_path):
+    path = tmp_path / "s.zarr"
+    write_store(path, make_dense())
+    before = tree(path)
+    path.rename(tmp_path / ".s.zarr.old-0123456789ab")  # killed after moving the old store aside
+    StoreWriter(str(path)).clear_leftovers()
+    assert hidden(path) == [] and tree(path) == before
+
+
+def test_an_incomplete_store_at_the_path_is_replaced_without_overwrite(tmp_path):
+    path = tmp_path / "s.zarr"
+    write_store(path, make_dense())
+    edit_marker_complete(path, False)
+    writer = write_store(path, make_dense(), commit=False)
+    assert writer.check_target(overwrite=False)["complete"] is False  # ours, replaceable without overwrite
+    writer.commit({"source": "test"}, recorded_stats(make_dense()))
     with pytest.raises(blockals.InputError, match=r"already holds a complete ratings store; pass overwrite=True"):
         writer.check_target(overwrite=False)
-    assert writer.check_target(overwrite=True)["complete"] is True
     assert blockals.open_store(path).nnz == int(make_dense().mask.sum())
+
+
+def test_a_symlinked_store_path_is_written_through_the_link(tmp_path):
+    real, link = tmp_path / "v1.zarr", tmp_path / "current.zarr"
+    link.symlink_to(real)
+    write_store(link, make_dense())
+    assert link.is_symlink() and real.is_dir() and hidden(real) == []
+    assert blockals.open_store(link).path == str(real)
+    assert blockals.open_store(link).nnz == int(make_dense().mask.sum())
 
 
 def test_foreign_content_is_never_cleared(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")
     writer = StoreWriter(str(tmp_path / "mine"))
-    for call in (writer.check_target, writer.clear_target):
-        with pytest.raises(blockals.InputError, match=r"mine exists and is not a blockals store"):
-            call(overwrite=True)
+    with pytest.raises(blockals.InputError, match=r"mine exists and is not a blockals store"):
+        writer.check_target(overwrite=True)
+    writer.clear_leftovers()
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
 
 
