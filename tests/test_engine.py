@@ -114,17 +114,25 @@ def test_only_current_iteration_is_held(store, client2, tmp_path):
 
     config = ALSConfig.parse(rank=4, reg=0.1, reg_scaling="count", solver="cholesky", seed=0, dtype="float32")
     ckpt = Checkpoint(str(tmp_path / "ckpt"), store.store_id, config.to_dict())
-    Engine(client2, store, config, ckpt, checkpoint_interval=1, on_iteration=held).run(6)
+    engine = Engine(client2, store, config, ckpt, checkpoint_interval=1, on_iteration=held)
+    engine.run(6)
     # Committed every iteration, the scheduler keeps about one iteration's tasks, not the
     # whole lineage (which would add every iteration's route, solve and loss tasks).
     # Releases arrive asynchronously, so allow some stragglers: far fewer than the 100+
     # tasks five more iterations of retained lineage would add here.
     assert max(counts) - min(counts) <= 12, counts
-    # Releases reach the scheduler asynchronously; once they have, nothing is left.
+
+    # Releases reach the scheduler asynchronously; once they have, none of this run's tasks
+    # is left (the shared cluster may hold other tests' results: only this run's keys count).
+    run_id = engine.run_id  # what the function sent to the scheduler may capture: not the engine
+
+    def ours(dask_scheduler):
+        return [key for key in dask_scheduler.tasks if run_id in str(key)]
+
     deadline = time.monotonic() + 10
-    while client2.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) and time.monotonic() < deadline:
+    while client2.run_on_scheduler(ours) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert client2.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) == 0
+    assert client2.run_on_scheduler(ours) == []
 
 
 def test_bytes_routed_is_what_each_block_needs(sparse_store, client2):
