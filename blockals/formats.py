@@ -330,16 +330,20 @@ def replace_path(staged: str, path: str, storage_options: dict | None = None) ->
 
 def _leftovers(path: str, storage_options: dict | None) -> list[str]:
     """The hidden siblings of ``path`` that runs writing it name (``.<name>.<tag>-<token>``,
-    or a sibling of one)."""
+    or a sibling of one), and the lease files (:mod:`blockals.lock`) taken on them."""
     parent, _, name = resolve(path).rpartition("/")
-    pattern = re.compile(rf"\.+{re.escape(name)}(\.[a-z]+-[0-9a-f]{{12}})+")
+    pattern = re.compile(rf"\.+{re.escape(name)}(\.[a-z]+-[0-9a-f]{{12}})+(\.lock)?")
     return [p for p in children(parent or "/", storage_options) if pattern.fullmatch(p.rpartition("/")[2])]
 
 
 def clear_leftovers(path: str, storage_options: dict | None = None) -> None:
     """Remove what runs killed while writing ``path`` left beside it: staged and scratch
-    groups, never read as stores. A complete group a swap cut short left at its old-copy
-    sibling is put back first, when ``path`` holds no complete group."""
+    groups, never read as stores, and the lease files taken on them (a split's staged
+    stores are written by ingests, which lease them). A complete group a swap cut short
+    left at its old-copy sibling is put back first, when ``path`` holds no complete group.
+
+    Only for a caller holding ``path``'s exclusive lease: then no live run writes beside it.
+    """
     leftovers = _leftovers(path, storage_options)
     copy = re.compile(rf"\.{re.escape(resolve(path).rpartition('/')[2])}\.old-[0-9a-f]{{12}}")
     old = [p for p in leftovers

@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import blockals
 from blockals.cli import main
 from blockals.evaluation import evaluate, split
 from blockals.kernels import init_factors
+from blockals.recstore import read_recommendations
 from conftest import cluster_client
 from reference import dense_explicit_als, dense_weighted_als, reg_counts, weights_and_targets
 from test_ingest import assert_store_holds
@@ -1063,3 +1065,73 @@ def test_two_runs_may_read_one_store_at_once(trained, tmp_path, capsys):
     shared = blockals.ALS.load(tmp_path / "m.zarr")
     alone = blockals.ALS(rank=2, max_iter=2, dtype="float64").fit(store, cluster_client(2))
     np.testing.assert_allclose(shared.user_factors_, alone.user_factors_, rtol=1e-10)
+
+
+# -- 9. runs killed while they write, then run again ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Big enough that each run below takes seconds: a CSV of 400k ratings and its store; a
+    small store; a model of the big one with its recommendations; a split of the small one."""
+    root = tmp_path_factory.mktemp("large")
+    rng = np.random.default_rng(7)
+    n = 400_000
+    frame = pd.DataFrame({"user": rng.integers(0, 20_000, n), "item": rng.integers(0, 3_000, n),
+                          "rating": rng.integers(1, 6, n).astype(float)}).drop_duplicates(["user", "item"])
+    frame.to_csv(root / "big.csv", index=False)
+    big = blockals.ingest(frame, root / "big.zarr", n_user_blocks=4, n_item_blocks=2)
+    small = blockals.ingest(frame.iloc[:300], root / "small.zarr", n_user_blocks=2, n_item_blocks=2)
+    split(small, root / "tr.zarr", root / "te.zarr")
+    model = blockals.ALS(rank=2, max_iter=1).fit(big, cluster_client(2))
+    model.save(root / "m.zarr")
+    model.recommend_all(3, root / "r.zarr", client=cluster_client(2))
+    return root
+
+
+KILLED = [
+    # (case, copies made from the `large` fixture into the run's directory, the run (no
+    #  --scheduler: its cluster dies with it), a glob of what shows it is writing, the good
+    #  outputs that must survive the kill byte for byte, a check of the rerun's result)
+    ("ingest-over-a-store", {"small.zarr": "s.zarr"}, ["ingest", "{root}/big.csv", "s.zarr", "--overwrite"],
+     ".s.zarr.ingest-*", ["s.zarr"],
+     lambda d, root: blockals.open_store(d / "s.zarr").nnz == blockals.open_store(root / "big.zarr").nnz),
+    ("split-over-two-stores", {"big.zarr": "big.zarr", "tr.zarr": "tr.zarr", "te.zarr": "te.zarr"},
+     ["split", "big.zarr", "tr.zarr", "te.zarr", "--overwrite"], ".tr.zarr.split-*", ["tr.zarr", "te.zarr"],
+     lambda d, root: blockals.open_store(d / "tr.zarr").nnz + blockals.open_store(d / "te.zarr").nnz
+     == blockals.open_store(root / "big.zarr").nnz),
+    ("train-over-a-model", {"big.zarr": "big.zarr", "m.zarr": "m.zarr"},
+     ["train", "big.zarr", "m.zarr", "--overwrite", "--rank", "8", "--max-iter", "40", "--checkpoint-interval", "1"],
+     "big.zarr/checkpoints/*", ["m.zarr"], lambda d, root: blockals.ALS.load(d / "m.zarr").rank == 8),
+    ("recommend-over-recommendations", {"big.zarr": "big.zarr", "m.zarr": "m.zarr", "r.zarr": "r.zarr"},
+     ["recommend", "m.zarr", "--output", "r.zarr", "--n", "20"], ".r.zarr.*", ["r.zarr"],
+     lambda d, root: (read_recommendations(d / "r.zarr").groupby("user").size() == 20).all()),
+]
+
+
+@pytest.mark.parametrize("copies,args,writing,survivors,done", [pytest.param(*c[1:], id=c[0]) for c in KILLED])
+def test_a_run_killed_mid_write_keeps_the_old_output_and_a_rerun_completes(copies, args, writing, survivors, done,
+                                                                         large, tmp_path):
+    for name, copy in copies.items():
+        shutil.copytree(large / name, tmp_path / copy)
+    if "m.zarr" in copies.values():  # the copied model's training store is the copied one
+        model = blockals.ALS.load(tmp_path / "m.zarr")
+        model.store_path_ = str(tmp_path / "big.zarr")
+        model.save(tmp_path / "m.zarr", overwrite=True)
+    before = {name: tree(tmp_path / name) for name in survivors}
+    command = [sys.executable, "-m", "blockals.cli", *(a.format(root=large) for a in args)]
+    run = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(writing)):
+        assert run.poll() is None, f"the run ended before it was seen writing: {run.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    run.kill()
+    run.wait()
+    assert {name: tree(tmp_path / name) for name in survivors} == before
+
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert done(tmp_path, large)
+    # Nothing of the killed run is left: no staged copy, no lease file.
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.name.endswith(".lock")] == []
