@@ -310,6 +310,9 @@ def recommend_all(
     second run writing the same output is refused rather than one of the two results lost.
     The pass over the store's blocks is reported to ``progress``.
     """
+    if output is not None:  # checked before the leases, which an output inside the store would trip over
+        output = resolve(output)
+        refuse_overlap({"the output": output}, {"the ratings store": None if store is None else store.path})
     with holding(None if store is None else store.reading(),
                  None if output is None else Lease(output, "recommendations", storage_options, breakable=False)):
         return _recommend_all(store, side, F, G, bias, row_ids, other_ids, n, output, fmt, exclude_seen, kept, client,
@@ -328,8 +331,6 @@ def _recommend_all(
         frames = [to_frame(names[0], row_ids[t.users], names[1], other_ids, t.items, t.scores) for t in tops]
         empty = to_frame(names[0], row_ids[:0], names[1], other_ids, np.zeros((0, n), int), np.zeros((0, n)))
         return pd.concat(frames, ignore_index=True) if frames else empty
-    output = resolve(output)
-    refuse_overlap({"the output": output}, {"the ratings store": None if store is None else store.path})
     staged = recstore.stage(output, fmt, storage_options)
     try:
         if fmt == "zarr":

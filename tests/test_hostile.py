@@ -1109,7 +1109,13 @@ KILLED = [
 ]
 
 
-@pytest.mark.parametrize("copies,args,writing,survivors,done", [pytest.param(*c[1:], id=c[0]) for c in KILLED])
+# Two rows run by default (a store, recommendations); the split and the training, ~40 s
+# each on two cores, with the slow tests.
+KILLED_SLOW = {"split-over-two-stores", "train-over-a-model"}
+
+
+@pytest.mark.parametrize("copies,args,writing,survivors,done", [
+    pytest.param(*c[1:], id=c[0], marks=[pytest.mark.slow] if c[0] in KILLED_SLOW else []) for c in KILLED])
 def test_a_run_killed_mid_write_keeps_the_old_output_and_a_rerun_completes(copies, args, writing, survivors, done,
                                                                          large, tmp_path):
     for name, copy in copies.items():

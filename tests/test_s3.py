@@ -196,6 +196,7 @@ def test_a_failed_ingest_over_an_s3_store_leaves_it_loadable(s3, tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a minute of copies on moto; the failed-ingest test above keeps S3 swaps in the default run
 def test_a_move_on_s3_cut_short_leaves_the_target_incomplete_and_the_source_whole(s3, tmp_path):
     import os
     import signal
