@@ -33,6 +33,26 @@ def cluster_client(n_workers: int) -> Client:
     return _clusters[n_workers][1]
 
 
+def run_twice_at_once(command: list[str], lease: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Start ``command``; once it holds the lease file ``lease``, freeze it (SIGSTOP) and run
+    ``command`` again to its end; then let the first finish, which must succeed. Returns
+    the second run."""
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while f'"pid": {first.pid}' not in (lease.read_text() if lease.exists() else ""):
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() else "slow"
+        time.sleep(0.005)
+    os.kill(first.pid, signal.SIGSTOP)  # frozen while it holds the lease
+    try:
+        second = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    second.first_pid = first.pid
+    return second
+
+
 @contextlib.contextmanager
 def dask_processes(folder: Path, n_workers: int, worker_options: tuple[str, ...] = (),
                    cwd: Path | None = None) -> Iterator[Client]:

@@ -1042,32 +1042,19 @@ def test_two_ingests_of_one_path_at_once_one_is_refused_the_other_writes_the_sto
     the path's lease, is refused in one sentence (exit 2, no traceback); the first writes
     the store whole."""
     import os
-    import signal
-    import subprocess
-    import sys
+
+    from conftest import run_twice_at_once
 
     frame = make_ratings(400, 300, 30_000, seed=8)[["user", "item", "rating"]]
     source, path = tmp_path / "r.csv", tmp_path / "r.zarr"
     frame.to_csv(source, index=False)
     command = [sys.executable, "-m", "blockals.cli", "ingest", str(source), str(path)]
     env = {**os.environ, "DASK_SCHEDULER_ADDRESS": ""}
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    lease = tmp_path / "r.zarr.lock"
-    deadline = time.monotonic() + 300
-    while f'"pid": {first.pid}' not in (lease.read_text() if lease.exists() else ""):
-        assert first.poll() is None and time.monotonic() < deadline
-        time.sleep(0.005)
-    os.kill(first.pid, signal.SIGSTOP)  # frozen mid-ingest, holding the lease
-    try:
-        second = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    finally:
-        os.kill(first.pid, signal.SIGCONT)
-    _, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err[-2000:]
+    second = run_twice_at_once(command, tmp_path / "r.zarr.lock", env)
     lines = second.stderr.strip().splitlines()
     assert second.returncode == 2 and len(lines) == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
     assert lines[0].startswith(f"blockals: error: ratings store {path} is being written by another process "
-                               f"(process {first.pid} on "), lines[0]
+                               f"(process {second.first_pid} on "), lines[0]
     assert lines[0].endswith("; wait for it to finish or write to another path.")
     assert_store_holds(blockals.open_store(path), frame)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.zarr"]

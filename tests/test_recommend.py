@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -17,6 +13,7 @@ from distributed import Client, LocalCluster
 import blockals
 from blockals.recommend import Seen, recommend_rows, seen_csr
 from blockals.recstore import read_recommendations
+from conftest import run_twice_at_once
 from test_model import random_ratings, to_frame
 
 
@@ -396,23 +393,11 @@ def test_a_second_recommend_to_an_output_being_written_is_refused(trained, clien
     out = tmp_path / "recs"
     command = [sys.executable, "-m", "blockals.cli", "recommend", str(tmp_path / "m.zarr"), "--output", str(out),
                "--n", "5", "--scheduler", client2.scheduler.address]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lease = tmp_path / "recs.lock"
-    deadline = time.monotonic() + 300
-    while f'"pid": {first.pid}' not in (lease.read_text() if lease.exists() else ""):
-        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() else "slow"
-        time.sleep(0.005)
-    os.kill(first.pid, signal.SIGSTOP)  # frozen while it holds the output's lease
-    try:
-        second = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    finally:
-        os.kill(first.pid, signal.SIGCONT)
-    _, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err[-2000:]
+    second = run_twice_at_once(command, tmp_path / "recs.lock")
     lines = second.stderr.strip().splitlines()
     assert second.returncode == 2 and len(lines) == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
     assert lines[0].startswith(f"blockals: error: recommendations {out} is being written by another process "
-                               f"(process {first.pid} on "), lines[0]
+                               f"(process {second.first_pid} on "), lines[0]
     recs = read_recommendations(out)
     S = dense_scores(model)
     S[M] = -np.inf
