@@ -18,6 +18,7 @@ import scipy.sparse as sp
 from blockals.errors import InputError
 from blockals.formats import parse_path
 from blockals.halfstep import gram, solve_block
+from blockals.ingest import combine_duplicates
 from blockals.params import ALSConfig, parse_choice, parse_int
 from blockals.progress import Progress
 from blockals.recommend import Seen, parse_format, recommend_all, recommend_rows, seen_items, similar, to_frame
@@ -28,11 +29,12 @@ from blockals.store import RatingStore, Side, open_store
 __all__ = ["Factors", "FoldIn"]
 
 
-def _refuse_repeated_pairs(ratings: pd.DataFrame, dst: np.ndarray, src: np.ndarray) -> None:
-    """A pair rated twice would count twice in its row's system, as ingest's default refuses."""
-    repeated = pd.DataFrame({"dst": dst, "src": src}).duplicated(keep=False).to_numpy()
-    if repeated.any():
-        first, second = np.flatnonzero(repeated & (dst == dst[repeated][0]) & (src == src[repeated][0]))[:2]
+def _refuse_repeated_pairs(ratings: pd.DataFrame, dst: np.ndarray, src: np.ndarray, rating: np.ndarray) -> None:
+    """A pair rated twice would count twice in its row's system: refused, as ingest's
+    default refuses it (found by ingest's own :func:`~blockals.ingest.combine_duplicates`)."""
+    repeats = combine_duplicates(dst, src, rating, np.arange(dst.shape[0]), "error")
+    if repeats.n_duplicates:
+        _, _, first, second = repeats.example
         raise InputError(
             f"fold_in ratings rate user {ratings['user'].iloc[first]} and item {ratings['item'].iloc[first]} twice, "
             f"in rows {first} and {second}; combine repeated ratings before folding them in."
@@ -219,7 +221,7 @@ class Factors:
         if problem is not None:
             raise InputError(problem[1].format(row=problem[0]))
         ids, dst = np.unique(self._new_ids(ratings[own], side), return_inverse=True)
-        _refuse_repeated_pairs(ratings, dst, src)
+        _refuse_repeated_pairs(ratings, dst, src, rating)
         inblock = build_inblock(dst, np.zeros_like(src), src, rating, ids.shape[0], 1)
         F = self._carried(self.factors(other_side), other_side[:-1], config)
         known = self.index(ids, side)
