@@ -47,8 +47,7 @@ import pandas as pd
 from blockals.errors import InputError, StoreError
 from blockals.formats import (
     check_meta, clear_leftovers, open_group, parse_path, parse_storage_options, read_array, remove_path, replace_path,
-    resolve, sibling, sibling_token,
-    writable_meta, write_array,
+    resolve, sibling, sibling_token, writable_meta, write_array,
 )
 from blockals.lock import Lease
 from blockals.routing import InBlock, OutBlocks
